@@ -1,0 +1,229 @@
+"""Drafter folders in the published Hub layouts: config.json plus safetensors or pytorch_model.bin weights.
+
+Both drafters load and save through `HubMixin`; the config is kept as the dict that was read, so
+`save_pretrained` writes back the same keys (and other engines keep reading what we write).
+"""
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+class CheckpointError(ValueError):
+    """A drafter folder that cannot be used as it is; the message names the file and the fix."""
+
+
+class DrafterConfig:
+    """A drafter's config.json as a dict, with attribute access and the derived fields both drafters need."""
+
+    required: tuple[str, ...] = ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+
+    def __init__(self, raw: dict, source: str = "config.json"):
+        missing = [key for key in self.required if key not in raw]
+        if missing:
+            raise CheckpointError(f"{source}: missing required field(s) {missing} for {type(self).__name__}.")
+        self.__dict__["raw"] = copy.deepcopy(raw)
+        self.__dict__["source"] = source
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["raw"][name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}") from None
+
+    def __setattr__(self, name, value):
+        self.raw[name] = value
+
+    def get(self, name, default=None):
+        return self.raw.get(name, default)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.raw)
+
+    @property
+    def head_dim(self) -> int:
+        return self.raw.get("head_dim") or self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.raw.get("num_key_value_heads") or self.num_attention_heads
+
+    @property
+    def rms_norm_eps(self) -> float:
+        return self.raw.get("rms_norm_eps", 1e-6)
+
+    @property
+    def rope_theta(self) -> float:
+        # Older EAGLE checkpoints carry no rope_theta at all; transformers 5 nests it in rope_parameters.
+        nested = self.raw.get("rope_parameters") or {}
+        return float(nested.get("rope_theta", self.raw.get("rope_theta", 10000.0)))
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        scaling = self.raw.get("rope_scaling") or self.raw.get("rope_parameters")
+        if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            return None
+        return {k: v for k, v in scaling.items() if k != "rope_theta"}
+
+
+def resolve_folder(path_or_hub_id: str | os.PathLike, revision: str | None = None, token=None) -> Path:
+    """A local folder as is, or the snapshot of a Hub repo (downloaded once, then served from the HF cache)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                str(path_or_hub_id),
+                revision=revision,
+                token=token,
+                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.py", "*.md"],
+            )
+        )
+    except Exception as exc:  # offline, unknown repo, gated repo, ...
+        raise CheckpointError(
+            f"{path_or_hub_id!r} is not a local folder and could not be fetched from the Hub ({exc}). "
+            "Pass a folder with config.json and weights, or a reachable Hub repo id."
+        ) from exc
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; is this a drafter checkpoint folder?")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is truncated or corrupted.") from exc
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder, safetensors preferred, single file or shards from an index."""
+    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PYTORCH_BIN, PYTORCH_BIN_INDEX)):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    raise CheckpointError(f"{folder} has no weights: expected {SAFETENSORS} or {PYTORCH_BIN} (or a sharded index).")
+
+
+def _read_one(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is listed in the weight index but missing; download the checkpoint again.")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: cannot read weights ({type(exc).__name__}: {exc}). "
+            "The file is truncated or corrupted; download or save the checkpoint again."
+        ) from exc
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    files = weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(_read_one(path))
+    return state, files
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, so an interrupted save never leaves a half file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor], safe_serialization: bool) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    name, shadowing = (SAFETENSORS, PYTORCH_BIN) if safe_serialization else (PYTORCH_BIN, SAFETENSORS)
+    if not safe_serialization and (folder / shadowing).exists():
+        # Loaders prefer safetensors: the new .bin would be silently ignored. Refuse rather than delete user files.
+        raise CheckpointError(
+            f"{folder / shadowing} exists and would shadow the new {name}; save to an empty folder or remove it."
+        )
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
+    if safe_serialization:
+        _replace_atomically(folder / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    else:
+        _replace_atomically(folder / name, lambda tmp: torch.save(tensors, tmp))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _replace_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+class HubMixin:
+    """from_pretrained / save_pretrained / push_to_hub for an nn.Module drafter with a `config` (DrafterConfig)."""
+
+    config_class: type[DrafterConfig]
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, revision=None, token=None):
+        folder = resolve_folder(path_or_hub_id, revision, token)
+        config = cls.config_class(read_config(folder), source=str(folder / "config.json"))
+        state, files = read_weights(folder)
+        model = cls(config, **cls._modules_for(state))
+        model._load_strict(state, files)
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+    @classmethod
+    def _modules_for(cls, state: dict) -> dict:
+        """Constructor flags for optional modules the checkpoint carries (e.g. its own embedding)."""
+        return {}
+
+    def _load_strict(self, state: dict[str, torch.Tensor], files: list[Path]) -> None:
+        where = ", ".join(str(f) for f in files)
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{where}: weight names do not match a {type(self).__name__} with this config.json "
+                f"(missing {missing[:8]}, unexpected {unexpected[:8]}); is this the right kind of drafter?"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise CheckpointError(
+                    f"{where}: {key} has shape {list(tensor.shape)} but config.json implies "
+                    f"{list(expected[key].shape)}; config.json and weights do not belong together."
+                )
+        # assign=True keeps the checkpoint's own tensors and dtype, so a save/load round trip is bit-exact.
+        self.load_state_dict(state, strict=True, assign=True)
+
+    def save_pretrained(self, save_directory, *, safe_serialization: bool = True) -> Path:
+        return write_folder(Path(save_directory), self.config.to_dict(), self.state_dict(), safe_serialization)
+
+    def push_to_hub(self, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,
+                    commit_message: str = "Upload drafter") -> str:
+        """Save into a temporary folder (plus README.md if a model card is given) and upload it."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            if model_card is not None:
+                Path(tmp, "README.md").write_text(Path(model_card).read_text())
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message).commit_url

@@ -1,0 +1,245 @@
+"""DFlash drafter (arXiv 2602.06036): a small block-diffusion model that drafts a whole block in one pass.
+
+The block is [last verified token, MASK x (B-1)], embedded with the target's embedding. Target
+features of the context enter every layer only as extra keys/values (`k_proj`/`v_proj` of
+`ctx = hidden_norm(fc(features))`); they never enter the residual stream, so absorbing context
+needs K/V projections only. Attention inside the block is non-causal and sees all cached context;
+block positions 1..B-1 go through `norm` and the target's LM head.
+
+Published layout (z-lab, `DFlashDraftModel`, Qwen3-style config): fc [H, n*H], hidden_norm, norm,
+layers.{i}.{input_layernorm, post_attention_layernorm, self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm,
+mlp.*}; `block_size`, `num_target_layers`, `dflash_config.{mask_token_id, target_layer_ids}`.
+No embedding and no LM head: both are the target's.
+"""
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, DrafterConfig, HubMixin
+from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, init_weights, positions_from
+from .targets import IncompatibleDrafterError, drafter_fields, text_config
+
+
+def default_target_layers(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """One target layer per draft layer, evenly spaced from 1 to L-3 (36 layers, 5 drafts -> 1, 9, 17, 25, 33)."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    return [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+
+
+class DFlashConfig(DrafterConfig):
+    required = DrafterConfig.required + ("num_hidden_layers",)
+
+    @property
+    def dflash(self) -> dict:
+        return self.raw.get("dflash_config") or {}
+
+    @property
+    def block_size(self) -> int:
+        return int(self.raw.get("block_size", self.dflash.get("block_size", 16)))
+
+    @property
+    def mask_token_id(self) -> int:
+        value = self.dflash.get("mask_token_id", self.raw.get("mask_token_id"))
+        if value is None:
+            raise CheckpointError(f"{self.source}: dflash_config.mask_token_id is missing; set it to the id the "
+                                  "drafter was trained with.")
+        return int(value)
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        ids = self.dflash.get("target_layer_ids", self.raw.get("target_layer_ids"))
+        if ids is None:
+            if "num_target_layers" not in self.raw:
+                raise CheckpointError(f"{self.source}: needs dflash_config.target_layer_ids or num_target_layers.")
+            ids = default_target_layers(self.num_target_layers, self.num_hidden_layers)
+        return list(ids)
+
+
+class DFlashAttention(nn.Module):
+    """Queries from the block; keys/values from [context K/V, block], per-head q/k RMSNorm (Qwen3 style)."""
+
+    def __init__(self, config: DFlashConfig):
+        super().__init__()
+        H, bias = config.hidden_size, config.get("attention_bias", False)
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(H, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, H, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def key_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> k, v [B, kv_heads, T, D]; k normed then rotated."""
+        B, T, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, context_kv) -> torch.Tensor:
+        """x [B, Tb, H] block; context_kv: (k, v) [B, kv_heads, Tc, D] or None. Non-causal over everything."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)).transpose(1, 2), cos, sin)
+        k, v = self.key_values(x, cos, sin)
+        if context_kv is not None:
+            k, v = torch.cat([context_kv[0], k], dim=2), torch.cat([context_kv[1], v], dim=2)
+        return self.o_proj(attend(q, k, v, mask=None))
+
+
+class DFlashLayer(nn.Module):
+    def __init__(self, config: DFlashConfig):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.self_attn = DFlashAttention(config)
+        self.mlp = GatedMLP(H, config.intermediate_size, config.get("hidden_act", "silu"), config.get("mlp_bias", False))
+
+    def forward(self, x, cos, sin, context_kv) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context_kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DFlashDrafter(HubMixin, nn.Module):
+    config_class = DFlashConfig
+
+    def __init__(self, config: DFlashConfig):
+        super().__init__()
+        layer_types = set(config.get("layer_types") or ["full_attention"])
+        if layer_types != {"full_attention"} or config.get("use_sliding_window"):
+            raise CheckpointError(f"{config.source}: sliding-window DFlash layers ({sorted(layer_types)}) are not "
+                                  "supported; only full-attention drafters are.")
+        self.config = config
+        H = config.hidden_size
+        self.target_layer_ids = config.target_layer_ids
+        self.mask_token_id = config.mask_token_id
+        self.block_size = config.block_size
+        self.fc = nn.Linear(len(self.target_layer_ids) * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DFlashLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+        self.rotary = Rotary(config.head_dim, config.get("max_position_embeddings", 4096),
+                             config.rope_theta, config.rope_scaling)
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """hidden_states indices this drafter reads: the outputs of its target layers."""
+        return [i + 1 for i in self.target_layer_ids]
+
+    # --- construction for a target -------------------------------------------------------------
+
+    @classmethod
+    def for_target(cls, target, *, num_layers: int = 1, block_size: int = 16, mask_token_id: int | None = None,
+                   target_layer_ids: list[int] | None = None, intermediate_size: int | None = None,
+                   seed: int | None = None) -> "DFlashDrafter":
+        """A freshly initialised DFlash drafter shaped for `target` (any HF causal LM), attached to it.
+
+        `mask_token_id` defaults to the target's mask, then pad, then eos token: any fixed in-vocabulary id
+        works, as the drafter learns its embedding's role; pass a rarely used special token when training.
+        """
+        tc = text_config(target)
+        if mask_token_id is None:
+            mask_token_id = next(i for i in (getattr(tc, "mask_token_id", None), tc.pad_token_id,
+                                             _first(tc.eos_token_id)) if i is not None)
+        raw = {
+            "architectures": ["DFlashDraftModel"],
+            "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+            "model_type": "qwen3",
+            **drafter_fields(tc, intermediate_size),
+            "num_hidden_layers": num_layers,
+            "layer_types": ["full_attention"] * num_layers,
+            "block_size": block_size,
+            "num_target_layers": tc.num_hidden_layers,
+            "dflash_config": {
+                "mask_token_id": int(mask_token_id),
+                "target_layer_ids": target_layer_ids or default_target_layers(tc.num_hidden_layers, num_layers),
+            },
+        }
+        if seed is not None:
+            torch.manual_seed(seed)
+        drafter = cls(DFlashConfig(raw))
+        init_weights(drafter, getattr(tc, "initializer_range", 0.02))
+        return drafter.attach(target)
+
+    # --- binding to a target ---------------------------------------------------------------------
+
+    def attach(self, target) -> "DFlashDrafter":
+        """Check this drafter fits `target`, share its embedding and LM head, move to its device and dtype."""
+        tc = text_config(target)
+        embedding, head = target.get_input_embeddings(), target.get_output_embeddings()
+        problems = []
+        if self.config.hidden_size != tc.hidden_size:
+            problems.append(f"hidden size {self.config.hidden_size} != target hidden size {tc.hidden_size} "
+                            "(the drafter shares the target's embedding and LM head)")
+        if self.config.vocab_size != tc.vocab_size:
+            problems.append(f"vocab size {self.config.vocab_size} != target vocab size {tc.vocab_size}")
+        if not 0 <= self.mask_token_id < tc.vocab_size:
+            problems.append(f"mask_token_id {self.mask_token_id} is outside the target vocabulary [0, {tc.vocab_size})")
+        if not all(0 <= i < tc.num_hidden_layers for i in self.target_layer_ids):
+            problems.append(f"target_layer_ids {self.target_layer_ids} exceed the target's depth "
+                            f"({tc.num_hidden_layers} layers, ids 0..{tc.num_hidden_layers - 1})")
+        trained_for = self.config.get("num_target_layers")
+        if trained_for is not None and trained_for != tc.num_hidden_layers:
+            problems.append(f"the drafter was trained for a {trained_for}-layer target, this one has "
+                            f"{tc.num_hidden_layers} layers")
+        if problems:
+            raise IncompatibleDrafterError(
+                f"DFlash drafter does not fit target {target.config.name_or_path!r}: " + "; ".join(problems)
+                + ". Use a DFlash drafter trained for this target, or build one with DFlashDrafter.for_target(target)."
+            )
+        object.__setattr__(self, "target_embedding", embedding)  # shared, not submodules: never saved with us
+        object.__setattr__(self, "target_head", head)
+        return self.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
+
+    # --- forward passes --------------------------------------------------------------------------
+
+    def features(self, hidden_states: tuple) -> torch.Tensor:
+        """Target hidden_states tuple -> concatenated features [B, T, n*H]."""
+        return torch.cat([hidden_states[i] for i in self.feature_layers], dim=-1)
+
+    def _context_kv(self, features: torch.Tensor, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (k, v) [B, kv_heads, T, D] of context positions start..start+T-1."""
+        ctx = self.hidden_norm(self.fc(features))
+        cos, sin = self.rotary(positions_from(start, ctx.shape[1], ctx.shape[0], ctx.device), ctx)
+        return [layer.self_attn.key_values(ctx, cos, sin) for layer in self.layers]
+
+    def absorb(self, features: torch.Tensor, cache) -> None:
+        """K/V-only prefill of context positions (features [B, T, n*H]) after those already in `cache`."""
+        for i, (k, v) in enumerate(self._context_kv(features, cache.get_seq_length())):
+            cache.update(k, v, i)
+
+    def forward(self, block_ids: torch.Tensor, features: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Draft one block. block_ids [B, Tb] = [last verified token, MASK...]; context = `cache` (if given)
+        followed by `features` [B, Tc, n*H] (if given; absorbed into `cache` when there is one).
+        Returns normed hidden states [B, Tb, H]; the block's own K/V never enter the cache."""
+        cached = cache.get_seq_length() if cache is not None else 0
+        if features is not None and cache is not None:
+            self.absorb(features, cache)
+        if cache is not None:
+            context = [(layer.keys, layer.values) for layer in cache.layers] if cache.get_seq_length() else None
+        elif features is not None:
+            context = self._context_kv(features, 0)
+        else:
+            context = None
+        start = cached + (features.shape[1] if features is not None else 0)
+        x = nn.functional.embedding(block_ids, self.target_embedding.weight)
+        cos, sin = self.rotary(positions_from(start, block_ids.shape[1], block_ids.shape[0], x.device), x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, context[i] if context else None)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Normed block hidden states -> target-vocab logits through the target's LM head."""
+        return self.target_head(hidden)
+
+    def block_ids(self, last_token: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """last_token [B, 1] -> [B, length]: the verified token followed by MASK tokens."""
+        length = length or self.block_size
+        masks = last_token.new_full((last_token.shape[0], length - 1), self.mask_token_id)
+        return torch.cat([last_token, masks], dim=1)
+
+
+def _first(token_ids):
+    return token_ids[0] if isinstance(token_ids, (list, tuple)) else token_ids

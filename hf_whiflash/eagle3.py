@@ -1,0 +1,248 @@
+"""EAGLE-3 drafter (arXiv 2503.01840): one decoder layer over fused target features, in the published Hub layout.
+
+One step at position t reads the pair (hidden state of token t, embedding of token t+1) and predicts
+token t+2. The hidden state is either the target's fused features `fc(low|mid|high)` (positions the
+target has verified) or the drafter's own pre-norm output of the previous step (drafted positions).
+
+Weights (no prefix): fc [H, 3*Ht]; midlayer.{hidden_norm,input_layernorm,post_attention_layernorm};
+midlayer.self_attn.{q,k,v}_proj [*, 2H] and o_proj; midlayer.mlp.*; norm; lm_head [draft_vocab, H];
+buffers d2t [draft_vocab] int64 (target id = draft id + d2t[draft id]) and t2d [vocab] bool;
+optional embed_tokens (otherwise the target's embedding is used).
+"""
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, DrafterConfig, HubMixin
+from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, causal_mask, init_weights, positions_from
+from .targets import IncompatibleDrafterError, drafter_fields, text_config
+
+
+def default_feature_layers(num_target_layers: int) -> list[int]:
+    """hidden_states indices (inputs of decoder layers 2, L/2, L-3): low, mid and high features."""
+    return [2, num_target_layers // 2, num_target_layers - 3]
+
+
+class Eagle3Config(DrafterConfig):
+    """Llama config.json of an EAGLE-3 head (`LlamaForCausalLM` or `LlamaForCausalLMEagle3`; we never dispatch on it)."""
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.raw.get("draft_vocab_size") or self.vocab_size
+
+    @property
+    def target_hidden_size(self) -> int:
+        return self.raw.get("target_hidden_size") or self.hidden_size
+
+    @property
+    def aux_layer_ids(self) -> list[int] | None:
+        """`eagle_config.eagle_aux_hidden_state_layer_ids`, read as SpecForge and ModelOpt write them: decoder
+        layers whose OUTPUT is captured (hidden_states[id + 1]). Engines disagree on this key, but all agree
+        on the default (hidden_states 2, L/2, L-3), so we only write it for non-default layers."""
+        return (self.raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+
+
+class Eagle3Attention(nn.Module):
+    """Causal attention whose queries, keys and values read the 2H-wide [embedding | hidden] input."""
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__()
+        width, bias = 2 * config.hidden_size, config.get("attention_bias", False)
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(width, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def key_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, 2H] -> k, v [B, kv_heads, T, D], k rotated."""
+        B, T, _ = x.shape
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k, v = self.key_values(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, 0)
+        mask = causal_mask(T, k.shape[2], x.device) if T > 1 else None
+        return self.o_proj(attend(q, k, v, mask))
+
+
+class Eagle3Layer(nn.Module):
+    """The single decoder layer (`midlayer.*`); the residual stream is the H-wide hidden state."""
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.hidden_norm = RMSNorm(H, eps)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.self_attn = Eagle3Attention(config)
+        self.mlp = GatedMLP(H, config.intermediate_size, config.get("hidden_act", "silu"), config.get("mlp_bias", False))
+
+    def attention_input(self, embeds, hidden) -> torch.Tensor:
+        """[B, T, H] x2 -> [B, T, 2H]: embedding first, then hidden."""
+        return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+
+    def forward(self, embeds, hidden, cos, sin, cache=None) -> torch.Tensor:
+        h = hidden + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Drafter(HubMixin, nn.Module):
+    config_class = Eagle3Config
+
+    def __init__(self, config: Eagle3Config, own_embedding: bool = False):
+        super().__init__()
+        if config.get("num_hidden_layers", 1) != 1:
+            raise CheckpointError(f"{config.source}: EAGLE-3 heads have exactly one layer, got num_hidden_layers="
+                                  f"{config.num_hidden_layers}.")
+        self.config = config
+        H, n_features = config.hidden_size, len(config.aux_layer_ids or [0, 0, 0])
+        self.fc = nn.Linear(n_features * config.target_hidden_size, H, bias=False)
+        self.midlayer = Eagle3Layer(config)
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+        self.lm_head = nn.Linear(H, config.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+        if own_embedding:
+            self.embed_tokens = nn.Embedding(config.vocab_size, H)
+        self.rotary = Rotary(config.head_dim, config.get("max_position_embeddings", 4096),
+                             config.rope_theta, config.rope_scaling)
+        self.feature_layers = self._configured_feature_layers()
+
+    @classmethod
+    def _modules_for(cls, state: dict) -> dict:
+        return {"own_embedding": "embed_tokens.weight" in state}
+
+    def _configured_feature_layers(self) -> list[int] | None:
+        ids = self.config.aux_layer_ids
+        return None if ids is None else [i + 1 for i in ids]  # output of layer i == hidden_states[i + 1]
+
+    # --- construction for a target -------------------------------------------------------------
+
+    @classmethod
+    def for_target(cls, target, *, draft_vocab_size: int | None = None, intermediate_size: int | None = None,
+                   feature_layers: list[int] | None = None, seed: int | None = None) -> "Eagle3Drafter":
+        """A freshly initialised EAGLE-3 head shaped for `target` (any HF causal LM), attached to it.
+
+        With no `draft_vocab_size` the draft vocabulary is the whole target vocabulary (identity d2t);
+        training recipes shrink it to the most frequent tokens with `set_draft_vocab`.
+        """
+        tc = text_config(target)
+        raw = {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            **drafter_fields(tc, intermediate_size),
+            "target_hidden_size": tc.hidden_size,
+            "num_hidden_layers": 1,
+            "draft_vocab_size": draft_vocab_size or tc.vocab_size,
+        }
+        if feature_layers and feature_layers != default_feature_layers(tc.num_hidden_layers):
+            raw["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in feature_layers]}
+        if seed is not None:
+            torch.manual_seed(seed)
+        drafter = cls(Eagle3Config(raw))
+        init_weights(drafter, getattr(tc, "initializer_range", 0.02))
+        drafter.set_draft_vocab(torch.arange(raw["draft_vocab_size"]))
+        return drafter.attach(target)
+
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Use `target_ids` (ascending, draft_vocab_size of them) as the draft vocabulary: fills d2t and t2d."""
+        target_ids = torch.as_tensor(target_ids, dtype=torch.long).sort().values
+        if target_ids.numel() != self.config.draft_vocab_size:
+            raise ValueError(f"need {self.config.draft_vocab_size} target ids, got {target_ids.numel()}")
+        self.d2t.copy_(target_ids - torch.arange(target_ids.numel()))
+        self.t2d.zero_()
+        self.t2d[target_ids] = True
+
+    # --- binding to a target ---------------------------------------------------------------------
+
+    def attach(self, target) -> "Eagle3Drafter":
+        """Check this head fits `target`, share its embedding, move to its device and dtype."""
+        tc = text_config(target)
+        embedding = target.get_input_embeddings()
+        problems = []
+        if self.config.target_hidden_size != tc.hidden_size:
+            problems.append(f"the head reads target features of width {self.config.target_hidden_size} "
+                            f"but the target's hidden size is {tc.hidden_size}")
+        if not hasattr(self, "embed_tokens") and embedding.weight.shape[1] != self.config.hidden_size:
+            problems.append(f"the head's hidden size {self.config.hidden_size} differs from the target embedding "
+                            f"width {embedding.weight.shape[1]} it must share")
+        if self.config.vocab_size != tc.vocab_size:
+            problems.append(f"vocab size {self.config.vocab_size} != target vocab size {tc.vocab_size}")
+        layers = self.feature_layers or default_feature_layers(tc.num_hidden_layers)
+        if not all(0 <= i <= tc.num_hidden_layers for i in layers):
+            problems.append(f"feature layers (hidden_states indices) {layers} exceed the target's depth "
+                            f"({tc.num_hidden_layers} layers)")
+        problems += self._draft_vocab_problems(tc.vocab_size)
+        if problems:
+            raise IncompatibleDrafterError(
+                f"EAGLE-3 drafter does not fit target {target.config.name_or_path!r}: " + "; ".join(problems)
+                + ". Use an EAGLE-3 head trained for this target, or build one with Eagle3Drafter.for_target(target)."
+            )
+        self.feature_layers = layers
+        object.__setattr__(self, "target_embedding", embedding)  # shared, not a submodule: never saved with us
+        return self.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
+
+    def _draft_vocab_problems(self, vocab_size: int) -> list[str]:
+        mapped = torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+        if mapped.min() < 0 or mapped.max() >= vocab_size:
+            return [f"d2t maps draft ids to target ids outside [0, {vocab_size}) "
+                    f"(range {int(mapped.min())}..{int(mapped.max())}): the draft vocabulary mapping is corrupted "
+                    "or belongs to another tokenizer"]
+        if self.t2d.numel() == vocab_size and not bool(self.t2d[mapped].all()):
+            return ["t2d does not mark every target id that d2t maps to: d2t and t2d disagree"]
+        return []
+
+    # --- forward passes --------------------------------------------------------------------------
+
+    def features(self, hidden_states: tuple) -> torch.Tensor:
+        """Target hidden_states tuple -> fused features [B, T, 3*Ht] (low | mid | high, un-normed)."""
+        return torch.cat([hidden_states[i] for i in self.feature_layers], dim=-1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features [B, T, 3*Ht] -> the head's hidden width [B, T, H]."""
+        return self.fc(features)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        table = self.embed_tokens if hasattr(self, "embed_tokens") else self.target_embedding
+        return nn.functional.embedding(input_ids, table.weight)
+
+    def _rope(self, cache, batch: int, length: int, like: torch.Tensor):
+        start = cache.get_seq_length() if cache is not None else 0
+        return self.rotary(positions_from(start, length, batch, like.device), like)
+
+    def absorb(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache) -> None:
+        """K/V-only prefill: append positions (hidden [B, T, H], next_ids [B, T]) to `cache`.
+
+        Only the K/V projections run: no queries, attention output, MLP or logits for these positions.
+        """
+        x = self.midlayer.attention_input(self.embed(next_ids), hidden)
+        cos, sin = self._rope(cache, *next_ids.shape, x)
+        cache.update(*self.midlayer.self_attn.key_values(x, cos, sin), 0)
+
+    def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full step over T positions after the cached ones.
+
+        next_ids [B, T]: token t+1 for each position t; hidden [B, T, H]: projected target features or
+        the previous step's output. Returns draft-vocab logits [B, T, draft_vocab] and the pre-norm
+        hidden [B, T, H] that feeds the next autoregressive step. K/V of these positions join `cache`.
+        """
+        embeds = self.embed(next_ids)
+        cos, sin = self._rope(cache, *next_ids.shape, embeds)
+        h = self.midlayer(embeds, hidden, cos, sin, cache)
+        return self.lm_head(self.norm(h)), h
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits [..., Vd] -> target-vocab logits [..., V], -inf outside the draft vocabulary."""
+        full = draft_logits.new_full((*draft_logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        ids = self.to_target_ids(torch.arange(draft_logits.shape[-1], device=draft_logits.device))
+        return full.index_copy_(-1, ids, draft_logits)
+

