@@ -1,8 +1,12 @@
 """hf_whiflash: WhiFlash speculative decoding (EAGLE-3 + DFlash drafters, token-level routing) for transformers."""
 
+from .assistant import WhiFlashAssistant
+from .cache import LazyCatchUpCache
 from .checkpoint import CheckpointError
 from .dflash import DFlashConfig, DFlashDrafter
 from .eagle3 import Eagle3Config, Eagle3Drafter
+from .routing import EntropyPolicy, RoundFeatures
+from .stats import GenerationStats
 from .targets import DEFAULT_TARGET, IncompatibleDrafterError, load_target
 
 __all__ = [
@@ -12,6 +16,11 @@ __all__ = [
     "DFlashDrafter",
     "Eagle3Config",
     "Eagle3Drafter",
+    "EntropyPolicy",
+    "GenerationStats",
     "IncompatibleDrafterError",
+    "LazyCatchUpCache",
+    "RoundFeatures",
+    "WhiFlashAssistant",
     "load_target",
 ]

@@ -195,9 +195,9 @@ class DFlashDrafter(HubMixin, nn.Module):
 
     # --- forward passes --------------------------------------------------------------------------
 
-    def features(self, hidden_states: tuple) -> torch.Tensor:
-        """Target hidden_states tuple -> concatenated features [B, T, n*H]."""
-        return torch.cat([hidden_states[i] for i in self.feature_layers], dim=-1)
+    def features(self, hidden_states: tuple, length: int | None = None) -> torch.Tensor:
+        """Target hidden_states tuple -> concatenated features [B, T, n*H], for the first `length` positions (all by default)."""
+        return torch.cat([hidden_states[i][:, :length] for i in self.feature_layers], dim=-1)
 
     def _context_kv(self, features: torch.Tensor, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (k, v) [B, kv_heads, T, D] of context positions start..start+T-1."""

@@ -200,9 +200,9 @@ class Eagle3Drafter(HubMixin, nn.Module):
 
     # --- forward passes --------------------------------------------------------------------------
 
-    def features(self, hidden_states: tuple) -> torch.Tensor:
-        """Target hidden_states tuple -> fused features [B, T, 3*Ht] (low | mid | high, un-normed)."""
-        return torch.cat([hidden_states[i] for i in self.feature_layers], dim=-1)
+    def features(self, hidden_states: tuple, length: int | None = None) -> torch.Tensor:
+        """Target hidden_states tuple -> fused features [B, T, 3*Ht] (low | mid | high, un-normed), for the first `length` positions (all by default)."""
+        return torch.cat([hidden_states[i][:, :length] for i in self.feature_layers], dim=-1)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Target features [B, T, 3*Ht] -> the head's hidden width [B, T, H]."""

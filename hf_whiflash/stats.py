@@ -1,0 +1,57 @@
+"""Per-generation statistics, readable after generate() as `assistant.stats`."""
+
+from dataclasses import asdict, dataclass, field
+from statistics import mean
+
+
+@dataclass
+class Round:
+    route: str  # "eagle3", "dflash", or "target" when no tokens could be drafted (length budget)
+    drafted: int  # candidate tokens proposed
+    accepted: int  # candidate tokens the target accepted
+    draft_s: float  # drafting, including catch-up
+    catch_up_s: float  # K/V-only prefill of queued positions
+    verify_s: float  # target forward over the candidates plus acceptance
+    draft_ids: list[int] = field(default_factory=list)  # the candidates, for traces and tests
+
+    @property
+    def seconds(self) -> float:
+        return self.draft_s + self.verify_s
+
+
+@dataclass
+class GenerationStats:
+    rounds: list[Round] = field(default_factory=list)
+    prefill_s: float = 0.0  # the target's first forward over the prompt
+
+    @property
+    def routes(self) -> list[str]:
+        return [r.route for r in self.rounds]
+
+    def acceptance_length(self, route: str | None = None) -> float:
+        """Mean tokens produced per round (accepted drafts + the target's bonus token), as in the papers."""
+        rounds = [r for r in self.rounds if route is None or r.route == route]
+        return mean(r.accepted + 1 for r in rounds) if rounds else float("nan")
+
+    def time(self, what: str) -> float:
+        return sum(getattr(r, what) for r in self.rounds)
+
+    def summary(self) -> dict:
+        routes = sorted(set(self.routes))
+        total = self.time("seconds")
+        return {
+            "rounds": len(self.rounds),
+            "rounds_per_route": {r: self.routes.count(r) for r in routes},
+            "acceptance_length": self.acceptance_length(),
+            "acceptance_length_per_route": {r: self.acceptance_length(r) for r in routes},
+            "drafted": sum(r.drafted for r in self.rounds),
+            "accepted": sum(r.accepted for r in self.rounds),
+            "draft_s": self.time("draft_s"),
+            "catch_up_s": self.time("catch_up_s"),
+            "verify_s": self.time("verify_s"),
+            "prefill_s": self.prefill_s,
+            "catch_up_share": self.time("catch_up_s") / total if total else 0.0,
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "rounds": [asdict(r) for r in self.rounds]}
