@@ -91,13 +91,17 @@ class WhiFlashAssistant(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, target, folder, *, policy=None, **overrides) -> "WhiFlashAssistant":
-        """Load `folder/eagle3`, `folder/dflash` (either may be absent) and `folder/whiflash_config.json`."""
+    def from_pretrained(cls, target, folder, *, routes=(EAGLE, DFLASH), policy=None,
+                        **overrides) -> "WhiFlashAssistant":
+        """Load `folder/eagle3`, `folder/dflash` (either may be absent; `routes` picks which to use) and
+        `folder/whiflash_config.json` (draft lengths and the routing policy)."""
         folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a WhiFlash folder (expected eagle3/ and/or dflash/ inside).")
         settings_path = folder / "whiflash_config.json"
         settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-        eagle3 = Eagle3Drafter.from_pretrained(folder / EAGLE) if (folder / EAGLE).is_dir() else None
-        dflash = DFlashDrafter.from_pretrained(folder / DFLASH) if (folder / DFLASH).is_dir() else None
+        eagle3 = Eagle3Drafter.from_pretrained(folder / EAGLE) if EAGLE in routes and (folder / EAGLE).is_dir() else None
+        dflash = DFlashDrafter.from_pretrained(folder / DFLASH) if DFLASH in routes and (folder / DFLASH).is_dir() else None
         if policy is None:
             policy = policy_from_dict(settings.get("policy", {"type": "entropy"}), folder)
         kwargs = {k: settings[k] for k in ("eagle_steps", "dflash_block_size") if settings.get(k)} | overrides
@@ -175,17 +179,19 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         route = self.policy.choose(features, self.routes) if budget > 0 else "target"
         if route != "target" and route not in self.routes:
             raise ValueError(f"routing policy chose {route!r}, but this assistant only has {self.routes}")
-        draft_ids, draft_logits, catch_up_s = torch.empty_like(input_ids[:, :0]), None, 0.0
+        self.round, self.round_features = Round(route, 0, 0, 0.0, 0.0, 0.0), features
+        draft_ids, draft_logits = input_ids[:, :0], None
         if route == EAGLE:
-            draft_ids, draft_logits, catch_up_s = self._draft_eagle(input_ids, min(budget, self.assistant.eagle_steps))
+            draft_ids, draft_logits = self._draft_eagle(input_ids, min(budget, self.assistant.eagle_steps))
         elif route == DFLASH:
-            draft_ids, draft_logits, catch_up_s = self._draft_dflash(input_ids, min(budget, self.assistant.dflash_block_size - 1))
+            draft_ids, draft_logits = self._draft_dflash(input_ids, min(budget, self.assistant.dflash_block_size - 1))
         if self.stop_strings is not None:
             draft_ids, draft_logits = self._stop_before_stop_strings(input_ids, draft_ids, draft_logits)
-        if self.assistant.catch_up == "eager":
-            catch_up_s += self._catch_up_all(except_route=route)
-        self.round = Round(route, draft_ids.shape[1], 0, 0.0, catch_up_s, 0.0, draft_ids[0].tolist())
-        self.round_features = features
+        if self.assistant.catch_up == "eager":  # baseline: keep every idle drafter up to date too
+            for other in self.routes:
+                if other != route:
+                    self._catch_up(other)
+        self.round.drafted, self.round.draft_ids = draft_ids.shape[1], draft_ids[0].tolist()
         self.verify_started = self.clock()
         self.round.draft_s = self.verify_started - start
         return torch.cat([input_ids, draft_ids], dim=1), draft_logits
@@ -237,7 +243,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
             pending={route: cache.pending_length for route, cache in self.caches.items()},
         )
 
-    def _catch_up(self, route: str) -> float:
+    def _catch_up(self, route: str) -> None:
         """Absorb `route`'s queue with one batched K/V-only pass. EAGLE-3 keeps its newest pair queued:
         that pair goes through the full forward that drafts the first token."""
         start, cache, drafter = self.clock(), self.caches[route], self.drafters[route]
@@ -248,16 +254,14 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
                 drafter.absorb(ids, drafter.project(features), cache)
             else:
                 drafter.absorb(features, cache)
-        return self.clock() - start
-
-    def _catch_up_all(self, except_route: str) -> float:
-        return sum(self._catch_up(route) for route in self.routes if route != except_route)
+            self.round.caught_up += ids.shape[1]
+        self.round.catch_up_s += self.clock() - start
 
     # --- drafting -----------------------------------------------------------------------------------
 
     def _draft_eagle(self, input_ids, steps: int):
         eagle, cache = self.drafters[EAGLE], self.caches[EAGLE]
-        catch_up_s = self._catch_up(EAGLE)
+        self._catch_up(EAGLE)
         next_ids, features = cache.take_pending()  # the newest verified pair: (feature m-1, token m)
         context = cache.get_seq_length() + 1  # its K/V are verified context and stay cached
         hidden = eagle.project(features)
@@ -272,21 +276,21 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
             tokens.append(token)
             next_ids, hidden = token, h
         cache.truncate(context)  # drafted positions' K/V: recomputed from target features once verified
-        return torch.cat(tokens, dim=1), self._candidate_logits(rows), catch_up_s
+        return torch.cat(tokens, dim=1), self._candidate_logits(rows)
 
     def _draft_dflash(self, input_ids, length: int):
         dflash, cache = self.drafters[DFLASH], self.caches[DFLASH]
-        catch_up_s = self._catch_up(DFLASH)
+        self._catch_up(DFLASH)
         hidden = dflash(dflash.block_ids(input_ids[:, -1:], length + 1), cache=cache)  # [1, length+1, H]
         logits = dflash.logits(hidden[:, 1:])  # [1, length, V]
         if self.logits_processor is None and not self.do_sample:
-            return logits.argmax(-1), None, catch_up_s
+            return logits.argmax(-1), None
         tokens, rows = [], []
         for j in range(length):  # processors (penalties, top-p, ...) depend on the drafted prefix
             token, row = self._pick(logits[:, j], input_ids, tokens)
             tokens.append(token)
             rows.append(row)
-        return torch.cat(tokens, dim=1), self._candidate_logits(rows), catch_up_s
+        return torch.cat(tokens, dim=1), self._candidate_logits(rows)
 
     def _pick(self, logits, input_ids, drafted: list):
         """Process one draft distribution like the target's and pick from it -> token [1, 1], logits [1, V]."""

@@ -13,6 +13,7 @@ class Round:
     catch_up_s: float  # K/V-only prefill of queued positions
     verify_s: float  # target forward over the candidates plus acceptance
     draft_ids: list[int] = field(default_factory=list)  # the candidates, for traces and tests
+    caught_up: int = 0  # queued positions absorbed by K/V-only prefill this round (all drafters)
 
     @property
     def seconds(self) -> float:

@@ -42,6 +42,12 @@ PACKAGED_TARGETS = {
 }
 
 
+def shipped_drafters(target_name: str) -> Path | None:
+    """The WhiFlash folder (eagle3/, dflash/, whiflash_config.json) shipped in the package for a target."""
+    folder = Path(__file__).parent / "checkpoints" / target_name
+    return folder if folder.is_dir() else None
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("HF_WHIFLASH_CACHE", Path.home() / ".cache" / "hf_whiflash"))
 

@@ -26,9 +26,10 @@ class Script:
 
     round = 0  # class-wide: advanced by CountingPolicy once per routing decision
 
-    def __init__(self, reference: torch.Tensor, draft_length: int):
+    def __init__(self, reference: torch.Tensor, draft_length: int, perfect: bool = False):
         self.reference = reference[0].tolist()  # prompt + the target's own greedy continuation
         self.draft_length = draft_length
+        self.perfect = perfect  # no errors: every draft follows the reference as far as it goes
 
     def bias(self, first_position: int, round_start: int, count: int, vocab: int) -> torch.Tensor:
         """[1, count, vocab] logit bonus for positions first_position.. of a round starting at round_start."""
@@ -39,7 +40,7 @@ class Script:
             if position >= len(self.reference):
                 continue
             token = self.reference[position]
-            if position - round_start == wrong_offset:
+            if position - round_start == wrong_offset and not self.perfect:
                 token = (token + 1 + position) % vocab
             bias[0, i, token] = 1000.0
         return bias
@@ -120,8 +121,10 @@ def random_drafters(target):
     return Eagle3Drafter.for_target(target, seed=0), DFlashDrafter.for_target(target, seed=1)
 
 
-def make_assistant(target, mode: str, kind: str, reference=None, policy=None, **kwargs) -> WhiFlashAssistant:
-    """mode: eagle3 | dflash | whiflash; kind: random | scripted (drafts partly right, needs `reference`)."""
+def make_assistant(target, mode: str, kind: str, reference=None, policy=None, perfect=False,
+                   **kwargs) -> WhiFlashAssistant:
+    """mode: eagle3 | dflash | whiflash; kind: random | scripted (drafts follow `reference`, partly right
+    unless `perfect`)."""
     if kind == "random":
         eagle, dflash = random_drafters(target)
     else:
@@ -131,7 +134,7 @@ def make_assistant(target, mode: str, kind: str, reference=None, policy=None, **
     policy = policy or EntropyPolicy()
     if kind == "scripted":
         draft_length = max(kwargs.get("eagle_steps", 6) if eagle else 0, 15 if dflash else 0)
-        script = Script(reference, draft_length)
+        script = Script(reference, draft_length, perfect)
         for drafter in (eagle, dflash):
             if drafter is not None:
                 drafter.script = script

@@ -1,0 +1,35 @@
+"""Prompt sources shared by the data recipe and the dev set, so both see prompts in the same format.
+
+Allowed sources (see ../shared/BRIEF.md): self-synthesis by the target, code prompts built from
+packaged sources, and BFCL `live_*` files only. Never HumanEval, never other BFCL files.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+TOOL_SYSTEM = (
+    "You are a function-calling assistant. These functions are available (JSON schema):\n{functions}\n"
+    'Reply with the function call(s) only, as JSON: [{{"name": ..., "arguments": {{...}}}}].'
+)
+BFCL_LIVE_FILES = ("BFCL_v4_live_simple.json", "BFCL_v4_live_multiple.json",
+                   "BFCL_v4_live_parallel.json", "BFCL_v4_live_parallel_multiple.json")
+
+
+def bfcl_live_items() -> list[dict]:
+    """BFCL `live_*` items (id, question, function) from the installed bfcl-eval package."""
+    spec = importlib.util.find_spec("bfcl_eval")
+    if spec is None:
+        raise FileNotFoundError("tool prompts come from BFCL: pip install --no-deps bfcl-eval==2026.3.23")
+    data = Path(spec.origin).parent / "data"
+    items = []
+    for name in BFCL_LIVE_FILES:  # live_* only: the other BFCL files are a held-out test set
+        items += [json.loads(line) for line in (data / name).open()]
+    return items
+
+
+def tool_messages(item: dict) -> list[dict]:
+    """A BFCL item as chat messages: the functions in the system turn, the user's first question."""
+    functions = json.dumps(item["function"], separators=(",", ":"))
+    question = item["question"][0]
+    return [{"role": "system", "content": TOOL_SYSTEM.format(functions=functions)}, *question]
