@@ -78,14 +78,15 @@ class DFlashAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, context_kv) -> torch.Tensor:
-        """x [B, Tb, H] block; context_kv: (k, v) [B, kv_heads, Tc, D] or None. Non-causal over everything."""
+    def forward(self, x, cos, sin, context_kv, mask=None) -> torch.Tensor:
+        """x [B, Tb, H] block; context_kv: (k, v) [B, kv_heads, Tc, D] or None. Non-causal over everything
+        unless a boolean `mask` [B, 1, Tb, Tc+Tb] (training: several blocks per sequence) says otherwise."""
         B, T, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)).transpose(1, 2), cos, sin)
         k, v = self.key_values(x, cos, sin)
         if context_kv is not None:
             k, v = torch.cat([context_kv[0], k], dim=2), torch.cat([context_kv[1], v], dim=2)
-        return self.o_proj(attend(q, k, v, mask=None))
+        return self.o_proj(attend(q, k, v, mask))
 
 
 class DFlashLayer(nn.Module):
@@ -97,8 +98,8 @@ class DFlashLayer(nn.Module):
         self.self_attn = DFlashAttention(config)
         self.mlp = GatedMLP(H, config.intermediate_size, config.get("hidden_act", "silu"), config.get("mlp_bias", False))
 
-    def forward(self, x, cos, sin, context_kv) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context_kv)
+    def forward(self, x, cos, sin, context_kv, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context_kv, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -228,6 +229,28 @@ class DFlashDrafter(HubMixin, nn.Module):
         cos, sin = self.rotary(positions_from(start, block_ids.shape[1], block_ids.shape[0], x.device), x)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, context[i] if context else None)
+        return self.norm(x)
+
+    def forward_blocks(self, block_ids: torch.Tensor, anchors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Training: many blocks per sequence in one pass, each seeing only the context before its anchor.
+
+        block_ids [B, A*Bk]: A blocks [token at anchor, MASK...] back to back; anchors [B, A]: their
+        positions; features [B, T, n*H] for the whole sequence. Returns normed hidden [B, A*Bk, H].
+        """
+        B, A = anchors.shape
+        size = block_ids.shape[1] // A
+        offsets = torch.arange(size, device=anchors.device)
+        positions = (anchors[:, :, None] + offsets).reshape(B, A * size)
+        T = features.shape[1]
+        sees_context = torch.arange(T, device=anchors.device) < anchors[:, :, None, None]  # [B, A, 1, T]
+        same_block = torch.eye(A, dtype=torch.bool, device=anchors.device)[None, :, None, :, None]
+        sees_blocks = same_block.expand(B, A, size, A, size).reshape(B, A * size, A * size)
+        mask = torch.cat([sees_context.expand(B, A, size, T).reshape(B, A * size, T), sees_blocks], dim=-1)
+        context = self._context_kv(features, 0)
+        x = nn.functional.embedding(block_ids, self.target_embedding.weight)
+        cos, sin = self.rotary(positions, x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, context[i], mask[:, None])
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -61,14 +61,36 @@ class Eagle3Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cache=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache=None, ttt: list | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2), cos, sin)
         k, v = self.key_values(x, cos, sin)
+        if ttt:  # training-time test, step j >= 1: context keys of step 0 plus this anchor's own drafted keys
+            ttt.append((k, v))
+            return self.o_proj(attend_drafted(q, ttt[0], ttt[1:]))
+        if ttt is not None:
+            ttt.append((k, v))
         if cache is not None:
             k, v = cache.update(k, v, 0)
         mask = causal_mask(T, k.shape[2], x.device) if T > 1 else None
         return self.o_proj(attend(q, k, v, mask))
+
+
+def attend_drafted(q, context: tuple, drafted: list[tuple]) -> torch.Tensor:
+    """Attention of TTT step j for every anchor t at once, as the chain sees it at inference: the verified
+    context keys at positions <= t (step 0, causal) plus the keys of steps 1..j at anchor t only.
+    q [B, Hq, T, D]; context (k, v) [B, Hkv, T, D]; drafted: j pairs of the same shape -> [B, T, Hq*D]."""
+    B, heads, T, D = q.shape
+    groups = heads // context[0].shape[1]
+    expand = lambda t: t.repeat_interleave(groups, dim=1)  # noqa: E731
+    k0, v0 = expand(context[0]), expand(context[1])
+    scores = (q @ k0.transpose(-1, -2)).masked_fill(~causal_mask(T, T, q.device), float("-inf"))
+    diagonal = torch.stack([(q * expand(k)).sum(-1) for k, _ in drafted], dim=-1)  # [B, Hq, T, j]
+    weights = (torch.cat([scores, diagonal], dim=-1) * D**-0.5).softmax(-1)
+    out = weights[..., :T] @ v0
+    for i, (_, v) in enumerate(drafted):
+        out = out + weights[..., T + i, None] * expand(v)
+    return out.transpose(1, 2).reshape(B, T, heads * D)
 
 
 class Eagle3Layer(nn.Module):
@@ -87,8 +109,8 @@ class Eagle3Layer(nn.Module):
         """[B, T, H] x2 -> [B, T, 2H]: embedding first, then hidden."""
         return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
 
-    def forward(self, embeds, hidden, cos, sin, cache=None) -> torch.Tensor:
-        h = hidden + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache)
+    def forward(self, embeds, hidden, cos, sin, cache=None, ttt=None) -> torch.Tensor:
+        h = hidden + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache, ttt)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -212,8 +234,7 @@ class Eagle3Drafter(HubMixin, nn.Module):
         table = self.embed_tokens if hasattr(self, "embed_tokens") else self.target_embedding
         return nn.functional.embedding(input_ids, table.weight)
 
-    def _rope(self, cache, batch: int, length: int, like: torch.Tensor):
-        start = cache.get_seq_length() if cache is not None else 0
+    def _rope(self, start: int, batch: int, length: int, like: torch.Tensor):
         return self.rotary(positions_from(start, length, batch, like.device), like)
 
     def absorb(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache) -> None:
@@ -222,19 +243,24 @@ class Eagle3Drafter(HubMixin, nn.Module):
         Only the K/V projections run: no queries, attention output, MLP or logits for these positions.
         """
         x = self.midlayer.attention_input(self.embed(next_ids), hidden)
-        cos, sin = self._rope(cache, *next_ids.shape, x)
+        cos, sin = self._rope(cache.get_seq_length(), *next_ids.shape, x)
         cache.update(*self.midlayer.self_attn.key_values(x, cos, sin), 0)
 
-    def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache=None,
+                ttt: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full step over T positions after the cached ones.
 
         next_ids [B, T]: token t+1 for each position t; hidden [B, T, H]: projected target features or
         the previous step's output. Returns draft-vocab logits [B, T, draft_vocab] and the pre-norm
         hidden [B, T, H] that feeds the next autoregressive step. K/V of these positions join `cache`.
+
+        Training-time test passes the same list as `ttt` to every unrolled step instead of a cache:
+        step j then drafts, for every anchor t at once, the token at t+j+2 (RoPE position t+j).
         """
         embeds = self.embed(next_ids)
-        cos, sin = self._rope(cache, *next_ids.shape, embeds)
-        h = self.midlayer(embeds, hidden, cos, sin, cache)
+        start = len(ttt) if ttt is not None else cache.get_seq_length() if cache is not None else 0
+        cos, sin = self._rope(start, *next_ids.shape, embeds)
+        h = self.midlayer(embeds, hidden, cos, sin, cache, ttt)
         return self.lm_head(self.norm(h)), h
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:

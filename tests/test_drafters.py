@@ -196,3 +196,38 @@ def test_drafters_on_cuda_match_cpu(target, hidden, drafters):
     torch.testing.assert_close(gpu_logits.cpu(), cpu_logits, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(gpu_block.cpu(), cpu_block, atol=1e-3, rtol=1e-3)
     assert gpu_cache.layers[0].keys.is_cuda
+
+
+def test_eagle3_training_time_test_matches_the_inference_chain(drafters, hidden):
+    """TTT step j at anchor t computes exactly what the cached chain computes j steps after anchor t."""
+    eagle, _ = drafters
+    ids, hs = hidden
+    steps, n = 3, ids.shape[1] - 4  # anchors 0..n-1 all have tokens t+1..t+steps
+    g = eagle.project(eagle.features(hs))
+    with torch.no_grad():
+        ttt, unrolled, state = [], [], g[:, :n]
+        for j in range(steps):
+            logits, state = eagle(ids[:, 1 + j:n + 1 + j], state, ttt=ttt)
+            unrolled.append(logits)
+        for t in (0, 5, n - 1):
+            cache = DynamicCache()
+            if t:
+                eagle.absorb(ids[:, 1:t + 1], g[:, :t], cache)
+            state = g[:, t:t + 1]
+            for j in range(steps):  # teacher-forced chain: feed the true token t+1+j
+                logits, state = eagle(ids[:, t + 1 + j:t + 2 + j], state, cache)
+                torch.testing.assert_close(logits[:, 0], unrolled[j][:, t], **TOL)
+
+
+def test_dflash_training_blocks_match_inference_blocks(drafters, hidden):
+    """Several anchored blocks in one training pass equal one inference pass per anchor."""
+    _, dflash = drafters
+    ids, hs = hidden
+    features = dflash.features(hs)
+    anchors = torch.tensor([[3, 10, ids.shape[1] - 16]])
+    blocks = torch.cat([dflash.block_ids(ids[:, a:a + 1]) for a in anchors[0].tolist()], dim=1)
+    with torch.no_grad():
+        trained = dflash.forward_blocks(blocks, anchors, features)
+        for i, a in enumerate(anchors[0].tolist()):
+            alone = dflash(dflash.block_ids(ids[:, a:a + 1]), features[:, :a])  # context strictly before a
+            torch.testing.assert_close(trained[:, i * 16:(i + 1) * 16], alone, **TOL)

@@ -1,0 +1,137 @@
+"""Target hidden states for training, computed once and shared by both drafter recipes.
+
+A store folder holds:
+  index.json      {"target", "layers", "hidden_size", "samples": [{"id", "category", "offset", "length",
+                   "response_start"}]}
+  tokens.i32      every sample's token ids back to back (int32)
+  layer_{i}.f16   hidden_states[i] for every token, [N, H] float16 (i = HF hidden_states index)
+Built into a temporary sibling and renamed into place, so an interrupted build never looks complete.
+With `accelerate launch`, each process computes its share of the samples.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+
+def read_samples(data_dir: Path, max_len: int) -> list[dict]:
+    samples = []
+    for path in sorted(Path(data_dir).glob("samples.*.jsonl")):
+        samples += [json.loads(line) for line in path.open()]
+    if not samples:
+        raise FileNotFoundError(f"no samples.*.jsonl in {data_dir}: run recipes/data.py first")
+    samples.sort(key=lambda s: s["id"])
+    for s in samples:
+        s["input_ids"] = s["input_ids"][:max_len]
+    return [s for s in samples if s["response_start"] < len(s["input_ids"]) - 1]
+
+
+def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: int, batch_tokens: int = 4096):
+    """Compute (or reuse) a feature store with at least `layers`; returns its folder."""
+    from accelerate import PartialState
+
+    from hf_whiflash import load_target
+
+    folder = Path(folder)
+    index_path = folder / "index.json"
+    if index_path.exists() and set(layers) <= set(json.loads(index_path.read_text())["layers"]):
+        return folder
+    state = PartialState()
+    samples = read_samples(data_dir, max_len)
+    offsets = np.cumsum([0] + [len(s["input_ids"]) for s in samples])
+    model, _ = load_target(target_name, device=state.device)
+    hidden = model.config.get_text_config().hidden_size
+    tmp = folder.with_name(folder.name + ".partial")
+    if state.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.memmap(tmp / "tokens.i32", np.int32, "w+", shape=(int(offsets[-1]),))[:] = np.concatenate(
+            [s["input_ids"] for s in samples])
+        for layer in layers:
+            np.memmap(tmp / f"layer_{layer}.f16", np.float16, "w+", shape=(int(offsets[-1]), hidden)).flush()
+    state.wait_for_everyone()
+    stores = {layer: np.memmap(tmp / f"layer_{layer}.f16", np.float16, "r+", shape=(int(offsets[-1]), hidden))
+              for layer in layers}
+    mine = list(range(state.process_index, len(samples), state.num_processes))
+    mine.sort(key=lambda i: len(samples[i]["input_ids"]))  # batches of similar length, little padding
+    batches, current = [], []
+    for i in mine:
+        if current and (len(current) + 1) * len(samples[i]["input_ids"]) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches += [current] if current else []
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=f"target features (rank {state.process_index})"):
+            length = max(len(samples[i]["input_ids"]) for i in batch)
+            ids = torch.zeros(len(batch), length, dtype=torch.long)
+            for row, i in enumerate(batch):  # right padding: causal attention keeps real tokens exact
+                ids[row, : len(samples[i]["input_ids"])] = torch.tensor(samples[i]["input_ids"])
+            out = model(ids.to(state.device), output_hidden_states=layers)
+            for layer in layers:
+                h = out.hidden_states[layer].to(torch.float16).cpu().numpy()
+                for row, i in enumerate(batch):
+                    n = len(samples[i]["input_ids"])
+                    stores[layer][offsets[i]:offsets[i] + n] = h[row, :n]
+    for store in stores.values():
+        store.flush()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        index = {"target": target_name, "layers": sorted(layers), "hidden_size": hidden,
+                 "samples": [{"id": s["id"], "category": s["category"], "offset": int(o), "length": len(s["input_ids"]),
+                              "response_start": s["response_start"]} for s, o in zip(samples, offsets)]}
+        (tmp / "index.json").write_text(json.dumps(index))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    state.wait_for_everyone()
+    return folder
+
+
+class FeatureStore(Dataset):
+    """Samples as {"input_ids" [T], "response_start", "hidden": {layer: [T, H] float16}} (memory-mapped)."""
+
+    def __init__(self, folder, layers: list[int]):
+        folder = Path(folder)
+        index = json.loads((folder / "index.json").read_text())
+        missing = set(layers) - set(index["layers"])
+        if missing:
+            raise ValueError(f"{folder} lacks hidden_states layers {sorted(missing)}; rebuild the store")
+        self.samples, total = index["samples"], sum(s["length"] for s in index["samples"])
+        self.tokens = np.memmap(folder / "tokens.i32", np.int32, "r", shape=(total,))
+        self.layers = {layer: np.memmap(folder / f"layer_{layer}.f16", np.float16, "r",
+                                        shape=(total, index["hidden_size"])) for layer in layers}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        span = slice(s["offset"], s["offset"] + s["length"])
+        return {"input_ids": torch.from_numpy(self.tokens[span].astype(np.int64)),
+                "response_start": s["response_start"],
+                "hidden": {layer: torch.from_numpy(np.array(store[span])) for layer, store in self.layers.items()}}
+
+    def response_tokens(self) -> np.ndarray:
+        """Every response token id (the loss region), e.g. to pick an EAGLE-3 draft vocabulary."""
+        return np.concatenate([self.tokens[s["offset"] + s["response_start"]: s["offset"] + s["length"]]
+                               for s in self.samples])
+
+
+def collate(batch: list[dict]) -> dict:
+    """Right-pad to the longest sample -> input_ids [B, T], valid/response masks [B, T], hidden {layer: [B, T, H]}."""
+    length = max(len(b["input_ids"]) for b in batch)
+    ids = torch.zeros(len(batch), length, dtype=torch.long)
+    valid = torch.zeros(len(batch), length, dtype=torch.bool)
+    hidden = {layer: torch.zeros(len(batch), length, h.shape[1]) for layer, h in batch[0]["hidden"].items()}
+    for row, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[row, :n], valid[row, :n] = b["input_ids"], True
+        for layer, h in b["hidden"].items():
+            hidden[layer][row, :n] = h.float()
+    response = valid & (torch.arange(length)[None, :] >= torch.tensor([b["response_start"] for b in batch])[:, None])
+    return {"input_ids": ids, "valid": valid, "response": response, "hidden": hidden}

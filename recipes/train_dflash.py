@@ -1,0 +1,94 @@
+"""Train a DFlash block-diffusion drafter for any HF causal LM.
+
+    python recipes/train_dflash.py recipes/configs/dflash_smollm2.yaml              # this CPU
+    accelerate launch recipes/train_dflash.py recipes/configs/dflash_smollm2.yaml   # several GPUs
+
+Per sequence, `anchors_per_sequence` random anchors a in the response; each block is
+[token at a, MASK x (B-1)], sees the target's features of positions strictly before a (and its
+own block, non-causally), and its position k predicts the token at a+k with loss weight
+exp(-(k-1)/gamma). The target's embedding and LM head are shared and frozen. Output: `out`/final
+in the DFlash Hub layout (DFlashDrafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
+"""
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from features import FeatureStore, build_store
+from trainer import train
+
+from hf_whiflash import DFlashDrafter, load_target
+
+
+class BlockObjective(nn.Module):
+    """Loss of one batch: position-weighted cross-entropy of many anchored blocks per sequence."""
+
+    def __init__(self, drafter: DFlashDrafter, anchors: int, gamma: float):
+        super().__init__()
+        self.drafter, self.anchors = drafter, anchors
+        weights = torch.tensor([math.exp(-(k - 1) / gamma) for k in range(1, drafter.block_size)])
+        self.register_buffer("weights", weights)  # [B-1]: block position k = 1..B-1
+
+    def sample_anchors(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, A] random anchors a >= 1 (some context) whose next token is a response token, and whether
+        each is eligible (short sequences have fewer than A; the extra ones are masked out)."""
+        T = response.shape[1]
+        eligible = response.roll(-1, dims=1) & (torch.arange(T, device=response.device) >= 1)[None, :]
+        eligible[:, -1] = False
+        scores = torch.rand(response.shape, device=response.device).masked_fill(~eligible, -1.0)
+        anchors = scores.topk(min(self.anchors, T), dim=1).indices.sort(dim=1).values
+        return anchors, eligible.gather(1, anchors)
+
+    def forward(self, batch: dict):
+        ids, response = batch["input_ids"], batch["response"]  # [B, T]
+        B, T = ids.shape
+        size = self.drafter.block_size
+        anchors, eligible = self.sample_anchors(response)  # [B, A]
+        A = anchors.shape[1]
+        blocks = torch.cat([ids.gather(1, anchors)[..., None],
+                            torch.full((B, A, size - 1), self.drafter.mask_token_id, device=ids.device)],
+                           dim=-1)  # [B, A, size]
+        features = torch.cat([batch["hidden"][i] for i in self.drafter.feature_layers], dim=-1)
+        hidden = self.drafter.forward_blocks(blocks.view(B, -1), anchors, features).view(B, A, size, -1)
+        logits = self.drafter.logits(hidden[:, :, 1:]).float()  # [B, A, size-1, V]
+        targets = anchors[..., None] + torch.arange(1, size, device=ids.device)  # [B, A, size-1]: a+k
+        inside = targets < T
+        labels = ids.gather(1, targets.clamp(max=T - 1).view(B, -1)).view_as(targets)
+        mask = inside & response.gather(1, targets.clamp(max=T - 1).view(B, -1)).view_as(targets) & eligible[..., None]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none").view_as(labels)
+        weighted = self.weights * mask
+        hits = (logits.argmax(-1) == labels) & mask
+        accepted = hits.long().cumprod(-1).sum(-1).float()  # leading correct drafts per block (teacher-forced)
+        valid_blocks = mask[..., 0].float()
+        metrics = {"accept_len": (accepted * valid_blocks).sum() / valid_blocks.sum().clamp(min=1),
+                   "acc_first": (hits[..., 0].float() * valid_blocks).sum() / valid_blocks.sum().clamp(min=1)}
+        return (loss * weighted).sum() / weighted.sum().clamp(min=1e-6), metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config (see recipes/configs/dflash_smollm2.yaml)")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the trained drafter to this Hub repo")
+    args = parser.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    target, _ = load_target(config["target"])
+    target.requires_grad_(False)  # embedding and LM head are shared with the drafter, frozen
+    drafter = DFlashDrafter.for_target(target, num_layers=config["num_layers"], block_size=config["block_size"],
+                                       mask_token_id=config["mask_token_id"],
+                                       intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0))
+    layers = sorted(set(drafter.feature_layers) | set(config.get("extra_feature_layers", [])))
+    store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
+    store = FeatureStore(store_dir, drafter.feature_layers)
+    objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"])
+    final = train(config, objective, drafter, store)
+    print(f"saved DFlash drafter to {final}")
+    if args.push_to_hub:
+        print(drafter.push_to_hub(args.push_to_hub, model_card=config.get("model_card")))
+
+
+if __name__ == "__main__":
+    main()

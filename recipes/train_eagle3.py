@@ -1,0 +1,91 @@
+"""Train an EAGLE-3 head for any HF causal LM, with training-time test (TTT).
+
+    python recipes/train_eagle3.py recipes/configs/eagle3_smollm2.yaml              # this CPU
+    accelerate launch recipes/train_eagle3.py recipes/configs/eagle3_smollm2.yaml   # several GPUs
+
+Each batch unrolls `ttt_steps` drafting steps (7), every step fed the head's own previous output,
+loss weights `ttt_decay`**step (0.8): soft cross-entropy against the target's distribution
+renormalised over the draft vocabulary, on response tokens only. The draft vocabulary is the
+`draft_vocab_size` most frequent response tokens (d2t/t2d). Output: `out`/final in the EAGLE-3
+Hub layout (Eagle3Drafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from features import FeatureStore, build_store
+from trainer import train
+
+from hf_whiflash import Eagle3Drafter, load_target
+
+
+class TTTObjective(nn.Module):
+    """Loss of one batch: the TTT unroll of `drafter` against the target's own next-token distributions."""
+
+    def __init__(self, drafter: Eagle3Drafter, target_head: torch.Tensor, final_layer: int, steps: int,
+                 decay: float):
+        super().__init__()
+        self.drafter, self.final_layer, self.steps, self.decay = drafter, final_layer, steps, decay
+        draft_ids = drafter.to_target_ids(torch.arange(drafter.config.draft_vocab_size))
+        self.register_buffer("draft_head", target_head[draft_ids].clone())  # [Vd, H]: target logits, draft vocab
+
+    def forward(self, batch: dict):
+        ids = batch["input_ids"]  # [B, T]
+        n = ids.shape[1] - 1  # anchors t = 0..T-2: pair (feature t, token t+1)
+        with torch.no_grad():  # P[:, s]: the target's distribution of token s+1, over the draft vocabulary
+            target_p = (batch["hidden"][self.final_layer] @ self.draft_head.T).softmax(-1)  # [B, T, Vd]
+        # Loss on response tokens the draft vocabulary can express (the data is the target's greedy output).
+        learnable = batch["response"] & self.drafter.t2d[ids]
+        features = torch.cat([batch["hidden"][i] for i in self.drafter.feature_layers], dim=-1)
+        hidden = self.drafter.project(features[:, :n])
+        pad = lambda x, j: nn.functional.pad(x[:, 1 + j:], (0, j))  # noqa: E731  shift left by 1+j, pad end
+        ttt, loss, metrics = [], 0.0, {}
+        for j in range(self.steps):
+            logits, hidden = self.drafter(pad(ids, j)[:, :n], hidden, ttt=ttt)  # predicts token t+2+j
+            p = nn.functional.pad(target_p[:, 1 + j:], (0, 0, 0, j))[:, :n]  # distribution of token t+2+j
+            mask = nn.functional.pad(learnable[:, 2 + j:], (0, 1 + j))[:, :n].float()
+            step_loss = -(p * logits.float().log_softmax(-1)).sum(-1)
+            loss = loss + self.decay**j * (step_loss * mask).sum() / mask.sum().clamp(min=1)
+            hit = (logits.argmax(-1) == p.argmax(-1)).float()
+            metrics[f"acc_{j}"] = (hit * mask).sum() / mask.sum().clamp(min=1)
+        return loss, metrics
+
+
+def draft_vocabulary(store: FeatureStore, size: int, eos: int) -> torch.Tensor:
+    """The `size` most frequent response tokens (EOS always in), ascending."""
+    counts = np.bincount(store.response_tokens(), minlength=size)
+    counts[eos] = counts.max() + 1
+    return torch.from_numpy(np.sort(np.argsort(-counts, kind="stable")[:size]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config (see recipes/configs/eagle3_smollm2.yaml)")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the trained head to this Hub repo")
+    args = parser.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    torch.manual_seed(config.get("seed", 0))
+    target, _ = load_target(config["target"])
+    target.requires_grad_(False)
+    drafter = Eagle3Drafter.for_target(target, draft_vocab_size=config["draft_vocab_size"],
+                                       intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0))
+    final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
+    layers = sorted(set(drafter.feature_layers) | {final_layer} | set(config.get("extra_feature_layers", [])))
+    store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
+    store = FeatureStore(store_dir, sorted(set(drafter.feature_layers) | {final_layer}))
+    drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
+    objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],
+                             config["ttt_decay"])
+    final = train(config, objective, drafter, store)
+    print(f"saved EAGLE-3 head to {final}")
+    if args.push_to_hub:
+        print(drafter.push_to_hub(args.push_to_hub, model_card=config.get("model_card")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The training loop both drafter recipes share: accelerate, AdamW with warmup + cosine decay, periodic
+checkpoints it resumes from, a jsonl log, and a Hub-format export of the drafter at the end.
+
+A recipe supplies an nn.Module whose forward(batch) returns (loss, metrics): everything that touches
+gradients runs inside that one forward, so the same code runs under DDP with `accelerate launch`.
+"""
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from features import FeatureStore, collate
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine down to 10%
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    checkpoints = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore) -> Path:
+    """Run the loop; returns the folder of the exported drafter (`out`/final)."""
+    from accelerate import Accelerator
+
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(gradient_accumulation_steps=config.get("grad_accum", 1))
+    seed_everything(config.get("seed", 0))
+    loader = DataLoader(store, batch_size=config["batch_size"], shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(config.get("seed", 0)))
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config.get("weight_decay", 0.0),
+                                  betas=(0.9, 0.95))
+    total, warmup = config["max_steps"], config.get("warmup_steps", 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
+
+    step = 0
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        accelerator.load_state(resume)
+        step = int(resume.name.split("-")[1])
+        accelerator.print(f"resumed from {resume} at step {step}")
+    log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
+    progress = tqdm(total=total, initial=step, desc=out.name, disable=not accelerator.is_local_main_process)
+    epoch = step // max(1, len(loader))
+    while step < total:
+        batches = loader
+        if step % len(loader):  # resuming mid-epoch: skip what this epoch already saw
+            batches = accelerator.skip_first_batches(loader, step % len(loader))
+        for batch in batches:
+            with accelerator.accumulate(objective):
+                loss, metrics = objective(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.get("grad_clip", 1.0))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            if step % config.get("log_every", 10) == 0 and log is not None:
+                row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "loss": loss.item(),
+                       **{k: float(v) for k, v in metrics.items()}}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                progress.set_postfix(loss=f"{row['loss']:.3f}")
+            if step % config.get("save_every", 500) == 0 or step == total:
+                save_checkpoint(accelerator, out, step, config.get("keep_checkpoints", 2))
+            if config.get("snapshot_every") and step % config["snapshot_every"] == 0 and accelerator.is_main_process:
+                drafter.save_pretrained(out / "snapshots" / f"step-{step}")  # for acceptance-vs-steps curves
+            if step >= total:
+                break
+        epoch += 1
+    progress.close()
+    final = out / "final"
+    if accelerator.is_main_process:
+        drafter.save_pretrained(final)  # the objective wraps this drafter: it holds the trained weights
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+    accelerator.save_state(out / "checkpoints" / f"step-{step}")
+    if accelerator.is_main_process:
+        for old in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old)

@@ -1,0 +1,79 @@
+"""The recipes end to end on tiny data: data -> features -> a few training steps -> Hub folder that drafts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
+from helpers import chat_ids
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, config: Path) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "recipes" / script), str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def config_in(tmp: Path, name: str, **changes) -> Path:
+    """A tiny config with every path moved under `tmp`."""
+    config = yaml.safe_load((REPO / "recipes" / "configs" / name).read_text())
+    for key in ("data", "features", "out"):
+        if key in config:
+            config[key] = str(tmp / config[key].replace("/", "_"))  # same path -> same folder
+    config |= changes
+    path = tmp / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recipes")
+    config = config_in(tmp, "data_tiny.yaml")
+    run("data.py", config)
+    samples = tmp / "runs_data_tiny" / "samples.0.jsonl"
+    rows = [json.loads(line) for line in samples.open()]
+    run("data.py", config)  # resumable: a rerun finds every id done and adds nothing
+    assert len(samples.read_text().splitlines()) == len(rows)
+    return tmp, rows
+
+
+def test_data_covers_every_source_without_dev_prompts(tiny_data):
+    tmp, rows = tiny_data
+    assert {r["source"] for r in rows} == {"self", "code", "bfcl_live"}
+    dev_ids = {json.loads(line)["id"] for line in (REPO / "hf_whiflash" / "data" / "dev_set.jsonl").open()}
+    assert not dev_ids & {r["id"] for r in rows}
+    assert all(0 < r["response_start"] < len(r["input_ids"]) for r in rows)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").open()]
+
+
+@pytest.mark.parametrize("script,config_name,cls", [("train_eagle3.py", "eagle3_tiny.yaml", Eagle3Drafter),
+                                                   ("train_dflash.py", "dflash_tiny.yaml", DFlashDrafter)])
+def test_recipe_trains_resumes_and_exports_a_drafter(tiny_data, target, tokenizer, script, config_name, cls):
+    tmp, _ = tiny_data
+    run(script, config_in(tmp, config_name, max_steps=6))  # stops at the step-6 checkpoint
+    out = Path(yaml.safe_load((tmp / config_name).read_text())["out"])
+    assert (out / "checkpoints" / "step-6").is_dir()
+    log = run(script, config_in(tmp, config_name))  # same run, longer: resumes at step 6
+    assert "resumed from" in log and "step-6" in log
+    curve = losses(out)
+    assert len(curve) == 12
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3  # loss goes down
+    drafter = cls.from_pretrained(out / "final")
+    kind = "eagle3" if cls is Eagle3Drafter else "dflash"
+    assistant = WhiFlashAssistant(target, **{kind: drafter})
+    ids = chat_ids(tokenizer, "Write a Python function that adds two numbers.")
+    out_ids = target.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant)
+    assert torch.equal(out_ids, target.generate(ids, max_new_tokens=12, do_sample=False))
+    assert sum(r.drafted for r in assistant.stats.rounds) > 0
