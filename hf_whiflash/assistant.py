@@ -31,7 +31,7 @@ from transformers.generation.utils import GenerationMixin
 from .cache import LazyCatchUpCache
 from .dflash import DFlashDrafter
 from .eagle3 import Eagle3Drafter
-from .routing import DFLASH, EAGLE, EntropyPolicy, RoundFeatures, ema, entropy_and_top1
+from .routing import DFLASH, EAGLE, EntropyPolicy, NeuralPolicy, RoundFeatures, RoutingState, entropy_and_top1
 from .stats import GenerationStats, Round
 from .targets import text_config
 
@@ -85,6 +85,8 @@ class WhiFlashAssistant(nn.Module):
         folder = Path(folder)
         for route, drafter in self.drafters.items():
             drafter.save_pretrained(folder / route)
+        if hasattr(self.policy, "save_pretrained"):
+            self.policy.save_pretrained(folder / self.policy.to_dict()["folder"])
         settings = {"eagle_steps": self.eagle_steps, "dflash_block_size": self.dflash_block_size,
                     "policy": self.policy.to_dict()}
         (folder / "whiflash_config.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -119,11 +121,14 @@ class WhiFlashAssistant(nn.Module):
         return WhiFlashCandidateGenerator(self, generation_config, logits_processor, tokenizer)
 
 
-def policy_from_dict(settings: dict, folder: Path | None = None):
+def policy_from_dict(settings: dict, folder: Path):
     kind = settings.get("type", "entropy")
     if kind == "entropy":
         return EntropyPolicy(**{k: v for k, v in settings.items() if k != "type"})
-    raise ValueError(f"unknown routing policy type {kind!r} in whiflash_config.json (known: 'entropy')")
+    if kind == "neural":
+        return NeuralPolicy.from_pretrained(folder / settings["folder"])
+    raise ValueError(f"unknown routing policy type {kind!r} in {folder}/whiflash_config.json "
+                     "(known: 'entropy', 'neural')")
 
 
 class WhiFlashCandidateGenerator(CandidateGenerator):
@@ -156,8 +161,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         self.num_verified = 0  # positions whose target features have been queued
         self.prompt_length = None
         self.entropy, self.top1 = float("nan"), float("nan")
-        self.accepted_ema, self.seconds_ema = {}, {}
-        self.rounds_since = {route: 0 for route in self.routes}
+        self.routing = RoutingState(self.routes)
         self.round: Round | None = None
         self.round_features: RoundFeatures | None = None
         self.started = self.clock()
@@ -175,11 +179,14 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         start = self.clock()
         self._queue_verified(input_ids, model_outputs)
         budget = self.max_length - input_ids.shape[1] - 1  # candidates beyond max_length would be wasted
-        features = self._features(input_ids)
+        routing_started = self.clock()
+        features = self.routing.features(self.entropy, self.top1, input_ids.shape[1] - self.prompt_length,
+                                         {route: cache.pending_length for route, cache in self.caches.items()})
         route = self.policy.choose(features, self.routes) if budget > 0 else "target"
         if route != "target" and route not in self.routes:
             raise ValueError(f"routing policy chose {route!r}, but this assistant only has {self.routes}")
         self.round, self.round_features = Round(route, 0, 0, 0.0, 0.0, 0.0), features
+        self.round.route_s = self.clock() - routing_started
         draft_ids, draft_logits = input_ids[:, :0], None
         if route == EAGLE:
             draft_ids, draft_logits = self._draft_eagle(input_ids, min(budget, self.assistant.eagle_steps))
@@ -192,6 +199,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
                 if other != route:
                     self._catch_up(other)
         self.round.drafted, self.round.draft_ids = draft_ids.shape[1], draft_ids[0].tolist()
+        self.stats.in_flight = self.round
         self.verify_started = self.clock()
         self.round.draft_s = self.verify_started - start
         return torch.cat([input_ids, draft_ids], dim=1), draft_logits
@@ -203,16 +211,11 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         if self.round is None:  # the prompt prefill
             self.stats.prefill_s = now - self.started
             return
-        record, self.round = self.round, None
+        record, self.round, self.stats.in_flight = self.round, None, None
         record.accepted, record.verify_s = int(num_matches), now - self.verify_started
         self.stats.rounds.append(record)
-        if record.route == "target":
-            return
-        self.accepted_ema[record.route] = ema(self.accepted_ema.get(record.route), record.accepted)
-        self.seconds_ema[record.route] = ema(self.seconds_ema.get(record.route), record.seconds)
-        for route in self.routes:
-            self.rounds_since[route] = 0 if route == record.route else self.rounds_since[route] + 1
-        if hasattr(self.policy, "observe"):
+        self.routing.record(record.route, record.accepted, record.seconds)
+        if record.route != "target" and hasattr(self.policy, "observe"):
             self.policy.observe(self.round_features, record.route, record.accepted, record.seconds)
 
     # --- target features -> catch-up queues -----------------------------------------------------------
@@ -232,16 +235,6 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         for route, drafter in self.drafters.items():
             self.caches[route].enqueue(next_ids, drafter.features(hidden_states, new))
         self.num_verified += new
-
-    def _features(self, input_ids) -> RoundFeatures:
-        return RoundFeatures(
-            entropy=self.entropy, top1_prob=self.top1, position=input_ids.shape[1] - self.prompt_length,
-            last_route=self.stats.rounds[-1].route if self.stats.rounds else None,
-            last_accepted=self.stats.rounds[-1].accepted if self.stats.rounds else 0,
-            accepted_ema=dict(self.accepted_ema), seconds_ema=dict(self.seconds_ema),
-            rounds_since=dict(self.rounds_since),
-            pending={route: cache.pending_length for route, cache in self.caches.items()},
-        )
 
     def _catch_up(self, route: str) -> None:
         """Absorb `route`'s queue with one batched K/V-only pass. EAGLE-3 keeps its newest pair queued:

@@ -3,6 +3,7 @@
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,6 +73,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+    from .latency import LatencyModel
+    from .targets import load_target, shipped_drafters
+
+    if args.quick:
+        args.per_category, args.max_new_tokens = args.per_category or 2, min(args.max_new_tokens, 64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    drafters = args.drafters or shipped_drafters(args.target)
+    if drafters is None:
+        print(f"error: no trained drafters for {args.target!r}; pass --drafters FOLDER", file=sys.stderr)
+        return 2
+    started = time.time()
+    target, tokenizer = load_target(args.target)
+    prompts = bench.load_prompts(args.prompts, args.per_category)
+    systems = bench.build_systems(target, drafters, args.systems)
+    assistants = [kw["assistant_model"] for kw in systems.values() if "assistant_model" in kw]
+    both = next((a for a in assistants if a.eagle3 is not None and a.dflash is not None), None)
+    # One latency model for the whole run: the oracle routes with it, and every system's routing is
+    # also scored in tokens per modelled round cost (free of timing noise).
+    latency = LatencyModel.measure(both or assistants[0]) if assistants else None
+    runs, trace = bench.benchmark(target, tokenizer, prompts, systems, args.modes, args.max_new_tokens,
+                                  args.repeats, args.seed, latency)
+    out = Path(args.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    meta = bench.meta_for(args.command_line, started, target=args.target, drafters=str(drafters),
+                          prompts=args.prompts, per_category=args.per_category, max_new_tokens=args.max_new_tokens,
+                          repeats=args.repeats, modes=args.modes, systems=args.systems)
+    result = bench.write_outputs(out, runs, trace, meta)
+    print(bench.markdown(result["summary"], result["meta"]))
+    print(f"wrote {out}/bench.json, bench.md, speedup.png" + (", trace.png" if trace else ""))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from .targets import DEFAULT_TARGET
 
@@ -97,11 +132,33 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(run=cmd_generate)
+
+    b = commands.add_parser("bench", help="compare plain generate(), prompt lookup and WhiFlash modes",
+                            description="Run every system on the same prompts (interleaved) and write bench.json, "
+                                        "bench.md and PNG plots: speedup per category, and a per-token trace.")
+    b.add_argument("--quick", action="store_true", help="2 prompts per category, 64 new tokens (< 10 min on 2 cores)")
+    b.add_argument("--target", default=DEFAULT_TARGET, help="target model (default: %(default)s)")
+    b.add_argument("--drafters", help="WhiFlash folder (default: the drafters shipped for the target)")
+    b.add_argument("--prompts", default="dev", help="'dev' (packaged dev set) or a jsonl of {id, category, messages}")
+    b.add_argument("--per-category", type=int, help="use the first N prompts of each category (default: all)")
+    b.add_argument("--systems", nargs="+", default=["plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy"],
+                   help="systems to compare: plain, prompt-lookup, eagle3, dflash, whiflash-entropy, "
+                        "whiflash-neural (needs a trained router in the drafters folder), oracle (hindsight "
+                        "routing, greedy only; for measurement) (default: %(default)s)")
+    b.add_argument("--modes", nargs="+", choices=["greedy", "sampling"], default=["greedy", "sampling"],
+                   help="decoding modes (sampling: temperature 0.7, top-p 0.9)")
+    b.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default 128)")
+    b.add_argument("--repeats", type=int, default=1, help="runs per prompt and system; the median counts")
+    b.add_argument("--out", help="output folder (default: results/bench-<time>)")
+    b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.set_defaults(run=cmd_bench)
     return top
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    args.command_line = "whiflash " + " ".join(sys.argv[1:] if argv is None else argv)
     if getattr(args, "max_new_tokens", 1) < 1:
         parser().error("--max-new-tokens must be at least 1")
     return args.run(args)

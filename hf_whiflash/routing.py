@@ -6,7 +6,14 @@ any object with `choose(features, routes) -> route`, optionally `observe(feature
 seconds)` to learn from the outcome of the round it chose.
 """
 
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 EAGLE, DFLASH = "eagle3", "dflash"
 ROUTES = (EAGLE, DFLASH)
@@ -83,6 +90,34 @@ class EntropyPolicy:
                 "priors": {r: list(p) for r, p in self.priors.items()}}
 
 
+class RoutingState:
+    """Running statistics of one generation that routing features are made of. The candidate generator
+    and the router recipe's trajectory simulator both use it, so features are computed the same way."""
+
+    def __init__(self, routes: tuple[str, ...]):
+        self.routes = routes
+        self.accepted_ema: dict[str, float] = {}
+        self.seconds_ema: dict[str, float] = {}
+        self.rounds_since = {route: 0 for route in routes}
+        self.last_route: str | None = None
+        self.last_accepted = 0
+
+    def features(self, entropy: float, top1: float, position: int, pending: dict | None = None) -> RoundFeatures:
+        return RoundFeatures(entropy=entropy, top1_prob=top1, position=position, last_route=self.last_route,
+                             last_accepted=self.last_accepted, accepted_ema=dict(self.accepted_ema),
+                             seconds_ema=dict(self.seconds_ema), rounds_since=dict(self.rounds_since),
+                             pending=dict(pending or {}))
+
+    def record(self, route: str, accepted: int, seconds: float) -> None:
+        self.last_route, self.last_accepted = route, accepted
+        if route not in self.routes:  # a round without drafts
+            return
+        self.accepted_ema[route] = ema(self.accepted_ema.get(route), accepted)
+        self.seconds_ema[route] = ema(self.seconds_ema.get(route), seconds)
+        for other in self.routes:
+            self.rounds_since[other] = 0 if other == route else self.rounds_since[other] + 1
+
+
 def entropy_and_top1(logits) -> tuple[float, float]:
     """Entropy (nats) and top-1 probability of logits [V] (-inf entries allowed)."""
     logp = logits.float().log_softmax(-1)
@@ -93,3 +128,118 @@ def entropy_and_top1(logits) -> tuple[float, float]:
 
 def ema(previous: float | None, value: float, decay: float = 0.5) -> float:
     return value if previous is None else decay * previous + (1 - decay) * value
+
+
+FEATURE_NAMES = ("entropy", "top1_prob", "last_accepted", "eagle3_ema", "dflash_ema", "eagle3_seen", "dflash_seen",
+                 "last_eagle3", "last_dflash", "eagle3_idle", "dflash_idle", "log_position")
+
+
+def feature_vector(f: RoundFeatures) -> list[float]:
+    """RoundFeatures -> the NeuralPolicy's inputs (FEATURE_NAMES), each roughly in [0, 1]."""
+    return [
+        min(f.entropy, 8.0) / 8.0 if f.entropy == f.entropy else 0.5,  # NaN before the first round
+        f.top1_prob if f.top1_prob == f.top1_prob else 0.5,
+        min(f.last_accepted, 16) / 16,
+        min(f.accepted_ema.get(EAGLE, 0.0), 16) / 16,
+        min(f.accepted_ema.get(DFLASH, 0.0), 16) / 16,
+        float(EAGLE in f.accepted_ema),
+        float(DFLASH in f.accepted_ema),
+        float(f.last_route == EAGLE),
+        float(f.last_route == DFLASH),
+        min(f.rounds_since.get(EAGLE, 0), 16) / 16,
+        min(f.rounds_since.get(DFLASH, 0), 16) / 16,
+        min(1.0, math.log1p(f.position) / math.log(4096)),
+    ]
+
+
+class NeuralPolicy(nn.Module):
+    """A small MLP that predicts, from RoundFeatures, how many drafts each paradigm would get accepted;
+    the route with the most expected tokens per (measured) round second ** latency_weight wins.
+
+    Saved as a folder: config.json (sizes, draft lengths, latency table, latency_weight) and
+    model.safetensors. Trained by recipes/train_router.py on hindsight labels.
+    """
+
+    def __init__(self, latency: dict, draft_lengths: dict[str, int], hidden: int = 32, latency_weight: float = 1.0):
+        super().__init__()
+        from .latency import LatencyModel
+
+        self.latency, self.draft_lengths = LatencyModel.from_dict(latency), dict(draft_lengths)
+        self.hidden, self.latency_weight = hidden, latency_weight
+        self.net = nn.Sequential(nn.Linear(len(FEATURE_NAMES), hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU(), nn.Linear(hidden, len(ROUTES)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, features] -> expected accepted drafts [N, routes] (ROUTES order), non-negative."""
+        return nn.functional.softplus(self.net(x))
+
+    @torch.no_grad()
+    def choose(self, features: RoundFeatures, routes: tuple[str, ...]) -> str:
+        if len(routes) == 1:
+            return routes[0]
+        accepted = self(torch.tensor([feature_vector(features)]))[0].tolist()
+        score = {r: (1 + accepted[ROUTES.index(r)])
+                 / self.latency.round_seconds(r, self.draft_lengths[r]) ** self.latency_weight for r in routes}
+        return max(routes, key=score.get)
+
+    def fit(self, features: torch.Tensor, accepted: torch.Tensor, epochs: int = 200, lr: float = 3e-3,
+            batch_size: int = 256, seed: int = 0) -> float:
+        """Regress accepted drafts [N, routes] from feature vectors [N, features] (MSE); returns the final loss."""
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        self.train()
+        for _ in range(epochs):
+            for batch in torch.randperm(len(features), generator=generator).split(batch_size):
+                loss = nn.functional.mse_loss(self(features[batch]), accepted[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        self.eval()
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(self(features), accepted))
+
+    def to_dict(self) -> dict:
+        return {"type": "neural", "folder": "policy"}
+
+    def save_pretrained(self, folder) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"features": list(FEATURE_NAMES), "routes": list(ROUTES), "hidden": self.hidden,
+                  "latency_weight": self.latency_weight, "draft_lengths": self.draft_lengths,
+                  "latency": self.latency.to_dict()}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder, **overrides) -> "NeuralPolicy":
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        if config["features"] != list(FEATURE_NAMES):
+            raise ValueError(f"{folder}/config.json was trained on features {config['features']}, this version "
+                             f"computes {list(FEATURE_NAMES)}: retrain it with recipes/train_router.py")
+        kwargs = {"hidden": config["hidden"], "latency_weight": config["latency_weight"]} | overrides
+        policy = cls(config["latency"], config["draft_lengths"], **kwargs)
+        policy.load_state_dict(load_file(folder / "model.safetensors"))
+        return policy.eval()
+
+
+class OracleRouter:
+    """For measurement only: routes with hindsight, knowing how many drafts each paradigm would get
+    accepted at every round start (hindsight.acceptance_tables on the target's own greedy output)."""
+
+    def __init__(self, tables: dict[str, "torch.Tensor"], latency, draft_lengths: dict[str, int]):
+        self.tables, self.latency, self.draft_lengths = tables, latency, draft_lengths
+
+    def choose(self, features: RoundFeatures, routes: tuple[str, ...]) -> str:
+        m = features.position - 1  # round start relative to the first round (the prefill made one token)
+
+        def tokens_per_second(route):
+            table = self.tables[route]
+            accepted = int(table[m]) if m < len(table) else 0
+            return (1 + accepted) / self.latency.round_seconds(route, self.draft_lengths[route])
+
+        return max(routes, key=tokens_per_second)
+
+    def to_dict(self) -> dict:
+        return {"type": "oracle"}

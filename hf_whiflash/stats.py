@@ -14,6 +14,7 @@ class Round:
     verify_s: float  # target forward over the candidates plus acceptance
     draft_ids: list[int] = field(default_factory=list)  # the candidates, for traces and tests
     caught_up: int = 0  # queued positions absorbed by K/V-only prefill this round (all drafters)
+    route_s: float = 0.0  # routing: features + the policy's decision (part of draft_s)
 
     @property
     def seconds(self) -> float:
@@ -24,6 +25,7 @@ class Round:
 class GenerationStats:
     rounds: list[Round] = field(default_factory=list)
     prefill_s: float = 0.0  # the target's first forward over the prompt
+    in_flight: Round | None = None  # the round being verified (streamers read it: see streaming.py)
 
     @property
     def routes(self) -> list[str]:
@@ -52,6 +54,7 @@ class GenerationStats:
             "verify_s": self.time("verify_s"),
             "prefill_s": self.prefill_s,
             "catch_up_share": self.time("catch_up_s") / total if total else 0.0,
+            "routing_share": self.time("route_s") / total if total else 0.0,
         }
 
     def to_dict(self) -> dict:

@@ -43,7 +43,9 @@ PACKAGED_TARGETS = {
 
 
 def shipped_drafters(target_name: str) -> Path | None:
-    """The WhiFlash folder (eagle3/, dflash/, whiflash_config.json) shipped in the package for a target."""
+    """The WhiFlash folder (eagle3/, dflash/, whiflash_config.json) shipped in the package for a packaged target."""
+    if target_name not in PACKAGED_TARGETS:
+        return None
     folder = Path(__file__).parent / "checkpoints" / target_name
     return folder if folder.is_dir() else None
 

@@ -1,7 +1,13 @@
+import json
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hf_whiflash import load_target
+from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant, load_target
+from hf_whiflash.latency import LatencyModel
+from hf_whiflash.routing import NeuralPolicy
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +25,38 @@ def target(smollm2):
 @pytest.fixture(scope="session")
 def tokenizer(smollm2):
     return smollm2[1]
+
+
+WORDS = ["<unk>", "<pad>", "<eos>"] + "write a function that adds two numbers call the tool with json what is " \
+        "one plus hello tell me story sum of".split()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny Llama target folder with a word-level chat tokenizer, and random drafters for it."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=1, bos_token_id=None, eos_token_id=None, initializer_range=0.2)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "target")
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(root / "target")
+    # seeds whose random drafters get some drafts accepted on this target (a 26-word vocabulary)
+    assistant = WhiFlashAssistant(model, Eagle3Drafter.for_target(model, seed=11),
+                                  DFlashDrafter.for_target(model, seed=2), eagle_steps=3, dflash_block_size=4)
+    assistant.policy = NeuralPolicy(LatencyModel.measure(assistant, context=16, repeats=2).to_dict(),
+                                    {"eagle3": 3, "dflash": 3}, hidden=8)  # untrained: a router to load and run
+    assistant.save_pretrained(root / "drafters")
+    prompts = [{"id": f"{c}-0", "category": c, "messages": [{"role": "user", "content": text}]}
+               for c, text in (("code", "write a function that adds two numbers"), ("tool", "call the tool with json"),
+                               ("math", "what is one plus one"), ("chat", "tell me a story"))]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return root
 
 
 def pytest_collection_modifyitems(config, items):

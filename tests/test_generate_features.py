@@ -196,3 +196,21 @@ def test_transformers_internals_are_pinned(monkeypatch):
     monkeypatch.setattr(GenerationMixin, "_assisted_decoding", changed_assisted_decoding)
     with pytest.raises(RuntimeError, match="changed the generation internals.*verify forward's outputs"):
         check_transformers_internals.__wrapped__()
+
+
+def test_provenance_streamer_labels_every_token(target, tokenizer):
+    from hf_whiflash.streaming import ProvenanceStreamer
+
+    ids = chat_ids(tokenizer, CODE)
+    reference = plain(target, ids, max_new_tokens=40)
+    assistant = make_assistant(target, "whiflash", "scripted", reference=reference)
+    seen = []
+    streamer = ProvenanceStreamer(assistant, lambda tokens, sources: seen.append((tokens, sources)))
+    out = target.generate(ids, max_new_tokens=40, do_sample=False, streamer=streamer, assistant_model=assistant)
+    assert [t for tokens, _ in seen for t in tokens] == out[0, ids.shape[1]:].tolist()
+    assert seen[0][1] == ["target"]  # the prefill's token
+    for (tokens, sources), round_ in zip(seen[1:], assistant.stats.rounds):
+        assert sources[:round_.accepted] == [round_.route] * round_.accepted
+        if len(tokens) > round_.accepted:
+            assert sources[-1] == ("correction" if round_.accepted < round_.drafted else "target")
+    assert {"eagle3", "dflash", "correction"} <= {s for _, sources in seen for s in sources}

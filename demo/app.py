@@ -1,0 +1,110 @@
+"""WhiFlash live: which drafter proposes each token, and how much faster it is than plain generate().
+
+A Hugging Face Space (Gradio, CPU): run `python demo/app.py`, then open http://localhost:7860.
+"""
+
+import html
+import os
+import queue
+import threading
+import time
+
+import gradio as gr
+import torch
+
+from hf_whiflash import load_target
+from hf_whiflash.cli import build_assistant
+from hf_whiflash.streaming import ProvenanceStreamer, TokenTexts
+
+TARGET = os.environ.get("WHIFLASH_TARGET", "SmolLM2-135M-Instruct")
+MAX_TOKENS = 512
+COLOURS = {"eagle3": "#2f7fd8", "dflash": "#f08a24", "target": "#9a9a9a", "correction": "#9a9a9a"}
+LEGEND = ("<span style='color:#2f7fd8'>■ EAGLE-3 draft</span> &nbsp; <span style='color:#f08a24'>■ DFlash draft"
+          "</span> &nbsp; <span style='color:#9a9a9a'>■ target</span> &nbsp; <u style='text-decoration-color:red'>"
+          "target corrected a draft</u>")
+MODES = {"WhiFlash (entropy router)": "whiflash", "EAGLE-3 only": "eagle3", "DFlash only": "dflash"}
+
+target, tokenizer = load_target(TARGET)
+assistants = {mode: build_assistant(target, TARGET, mode, os.environ.get("WHIFLASH_DRAFTERS"), None, None)
+              for mode in MODES.values()}
+
+
+def span(text: str, source: str) -> str:
+    style = f"color:{COLOURS[source]}"
+    if source == "correction":
+        style += ";text-decoration:underline;text-decoration-color:red"
+    return f"<span class='tok tok-{source}' style='{style}'>{html.escape(text)}</span>"
+
+
+def stats_markdown(assistant, tokens: int, seconds: float, plain: tuple[int, float] | None = None) -> str:
+    summary = assistant.stats.summary()
+    per_route = summary["rounds_per_route"]
+    lines = [f"**{tokens / max(seconds, 1e-9):.1f} tok/s** ({tokens} tokens, {seconds:.2f} s)",
+             f"acceptance length **{summary['acceptance_length']:.2f}** tokens/round" if summary["rounds"] else "",
+             "rounds: " + ", ".join(f"{r} {n}" for r, n in per_route.items()) if per_route else ""]
+    if plain:
+        plain_tokens, plain_seconds = plain
+        speedup = (tokens / seconds) / (plain_tokens / plain_seconds)
+        lines.append(f"plain generate(): **{plain_tokens / plain_seconds:.1f} tok/s** → WhiFlash **{speedup:.2f}x**")
+    return "  \n".join(line for line in lines if line)
+
+
+def generate(prompt: str, mode_label: str, max_tokens: int, sampling: bool):
+    """Stream (coloured html, statistics) while WhiFlash generates, then time plain generate()."""
+    if not prompt or not prompt.strip():
+        yield "<i>Please enter a prompt.</i>", ""
+        return
+    if not 1 <= int(max_tokens) <= MAX_TOKENS:
+        yield f"<i>Max tokens must be between 1 and {MAX_TOKENS}.</i>", ""
+        return
+    assistant = assistants[MODES[mode_label]]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    settings = dict(max_new_tokens=int(max_tokens), do_sample=bool(sampling))
+    if sampling:
+        settings |= dict(temperature=0.7, top_p=0.9)
+    chunks: queue.Queue = queue.Queue()
+    streamer = ProvenanceStreamer(assistant, lambda tokens, sources: chunks.put((tokens, sources)))
+    start = time.perf_counter()
+
+    def run():
+        torch.manual_seed(0)
+        target.generate(ids, assistant_model=assistant, streamer=streamer, **settings)
+        chunks.put(None)
+
+    threading.Thread(target=run, daemon=True).start()
+    texts, parts, count = TokenTexts(tokenizer), [], 0
+    while (item := chunks.get()) is not None:
+        tokens, sources = item
+        parts += [span(text, source) for text, source in zip(texts.add(tokens), sources)]
+        count += len(tokens)
+        yield "".join(parts), stats_markdown(assistant, count, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    yield "".join(parts), stats_markdown(assistant, count, seconds) + "  \n_timing plain generate()…_"
+    torch.manual_seed(0)
+    plain_start = time.perf_counter()
+    plain = target.generate(ids, **settings)
+    plain_seconds = time.perf_counter() - plain_start
+    yield "".join(parts), stats_markdown(assistant, count, seconds, (plain.shape[1] - ids.shape[1], plain_seconds))
+
+
+with gr.Blocks(title="WhiFlash") as app:
+    gr.Markdown("# ⚡ WhiFlash: speculative decoding that switches drafters token by token\n"
+                f"Target: **{TARGET}** on CPU. Each token is coloured by the drafter that proposed it.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                value="Write a Python function that checks whether a number is prime.")
+            with gr.Row():
+                mode = gr.Dropdown(list(MODES), value=next(iter(MODES)), label="Drafting")
+                max_tokens = gr.Number(value=128, precision=0, label=f"Max new tokens (1–{MAX_TOKENS})", elem_id="max-tokens")
+                sampling = gr.Checkbox(label="Sampling (T=0.7, top-p 0.9)", value=False)
+            button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=1):
+            stats = gr.Markdown(elem_id="stats")
+    gr.HTML(LEGEND)
+    output = gr.HTML(elem_id="output")
+    button.click(generate, [prompt, mode, max_tokens, sampling], [output, stats])
+
+if __name__ == "__main__":
+    app.queue().launch(server_name=os.environ.get("HOST", "0.0.0.0"), server_port=int(os.environ.get("PORT", 7860)))

@@ -1,0 +1,339 @@
+"""`whiflash bench`: every decoding system a transformers user could pick, on the same prompts and target.
+
+Systems run interleaved (the order rotates from prompt to prompt) so machine drift hits all of
+them alike. Per system, mode (greedy / sampling) and prompt category: tokens/s, speedup over plain
+generate() (median of per-prompt ratios), acceptance length, share of rounds per paradigm, catch-up
+time as % of round time and peak extra memory. Writes bench.json, bench.md, speedup.png, trace.png.
+"""
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .routing import DFLASH, EAGLE
+
+DEV_SET = Path(__file__).parent / "data" / "dev_set.jsonl"
+CATEGORIES = ("code", "tool", "math", "chat")
+MODES = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, temperature=0.7, top_p=0.9)}
+
+
+@dataclass
+class Run:
+    prompt_id: str
+    category: str
+    system: str
+    mode: str
+    new_tokens: int
+    seconds: float
+    peak_mb: float
+    acceptance: float | None = None  # tokens per round (accepted drafts + 1)
+    rounds_per_route: dict = field(default_factory=dict)
+    catch_up_share: float | None = None
+    routing_share: float | None = None  # features + policy decision, share of round time
+    tokens_per_cost: float | None = None  # tokens per second of modelled round cost (LatencyModel)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA allocator peak, or the process RSS sampled every 2 ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._done.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start = self._peak = self._rss()
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
+        else:
+            self._done.set()
+            self._thread.join()
+            self.peak_mb = max(0, self._peak - self._start) / 2**20
+
+
+def load_prompts(source: str, per_category: int | None) -> list[dict]:
+    """`dev` (the packaged dev set) or a jsonl file of {"id", "category", "messages"}."""
+    path = DEV_SET if source == "dev" else Path(source)
+    rows = [json.loads(line) for line in path.open()]
+    if per_category is not None:
+        rows = [r for c in CATEGORIES for r in [r for r in rows if r["category"] == c][:per_category]]
+    return rows
+
+
+SYSTEMS = ("plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle")
+
+
+def build_systems(target, drafters_folder, systems: list[str]) -> dict:
+    """name -> extra generate() kwargs (an assistant, or prompt lookup)."""
+    from .assistant import WhiFlashAssistant
+    from .routing import EntropyPolicy, NeuralPolicy, OracleRouter
+
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    folder = Path(drafters_folder)
+
+    def assistant(routes, policy=None):
+        return {"assistant_model": WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy)}
+
+    def neural():
+        if not (folder / "policy").is_dir():
+            raise ValueError(f"{folder} has no trained router (policy/): train one with recipes/train_router.py")
+        return assistant((EAGLE, DFLASH), NeuralPolicy.from_pretrained(folder / "policy"))
+
+    makers = {
+        "plain": lambda: {},
+        "prompt-lookup": lambda: {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
+        "eagle3": lambda: assistant((EAGLE,)),
+        "dflash": lambda: assistant((DFLASH,)),
+        "whiflash-entropy": lambda: assistant((EAGLE, DFLASH), EntropyPolicy()),
+        "whiflash-neural": neural,
+        "oracle": lambda: assistant((EAGLE, DFLASH), OracleRouter({}, None, {})),  # tables set per prompt
+    }
+    return {name: makers[name]() for name in systems}
+
+
+def prepare_oracle(target, assistant, ids, max_new_tokens: int, latency) -> None:
+    """Give the oracle hindsight: the target's own greedy continuation, and each drafter's acceptance on it."""
+    from .hindsight import acceptance_tables
+
+    reference = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    hindsight = acceptance_tables(target, reference, ids.shape[1], assistant.eagle3, assistant.dflash,
+                                  assistant.eagle_steps, assistant.dflash_block_size)
+    policy = assistant.policy
+    policy.tables, policy.latency = hindsight.tables, latency
+    policy.draft_lengths = {EAGLE: assistant.eagle_steps, DFLASH: assistant.dflash_block_size - 1}
+
+
+def tokens_per_cost(stats, latency) -> float | None:
+    """Tokens per second of modelled round cost: what routing achieves independently of timing noise."""
+    rounds = [r for r in stats.rounds if r.route != "target" and r.drafted]
+    cost = sum(latency.round_seconds(r.route, r.drafted) for r in rounds)
+    return sum(r.accepted + 1 for r in rounds) / cost if cost else None
+
+
+def run_one(target, ids, system: str, extra: dict, mode: str, max_new_tokens: int, seed: int, prompt,
+            latency=None) -> Run:
+    torch.manual_seed(seed)
+    with PeakMemory(target.device) as memory:
+        start = time.perf_counter()
+        out = target.generate(ids, max_new_tokens=max_new_tokens, **MODES[mode], **extra)
+        if target.device.type == "cuda":
+            torch.cuda.synchronize(target.device)
+        seconds = time.perf_counter() - start
+    run = Run(prompt["id"], prompt["category"], system, mode, out.shape[1] - ids.shape[1], seconds, memory.peak_mb)
+    assistant = extra.get("assistant_model")
+    if assistant is not None:
+        summary = assistant.stats.summary()
+        run.acceptance = summary["acceptance_length"]
+        run.rounds_per_route = summary["rounds_per_route"]
+        run.catch_up_share = summary["catch_up_share"]
+        run.routing_share = summary["routing_share"]
+        if latency is not None:
+            run.tokens_per_cost = tokens_per_cost(assistant.stats, latency)
+    return run
+
+
+def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list[str], max_new_tokens: int,
+              repeats: int, seed: int, latency=None, progress=True) -> tuple[list[Run], dict]:
+    """All runs, plus the per-round trace of one greedy WhiFlash generation (for the trace plot).
+    The oracle routes with hindsight of greedy output, so it runs in greedy mode only."""
+    from tqdm import tqdm
+
+    names, runs, trace = list(systems), [], None
+    total = sum(len(prompts) * repeats * sum(n != "oracle" or m == "greedy" for n in names) for m in modes)
+    with tqdm(total=total, desc="bench", disable=not progress) as bar:
+        for mode in modes:
+            for i, prompt in enumerate(prompts):
+                ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True,
+                                                    return_tensors="pt", return_dict=True)["input_ids"].to(target.device)
+                order = names[i % len(names):] + names[:i % len(names)]  # rotate: drift hits every system
+                if "oracle" in systems and mode == "greedy":
+                    prepare_oracle(target, systems["oracle"]["assistant_model"], ids, max_new_tokens, latency)
+                for _ in range(repeats):
+                    for name in order:
+                        if name == "oracle" and mode != "greedy":
+                            continue
+                        runs.append(run_one(target, ids, name, systems[name], mode, max_new_tokens, seed + i, prompt,
+                                            latency))
+                        bar.update(1)
+                        assistant = systems[name].get("assistant_model")
+                        if trace is None and mode == "greedy" and assistant is not None and assistant.eagle3 \
+                                and assistant.dflash:
+                            trace = {"prompt_id": prompt["id"], "rounds": assistant.stats.to_dict()["rounds"]}
+    return runs, trace
+
+
+def summarize(runs: list[Run]) -> dict:
+    """{mode: {system: {category|"overall": metrics}}}; speedup = median over prompts of tok/s vs plain."""
+    plain = {(r.mode, r.prompt_id): [] for r in runs}
+    for r in runs:
+        if r.system == "plain":
+            plain[r.mode, r.prompt_id].append(r.tokens_per_s)
+    table = {}
+    for mode in sorted({r.mode for r in runs}):
+        for system in dict.fromkeys(r.system for r in runs):
+            for category in (*CATEGORIES, "overall"):
+                chosen = [r for r in runs if r.mode == mode and r.system == system
+                          and (category == "overall" or r.category == category)]
+                if not chosen:
+                    continue
+                per_prompt = {}
+                for r in chosen:
+                    per_prompt.setdefault(r.prompt_id, []).append(r)
+                speedups = [statistics.median(x.tokens_per_s for x in rs) / statistics.median(plain[mode, pid])
+                            for pid, rs in per_prompt.items() if plain.get((mode, pid))]
+                rounds = {}
+                for r in chosen:
+                    for route, n in r.rounds_per_route.items():
+                        rounds[route] = rounds.get(route, 0) + n
+                drafting = sum(n for route, n in rounds.items() if route != "target")
+                acceptance = [r.acceptance for r in chosen if r.acceptance is not None]
+                catch_up = [r.catch_up_share for r in chosen if r.catch_up_share is not None]
+                routing = [r.routing_share for r in chosen if r.routing_share is not None]
+                per_cost = [r.tokens_per_cost for r in chosen if r.tokens_per_cost is not None]
+                table.setdefault(mode, {}).setdefault(system, {})[category] = {
+                    "prompts": len(per_prompt),
+                    "tokens_per_s": statistics.median(r.tokens_per_s for r in chosen),
+                    "speedup": statistics.median(speedups) if speedups else None,
+                    "acceptance": statistics.mean(acceptance) if acceptance else None,
+                    "route_share": {k: v / drafting for k, v in rounds.items() if k != "target"} if drafting else {},
+                    "catch_up_pct": 100 * statistics.mean(catch_up) if catch_up else None,
+                    "routing_pct": 100 * statistics.mean(routing) if routing else None,
+                    "tokens_per_cost": statistics.mean(per_cost) if per_cost else None,
+                    "peak_mb": statistics.median(r.peak_mb for r in chosen),
+                }
+    return table
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; {meta['date']}; "
+             f"{meta['duration_s'] / 60:.1f} min", ""]
+    for mode, systems in summary.items():
+        lines += [f"### {mode}", "",
+                  "| system | " + " | ".join(f"{c} speedup" for c in (*CATEGORIES, "overall"))
+                  + " | tok/s | acceptance | EAGLE-3 / DFlash rounds | catch-up % | routing % | tokens/cost-s"
+                  " | peak MB |",
+                  "|---" * (len(CATEGORIES) + 9) + "|"]
+        for system, cats in systems.items():
+            overall = cats["overall"]
+            share = overall["route_share"]
+            routes = f"{100 * share.get(EAGLE, 0):.0f}% / {100 * share.get(DFLASH, 0):.0f}%" if share else "–"
+            lines.append(f"| {system} | " + " | ".join(fmt(cats.get(c, {}).get("speedup"), ".2f") + "x"
+                                                      for c in (*CATEGORIES, "overall"))
+                         + f" | {overall['tokens_per_s']:.1f} | {fmt(overall['acceptance'], '.2f')} | {routes} | "
+                         f"{fmt(overall['catch_up_pct'], '.1f')} | {fmt(overall['routing_pct'], '.2f')} | "
+                         f"{fmt(overall['tokens_per_cost'], '.1f')} | {overall['peak_mb']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, trace: dict | None, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    modes = list(summary)
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        systems = [s for s in summary[mode] if s != "plain"]
+        groups = [c for c in (*CATEGORIES, "overall") if any(c in summary[mode][s] for s in systems)]
+        width = 0.8 / max(1, len(systems))
+        for k, system in enumerate(systems):
+            values = [summary[mode][system].get(c, {}).get("speedup") or 0 for c in groups]
+            ax.bar([g + k * width for g in range(len(groups))], values, width, label=system)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([g + width * (len(systems) - 1) / 2 for g in range(len(groups))], groups)
+        ax.set_ylabel("speedup vs plain generate()")
+        ax.set_title(mode)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "speedup.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    if trace:
+        written.append(out / "trace.png")
+        plot_trace(trace, written[-1], plt)
+    return written
+
+
+def plot_trace(trace: dict, path: Path, plt) -> None:
+    """One generation token by token: who proposed each token (EAGLE-3, DFlash, or the target's own
+    correction/bonus), and where drafts were rejected."""
+    colours = {EAGLE: "tab:blue", DFLASH: "tab:orange", "target": "lightgrey"}
+    fig, ax = plt.subplots(figsize=(12, 2.2))
+    x = 0
+    for r in trace["rounds"]:
+        for _ in range(r["accepted"]):
+            ax.add_patch(plt.Rectangle((x, 0), 0.9, 1, color=colours[r["route"]]))
+            x += 1
+        if r["drafted"] > r["accepted"]:
+            ax.plot(x + 0.45, 1.25, marker="x", color="red", markersize=5)  # first rejected draft
+        ax.add_patch(plt.Rectangle((x, 0), 0.9, 1, color=colours["target"]))  # the target's own token
+        x += 1
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles + [plt.Line2D([], [], marker="x", color="red", linestyle="")],
+              ["EAGLE-3 (accepted)", "DFlash (accepted)", "target (correction / bonus)", "draft rejected here"],
+              loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4, fontsize=8)
+    ax.set_xlim(0, max(x, 1))
+    ax.set_ylim(0, 1.5)
+    ax.set_yticks([])
+    ax.set_xlabel("generated token")
+    ax.set_title(f"WhiFlash trace, prompt {trace['prompt_id']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_outputs(out: Path, runs: list[Run], trace, meta: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs)
+    result = {"meta": meta, "summary": summary, "runs": [asdict(r) for r in runs], "trace": trace}
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(markdown(summary, meta))
+    plot(summary, trace, out)
+    return result
+
+
+def meta_for(command: str, started: float, **settings) -> dict:
+    return {"command": command, "machine": machine(), "threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "duration_s": time.time() - started, **settings}

@@ -1,0 +1,87 @@
+"""Hindsight acceptance: on a sequence the target generated greedily, how many drafts each drafter
+would get accepted at every possible round start, computed teacher-forced in one pass per drafter.
+
+Until its first wrong token, a drafter's own drafts equal the true tokens, so teacher forcing gives
+exactly the acceptance greedy generation would see. Walking the round trajectory over these tables
+gives the acceptance length of a single-drafter run without generating; the router recipe uses
+the tables as labels and the benchmark's oracle routes with them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .routing import DFLASH, EAGLE
+
+
+@dataclass
+class Hindsight:
+    """Per round start m = start..T-2 (x_m the newest verified token): what the router would see and
+    how each paradigm would fare."""
+
+    tables: dict[str, torch.Tensor]  # route -> accepted drafts [T-1-start]
+    entropy: torch.Tensor  # [T-1-start] target entropy of the distribution that produced x_m
+    top1: torch.Tensor  # [T-1-start] its top-1 probability
+
+
+@torch.no_grad()
+def acceptance_tables(target, sequence: torch.Tensor, start: int, eagle=None, dflash=None, eagle_steps: int = 6,
+                      block_size: int | None = None) -> Hindsight:
+    """sequence [1, T] (prompt + greedy continuation); the first round starts at m = `start` (the prompt
+    length). One target pass, then one teacher-forced pass per drafter."""
+    layers = sorted({i for d in (eagle, dflash) if d is not None for i in d.feature_layers})
+    out = target(sequence, output_hidden_states=layers)
+    T = sequence.shape[1]
+    logp = out.logits[0, start - 1:T - 2].float().log_softmax(-1)  # produced x_m for m = start..T-2
+    tables = {}
+    if eagle is not None:
+        tables[EAGLE] = _eagle_table(eagle, sequence, out.hidden_states, start, eagle_steps)
+    if dflash is not None:
+        tables[DFLASH] = _dflash_table(dflash, sequence, out.hidden_states, start, block_size or dflash.block_size)
+    return Hindsight(tables, -(logp.exp() * logp).sum(-1), logp.exp().max(-1).values)
+
+
+def leading_matches(predicted: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[N, k] predictions vs true tokens -> [N]: how many match before the first miss (or invalid slot)."""
+    return ((predicted == truth) & valid).long().cumprod(-1).sum(-1)
+
+
+def _eagle_table(eagle, sequence, hidden_states, start, steps) -> torch.Tensor:
+    T = sequence.shape[1]
+    n = T - 1  # anchors t: pair (feature t, token t+1); round start m drafts from anchor m-1
+    hidden = eagle.project(eagle.features(hidden_states)[:, :n])
+    padded = torch.nn.functional.pad(sequence, (0, steps + 1))
+    ttt, predicted = [], []
+    for j in range(steps):
+        logits, hidden = eagle(padded[:, 1 + j:1 + j + n], hidden, ttt=ttt)  # step j predicts token t+2+j
+        predicted.append(eagle.to_target_ids(logits.argmax(-1))[0])
+    predicted = torch.stack(predicted, dim=-1)  # [n, steps]
+    offsets = torch.arange(steps, device=sequence.device)
+    positions = torch.arange(n, device=sequence.device)[:, None] + 2 + offsets  # token each prediction is for
+    table = leading_matches(predicted, padded[0, positions], positions < T)
+    return table[start - 1:T - 2]
+
+
+def _dflash_table(dflash, sequence, hidden_states, start, block_size, chunk: int = 32) -> torch.Tensor:
+    T = sequence.shape[1]
+    features = dflash.features(hidden_states)
+    anchors = torch.arange(start, T - 1, device=sequence.device)
+    padded = torch.nn.functional.pad(sequence, (0, block_size))
+    offsets = torch.arange(1, block_size, device=sequence.device)
+    tables = []
+    for group in anchors.split(chunk):
+        blocks = torch.cat([dflash.block_ids(sequence[:, a:a + 1], block_size) for a in group.tolist()], dim=1)
+        hidden = dflash.forward_blocks(blocks, group[None], features).view(len(group), block_size, -1)
+        predicted = dflash.logits(hidden[:, 1:]).argmax(-1)  # [A, block_size-1]
+        positions = group[:, None] + offsets
+        tables.append(leading_matches(predicted, padded[0, positions], positions < T))
+    return torch.cat(tables)
+
+
+def walk(table: torch.Tensor, budget: int) -> list[int]:
+    """Accepted drafts per round when one drafter drafts every round, from the first round start on."""
+    accepted, m = [], 0
+    while m < min(len(table), budget):
+        accepted.append(int(table[m]))
+        m += accepted[-1] + 1
+    return accepted

@@ -1,0 +1,111 @@
+"""Greedy acceptance length of drafters on the dev set, per category, without running generation.
+
+    python recipes/evaluate.py --eagle3 runs/eagle3-smollm2/snapshots/step-* --dflash runs/dflash-smollm2/final \
+        --out results/acceptance.json
+
+The target's greedy continuations of the dev prompts are computed once (cached next to --out).
+For each drafter folder, hindsight acceptance tables are walked as single-drafter generation
+would walk them: acceptance length = tokens per round (accepted drafts + the target's token).
+Snapshot folders named step-N give an acceptance-vs-training-steps curve (PNG next to --out).
+"""
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import torch
+
+from hf_whiflash import DFlashDrafter, Eagle3Drafter, load_target
+from hf_whiflash.bench import CATEGORIES, load_prompts
+from hf_whiflash.hindsight import acceptance_tables, walk
+
+
+def references(target, tokenizer, prompts: list[dict], max_new_tokens: int, cache: Path) -> dict[str, list[int]]:
+    """prompt id -> prompt + greedy continuation token ids (plain generate), cached as jsonl."""
+    done = {}
+    if cache.exists():
+        done = {r["id"]: r for r in map(json.loads, cache.open()) if r["max_new_tokens"] == max_new_tokens}
+    with cache.open("a") as f:
+        for p in prompts:
+            if p["id"] in done:
+                continue
+            ids = tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+            out = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+            done[p["id"]] = {"id": p["id"], "max_new_tokens": max_new_tokens, "prompt_length": ids.shape[1],
+                             "ids": out[0].tolist()}
+            f.write(json.dumps(done[p["id"]]) + "\n")
+            f.flush()
+    return done
+
+
+def acceptance_by_category(target, drafter, route: str, prompts, refs, eagle_steps: int, block_size) -> dict:
+    lengths = {c: [] for c in CATEGORIES}
+    for p in prompts:
+        ref = refs[p["id"]]
+        sequence = torch.tensor([ref["ids"]])
+        kwargs = {"eagle": drafter} if route == "eagle3" else {"dflash": drafter}
+        table = acceptance_tables(target, sequence, ref["prompt_length"], eagle_steps=eagle_steps,
+                                  block_size=block_size, **kwargs).tables[route]
+        budget = len(ref["ids"]) - ref["prompt_length"] - 1  # the prefill produced the first new token
+        lengths[p["category"]] += [a + 1 for a in walk(table, budget)]
+    result = {c: statistics.mean(v) for c, v in lengths.items() if v}
+    result["overall"] = statistics.mean(x for v in lengths.values() for x in v)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--eagle3", nargs="*", default=[], help="EAGLE-3 drafter folders")
+    parser.add_argument("--dflash", nargs="*", default=[], help="DFlash drafter folders")
+    parser.add_argument("--eagle-steps", type=int, default=6, help="EAGLE-3 chain length (default 6)")
+    parser.add_argument("--block-size", type=int, default=16, help="DFlash block size (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--per-category", type=int, help="first N dev prompts per category (default: all 20)")
+    parser.add_argument("--out", default="results/acceptance.json")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target, tokenizer = load_target(args.target)
+    prompts = load_prompts("dev", args.per_category)
+    refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / "dev_references.jsonl")
+    rows = []
+    for route, cls, folders in (("eagle3", Eagle3Drafter, args.eagle3), ("dflash", DFlashDrafter, args.dflash)):
+        for folder in folders:
+            drafter = cls.from_pretrained(folder).attach(target)
+            result = acceptance_by_category(target, drafter, route, prompts, refs, args.eagle_steps, args.block_size)
+            step = re.search(r"step-(\d+)", str(folder))
+            rows.append({"route": route, "folder": str(folder), "step": int(step.group(1)) if step else None,
+                         "acceptance_length": result})
+            print(route, folder, {k: round(v, 2) for k, v in result.items()})
+    out.write_text(json.dumps({"settings": vars(args), "results": rows}, indent=1))
+    curve = [r for r in rows if r["step"] is not None]
+    if curve:
+        plot_curve(curve, out.with_suffix(".png"))
+
+
+def plot_curve(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, route in zip(axes, ("eagle3", "dflash")):
+        points = sorted((r for r in rows if r["route"] == route), key=lambda r: r["step"])
+        for category in (*CATEGORIES, "overall"):
+            ax.plot([r["step"] for r in points], [r["acceptance_length"].get(category) for r in points], marker="o",
+                    label=category, linewidth=2.5 if category == "overall" else 1)
+        ax.set_title(f"{route}: greedy acceptance length on the dev set")
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

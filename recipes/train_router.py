@@ -1,0 +1,104 @@
+"""Train the NeuralPolicy router on hindsight labels, for the current machine's round latencies.
+
+    python recipes/train_router.py recipes/configs/router_smollm2.yaml
+
+1. Latency: measure each paradigm's round cost on this machine (hf_whiflash.latency.LatencyModel).
+2. Labels: per training sample (never the dev set), one target pass and teacher-forced passes of both
+   drafters give, at every round start, how many drafts each would get accepted (hindsight).
+3. Trajectories: walk each sample as generation would, with a behaviour policy mixing random routes
+   and the entropy policy; every round records the RoundFeatures the engine computes (RoutingState,
+   with the latency model standing in for measured seconds) and both paradigms' acceptance there.
+4. Fit the MLP to predict both acceptances (full information: both labels at every state) and save
+   the policy folder; `--install FOLDER` also writes it into a WhiFlash folder as its router.
+"""
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from features import read_samples
+
+from hf_whiflash import WhiFlashAssistant, load_target
+from hf_whiflash.hindsight import acceptance_tables
+from hf_whiflash.latency import LatencyModel
+from hf_whiflash.routing import ROUTES, EntropyPolicy, NeuralPolicy, RoutingState, feature_vector
+
+
+def trajectory(hindsight, latency: LatencyModel, lengths: dict, epsilon: float, rng: random.Random):
+    """(feature vectors, accepted per route) at every round of one simulated generation."""
+    state, behaviour = RoutingState(ROUTES), EntropyPolicy()
+    xs, ys, m = [], [], 0
+    while m < len(hindsight.entropy):
+        features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), position=m + 1)
+        accepted = [int(hindsight.tables[r][m]) for r in ROUTES]
+        xs.append(feature_vector(features))
+        ys.append(accepted)
+        route = rng.choice(ROUTES) if rng.random() < epsilon else behaviour.choose(features, ROUTES)
+        seconds = latency.round_seconds(route, lengths[route])
+        state.record(route, accepted[ROUTES.index(route)], seconds)
+        behaviour.observe(features, route, accepted[ROUTES.index(route)], seconds)
+        m += accepted[ROUTES.index(route)] + 1
+    return xs, ys
+
+
+def hindsight_best(accepted: torch.Tensor, latency: LatencyModel, lengths: dict) -> torch.Tensor:
+    """[N] index of the route with the most tokens per second, knowing the acceptances."""
+    cost = torch.tensor([latency.round_seconds(r, lengths[r]) for r in ROUTES])
+    return ((1 + accepted) / cost).argmax(-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config (see recipes/configs/router_smollm2.yaml)")
+    parser.add_argument("--install", metavar="FOLDER", help="also make this WhiFlash folder use the trained router")
+    args = parser.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    rng, out = random.Random(config.get("seed", 0)), Path(config["out"])
+    torch.manual_seed(config.get("seed", 0))
+    target, _ = load_target(config["target"])
+    assistant = WhiFlashAssistant.from_pretrained(target, config["drafters"])
+    lengths = {"eagle3": assistant.eagle_steps, "dflash": assistant.dflash_block_size - 1}
+    latency = LatencyModel.measure(assistant)
+    print("latency (s):", json.dumps(latency.to_dict()))
+
+    samples = read_samples(config["data"], config["max_len"])
+    rng.shuffle(samples)
+    xs, ys = [], []
+    for sample in tqdm(samples[: config["samples"]], desc="hindsight labels"):
+        sequence = torch.tensor([sample["input_ids"]])
+        hindsight = acceptance_tables(target, sequence, sample["response_start"], assistant.eagle3, assistant.dflash,
+                                      lengths["eagle3"], assistant.dflash_block_size)
+        for _ in range(config["trajectories_per_sample"]):
+            x, y = trajectory(hindsight, latency, lengths, config["epsilon"], rng)
+            xs += x
+            ys += y
+    features, accepted = torch.tensor(xs), torch.tensor(ys, dtype=torch.float)
+    split = int(0.9 * len(features))
+    policy = NeuralPolicy(latency.to_dict(), lengths, hidden=config["hidden"],
+                          latency_weight=config.get("latency_weight", 1.0))
+    train_loss = policy.fit(features[:split], accepted[:split], epochs=config["epochs"], lr=config["lr"])
+    with torch.no_grad():
+        held_out = features[split:], accepted[split:]
+        predicted = policy(held_out[0])
+    agreement = (hindsight_best(predicted, latency, lengths) == hindsight_best(held_out[1], latency, lengths))
+    report = {"states": len(features), "train_mse": train_loss,
+              "held_out_mse": float(torch.nn.functional.mse_loss(predicted, held_out[1])),
+              "held_out_agrees_with_hindsight_best": float(agreement.float().mean()),
+              "mean_accepted": {r: statistics.mean(accepted[:, i].tolist()) for i, r in enumerate(ROUTES)}}
+    print(json.dumps(report, indent=1))
+    policy.save_pretrained(out)
+    (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    if args.install:
+        assistant.policy = policy
+        assistant.save_pretrained(args.install)
+        print(f"installed the router in {args.install}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`whiflash` CLI on a tiny configuration: arguments, errors, outputs written."""
+
+import json
+
+import pytest
+
+from hf_whiflash.cli import main
+
+def test_help_explains_every_flag(capsys):
+    for argv in (["--help"], ["generate", "--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--max-new-tokens", "--mode", "--drafters", "--sample", "--quick", "--systems", "--modes", "--out"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "hi", "--mode", "tree"], "invalid choice: 'tree'"),
+    (["bench", "--modes", "beam"], "invalid choice: 'beam'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_exit_with_a_clear_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_streams_and_compares_with_plain_generate(tiny, capsys):
+    code = main(["generate", "what is one plus one", "--target", str(tiny / "target"), "--drafters",
+                 str(tiny / "drafters"), "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "--- WhiFlash (whiflash): 6 tokens" in out and "tok/s" in out
+    assert "identical output: yes" in out
+
+
+def test_bench_writes_json_markdown_and_plots(tiny, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"),
+                 "--prompts", str(tiny / "prompts.jsonl"), "--max-new-tokens", "5", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    systems = result["summary"]["greedy"]
+    assert set(systems) == {"plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy"}
+    assert systems["plain"]["overall"]["speedup"] == pytest.approx(1.0)
+    assert set(systems["eagle3"]["overall"]["route_share"]) == {"eagle3"}
+    assert len(result["runs"]) == 2 * 4 * 5  # modes x prompts x systems
+    assert (out / "speedup.png").stat().st_size > 1000 and (out / "trace.png").stat().st_size > 1000
+    table = (out / "bench.md").read_text()
+    assert "| whiflash-entropy |" in table and "Command: `whiflash bench" in table
+
+
+def test_bench_without_drafters_says_how_to_fix(tiny, capsys):
+    assert main(["bench", "--target", str(tiny / "target")]) == 2
+    assert "pass --drafters FOLDER" in capsys.readouterr().err
+
+
+def test_bench_with_the_neural_router_and_the_oracle(tiny, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"), "--prompts",
+                 str(tiny / "prompts.jsonl"), "--max-new-tokens", "8", "--out", str(out), "--systems", "plain",
+                 "eagle3", "whiflash-neural", "oracle"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert "oracle" in result["summary"]["greedy"] and "oracle" not in result["summary"]["sampling"]
+    neural = result["summary"]["greedy"]["whiflash-neural"]["overall"]
+    assert neural["tokens_per_cost"] > 0 and 0 <= neural["routing_pct"] < 100
+
+
+def test_bench_rejects_unknown_systems(tiny):
+    with pytest.raises(ValueError, match="unknown systems \\['tree'\\]"):
+        main(["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"), "--systems", "tree",
+              "--prompts", str(tiny / "prompts.jsonl")])

@@ -1,0 +1,55 @@
+"""Hindsight acceptance tables predict exactly what greedy generation accepts; the oracle routes with them."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_whiflash import WhiFlashAssistant
+from hf_whiflash.hindsight import acceptance_tables, walk
+from hf_whiflash.latency import LatencyModel
+from hf_whiflash.routing import DFLASH, EAGLE, OracleRouter
+
+PROMPT = torch.tensor([[3, 8, 4, 9, 12, 5, 7]])
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    assistant = WhiFlashAssistant.from_pretrained(target, tiny / "drafters")
+    reference = target.generate(PROMPT, max_new_tokens=NEW, do_sample=False)
+    hindsight = acceptance_tables(target, reference, PROMPT.shape[1], assistant.eagle3, assistant.dflash,
+                                  assistant.eagle_steps, assistant.dflash_block_size)
+    return target, assistant, reference, hindsight
+
+
+@pytest.mark.parametrize("route", [EAGLE, DFLASH])
+def test_walked_tables_equal_the_acceptance_of_generation(tiny, setup, route):
+    target, _, reference, hindsight = setup
+    assistant = WhiFlashAssistant.from_pretrained(target, tiny / "drafters", routes=(route,))
+    out = target.generate(PROMPT, max_new_tokens=NEW, do_sample=False, assistant_model=assistant)
+    assert torch.equal(out, reference)
+    engine = [r.accepted for r in assistant.stats.rounds if r.route == route]
+    # rounds near max_length draft fewer tokens, so compare the rounds that drafted a full length
+    full = [i for i, r in enumerate(assistant.stats.rounds) if r.drafted == assistant.stats.rounds[0].drafted]
+    walked = walk(hindsight.tables[route], NEW - 1)
+    assert [engine[i] for i in full] == [walked[i] for i in full]
+    assert sum(engine) > 0  # tiny vocabulary: even random drafters get drafts accepted
+
+
+def test_oracle_realises_the_hindsight_best_route(setup):
+    target, assistant, reference, hindsight = setup
+    latency = LatencyModel.from_dict({"verify_s": {1: 1.0}, "draft_s": {EAGLE: {1: 0.0}, DFLASH: {1: 0.0}}})
+    oracle = OracleRouter(hindsight.tables, latency, {EAGLE: assistant.eagle_steps,
+                                                      DFLASH: assistant.dflash_block_size - 1})
+    routed = WhiFlashAssistant(target, assistant.eagle3, assistant.dflash, oracle,
+                               eagle_steps=assistant.eagle_steps, dflash_block_size=assistant.dflash_block_size)
+    out = target.generate(PROMPT, max_new_tokens=NEW, do_sample=False, assistant_model=routed)
+    assert torch.equal(out, reference)
+    m = 0
+    for r in routed.stats.rounds:  # equal costs: the oracle takes the longer acceptance every round
+        if r.route == "target":
+            break
+        best = max(int(hindsight.tables[EAGLE][m]), int(hindsight.tables[DFLASH][m]))
+        assert r.accepted == min(best, r.drafted)
+        m += r.accepted + 1
