@@ -61,13 +61,13 @@ class Eagle3Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cache=None, ttt: list | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache=None, ttt: list | None = None, anchors=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2), cos, sin)
         k, v = self.key_values(x, cos, sin)
         if ttt:  # training-time test, step j >= 1: context keys of step 0 plus this anchor's own drafted keys
             ttt.append((k, v))
-            return self.o_proj(attend_drafted(q, ttt[0], ttt[1:]))
+            return self.o_proj(attend_drafted(q, ttt[0], ttt[1:], anchors))
         if ttt is not None:
             ttt.append((k, v))
         if cache is not None:
@@ -76,21 +76,27 @@ class Eagle3Attention(nn.Module):
         return self.o_proj(attend(q, k, v, mask))
 
 
-def attend_drafted(q, context: tuple, drafted: list[tuple]) -> torch.Tensor:
-    """Attention of TTT step j for every anchor t at once, as the chain sees it at inference: the verified
-    context keys at positions <= t (step 0, causal) plus the keys of steps 1..j at anchor t only.
-    q [B, Hq, T, D]; context (k, v) [B, Hkv, T, D]; drafted: j pairs of the same shape -> [B, T, Hq*D]."""
-    B, heads, T, D = q.shape
+def attend_drafted(q, context: tuple, drafted: list[tuple], anchors=None) -> torch.Tensor:
+    """Attention of TTT step j for many anchors at once, as the chain sees it at inference: the verified
+    context keys at positions <= t (step 0) plus the keys of steps 1..j at anchor t only.
+    q [B, Hq, R, D] for anchors [B, R] (default: every position 0..T-1); context (k, v) [B, Hkv, T, D];
+    drafted: j pairs [B, Hkv, R, D] -> [B, R, Hq*D]."""
+    B, heads, R, D = q.shape
+    T = context[0].shape[2]
     groups = heads // context[0].shape[1]
     expand = lambda t: t.repeat_interleave(groups, dim=1)  # noqa: E731
     k0, v0 = expand(context[0]), expand(context[1])
-    scores = (q @ k0.transpose(-1, -2)).masked_fill(~causal_mask(T, T, q.device), float("-inf"))
-    diagonal = torch.stack([(q * expand(k)).sum(-1) for k, _ in drafted], dim=-1)  # [B, Hq, T, j]
+    if anchors is None:
+        visible = causal_mask(T, T, q.device)
+    else:
+        visible = (torch.arange(T, device=q.device)[None, None, :] <= anchors[:, :, None])[:, None]  # [B, 1, R, T]
+    scores = (q @ k0.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+    diagonal = torch.stack([(q * expand(k)).sum(-1) for k, _ in drafted], dim=-1)  # [B, Hq, R, j]
     weights = (torch.cat([scores, diagonal], dim=-1) * D**-0.5).softmax(-1)
     out = weights[..., :T] @ v0
     for i, (_, v) in enumerate(drafted):
         out = out + weights[..., T + i, None] * expand(v)
-    return out.transpose(1, 2).reshape(B, T, heads * D)
+    return out.transpose(1, 2).reshape(B, R, heads * D)
 
 
 class Eagle3Layer(nn.Module):
@@ -109,8 +115,8 @@ class Eagle3Layer(nn.Module):
         """[B, T, H] x2 -> [B, T, 2H]: embedding first, then hidden."""
         return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
 
-    def forward(self, embeds, hidden, cos, sin, cache=None, ttt=None) -> torch.Tensor:
-        h = hidden + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache, ttt)
+    def forward(self, embeds, hidden, cos, sin, cache=None, ttt=None, anchors=None) -> torch.Tensor:
+        h = hidden + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache, ttt, anchors)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -246,8 +252,8 @@ class Eagle3Drafter(HubMixin, nn.Module):
         cos, sin = self._rope(cache.get_seq_length(), *next_ids.shape, x)
         cache.update(*self.midlayer.self_attn.key_values(x, cos, sin), 0)
 
-    def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache=None,
-                ttt: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache=None, ttt: list | None = None,
+                anchors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full step over T positions after the cached ones.
 
         next_ids [B, T]: token t+1 for each position t; hidden [B, T, H]: projected target features or
@@ -255,12 +261,16 @@ class Eagle3Drafter(HubMixin, nn.Module):
         hidden [B, T, H] that feeds the next autoregressive step. K/V of these positions join `cache`.
 
         Training-time test passes the same list as `ttt` to every unrolled step instead of a cache:
-        step j then drafts, for every anchor t at once, the token at t+j+2 (RoPE position t+j).
+        step 0 covers every position; step j >= 1 drafts the token at t+j+2 (RoPE position t+j) for
+        each anchor t in `anchors` [B, R] (default: all), rows of next_ids/hidden in that order.
         """
         embeds = self.embed(next_ids)
-        start = len(ttt) if ttt is not None else cache.get_seq_length() if cache is not None else 0
-        cos, sin = self._rope(start, *next_ids.shape, embeds)
-        h = self.midlayer(embeds, hidden, cos, sin, cache, ttt)
+        if ttt and anchors is not None:
+            cos, sin = self.rotary(anchors + len(ttt), embeds)
+        else:
+            start = len(ttt) if ttt is not None else cache.get_seq_length() if cache is not None else 0
+            cos, sin = self._rope(start, *next_ids.shape, embeds)
+        h = self.midlayer(embeds, hidden, cos, sin, cache, ttt, anchors)
         return self.lm_head(self.norm(h)), h
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:

@@ -36,24 +36,42 @@ class TTTObjective(nn.Module):
 
     def forward(self, batch: dict):
         ids = batch["input_ids"]  # [B, T]
-        n = ids.shape[1] - 1  # anchors t = 0..T-2: pair (feature t, token t+1)
+        T = ids.shape[1]
         with torch.no_grad():  # P[:, s]: the target's distribution of token s+1, over the draft vocabulary
             target_p = (batch["hidden"][self.final_layer] @ self.draft_head.T).softmax(-1)  # [B, T, Vd]
         # Loss on response tokens the draft vocabulary can express (the data is the target's greedy output).
         learnable = batch["response"] & self.drafter.t2d[ids]
         features = torch.cat([batch["hidden"][i] for i in self.drafter.feature_layers], dim=-1)
-        hidden = self.drafter.project(features[:, :n])
-        pad = lambda x, j: nn.functional.pad(x[:, 1 + j:], (0, j))  # noqa: E731  shift left by 1+j, pad end
-        ttt, loss, metrics = [], 0.0, {}
-        for j in range(self.steps):
-            logits, hidden = self.drafter(pad(ids, j)[:, :n], hidden, ttt=ttt)  # predicts token t+2+j
-            p = nn.functional.pad(target_p[:, 1 + j:], (0, 0, 0, j))[:, :n]  # distribution of token t+2+j
-            mask = nn.functional.pad(learnable[:, 2 + j:], (0, 1 + j))[:, :n].float()
-            step_loss = -(p * logits.float().log_softmax(-1)).sum(-1)
-            loss = loss + self.decay**j * (step_loss * mask).sum() / mask.sum().clamp(min=1)
-            hit = (logits.argmax(-1) == p.argmax(-1)).float()
-            metrics[f"acc_{j}"] = (hit * mask).sum() / mask.sum().clamp(min=1)
+        ttt, metrics = [], {}
+        # Step 0 over every anchor t (pair: feature t, token t+1): its keys are the verified context.
+        logits, hidden = self.drafter(ids[:, 1:], self.drafter.project(features[:, :T - 1]), ttt=ttt)
+        mask = nn.functional.pad(learnable[:, 2:], (0, 1))
+        loss = self._soft_ce(logits, target_p[:, 1:], mask, metrics, 0)
+        # Steps 1.. only where they earn loss: anchors whose first prediction (token t+2) is learnable.
+        anchors, valid = self._anchors(learnable)  # [B, R]
+        hidden = hidden.gather(1, anchors[..., None].expand(-1, -1, hidden.shape[-1]))
+        take = lambda x, offset: x.gather(1, (anchors + offset).clamp(max=T - 1))  # noqa: E731
+        for j in range(1, self.steps):
+            logits, hidden = self.drafter(take(ids, 1 + j), hidden, ttt=ttt, anchors=anchors)  # predicts t+2+j
+            p = target_p.gather(1, (anchors + 1 + j).clamp(max=T - 1)[..., None].expand(-1, -1, target_p.shape[-1]))
+            mask = valid & (anchors + 2 + j < T) & take(learnable, 2 + j)
+            loss = loss + self.decay**j * self._soft_ce(logits, p, mask, metrics, j)
         return loss, metrics
+
+    @staticmethod
+    def _anchors(learnable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, R] anchors t whose token t+2 is learnable (padded with 0), and which of them are real."""
+        wanted = nn.functional.pad(learnable[:, 2:], (0, 2))  # [B, T]: anchor t -> token t+2
+        count = int(wanted.sum(1).max().clamp(min=1))
+        order = (~wanted).long().argsort(dim=1, stable=True)[:, :count]  # wanted anchors first, in order
+        return order, wanted.gather(1, order)
+
+    def _soft_ce(self, logits, p, mask, metrics: dict, step: int) -> torch.Tensor:
+        mask = mask.float()
+        loss = -(p * logits.float().log_softmax(-1)).sum(-1)
+        hit = (logits.argmax(-1) == p.argmax(-1)).float()
+        metrics[f"acc_{step}"] = (hit * mask).sum() / mask.sum().clamp(min=1)
+        return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
 def draft_vocabulary(store: FeatureStore, size: int, eos: int) -> torch.Tensor:

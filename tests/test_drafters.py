@@ -209,6 +209,12 @@ def test_eagle3_training_time_test_matches_the_inference_chain(drafters, hidden)
         for j in range(steps):
             logits, state = eagle(ids[:, 1 + j:n + 1 + j], state, ttt=ttt)
             unrolled.append(logits)
+        subset_ttt, anchors = [], torch.tensor([[0, 5, n - 1]])  # steps >= 1 on chosen anchors only
+        logits, state = eagle(ids[:, 1:n + 1], g[:, :n], ttt=subset_ttt)
+        state = state[:, anchors[0]]
+        for j in range(1, steps):
+            logits, state = eagle(ids[:, anchors[0] + 1 + j], state, ttt=subset_ttt, anchors=anchors)
+            torch.testing.assert_close(logits, unrolled[j][:, anchors[0]], **TOL)
         for t in (0, 5, n - 1):
             cache = DynamicCache()
             if t:
