@@ -93,17 +93,21 @@ class WhiFlashAssistant(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, target, folder, *, routes=(EAGLE, DFLASH), policy=None,
+    def from_pretrained(cls, target, folder, *, routes: tuple[str, ...] | None = None, policy=None,
                         **overrides) -> "WhiFlashAssistant":
-        """Load `folder/eagle3`, `folder/dflash` (either may be absent; `routes` picks which to use) and
-        `folder/whiflash_config.json` (draft lengths and the routing policy)."""
+        """Load a WhiFlash folder: `eagle3/` and/or `dflash/` (Hub-format drafters) and `whiflash_config.json`
+        (draft lengths and the routing policy). `routes` picks drafters (default: every one the folder has)."""
         folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a WhiFlash folder (expected eagle3/ and/or dflash/ inside).")
+        present = tuple(route for route in (EAGLE, DFLASH) if (folder / route).is_dir())
+        missing = [route for route in routes or () if route not in present]
+        if not present or missing:
+            raise FileNotFoundError(f"{folder} has no {'/ or '.join(missing or (EAGLE, DFLASH))}/ drafter folder: "
+                                    "a WhiFlash folder holds eagle3/ and/or dflash/ (see save_pretrained).")
+        routes = routes or present
         settings_path = folder / "whiflash_config.json"
         settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-        eagle3 = Eagle3Drafter.from_pretrained(folder / EAGLE) if EAGLE in routes and (folder / EAGLE).is_dir() else None
-        dflash = DFlashDrafter.from_pretrained(folder / DFLASH) if DFLASH in routes and (folder / DFLASH).is_dir() else None
+        eagle3 = Eagle3Drafter.from_pretrained(folder / EAGLE) if EAGLE in routes else None
+        dflash = DFlashDrafter.from_pretrained(folder / DFLASH) if DFLASH in routes else None
         if policy is None:
             policy = policy_from_dict(settings.get("policy", {"type": "entropy"}), folder)
         kwargs = {k: settings[k] for k in ("eagle_steps", "dflash_block_size") if settings.get(k)} | overrides

@@ -32,9 +32,26 @@ def build_assistant(target, target_name: str, mode: str, drafters: str | None, e
     return WhiFlashAssistant(target, eagle, dflash, **overrides)
 
 
-def cmd_generate(args) -> int:
-    from transformers import TextStreamer
+ANSI = {EAGLE: "\033[34m", DFLASH: "\033[33m", "target": "\033[90m", "correction": "\033[4;90m"}
+LEGEND = f"{ANSI[EAGLE]}EAGLE-3 draft\033[0m  {ANSI[DFLASH]}DFlash draft\033[0m  {ANSI['target']}target\033[0m  " \
+         f"{ANSI['correction']}target corrected a draft\033[0m"
 
+
+def terminal_streamer(assistant, tokenizer, colour: bool):
+    """Print each round's tokens as they are verified, coloured by who proposed them."""
+    from .streaming import ProvenanceStreamer, TokenTexts
+
+    texts = TokenTexts(tokenizer)
+
+    def show(tokens, sources):
+        for text, source in zip(texts.add(tokens), sources):
+            sys.stdout.write(f"{ANSI[source]}{text}\033[0m" if colour else text)
+        sys.stdout.flush()
+
+    return ProvenanceStreamer(assistant, show)
+
+
+def cmd_generate(args) -> int:
     from .targets import load_target
 
     torch.manual_seed(args.seed)
@@ -54,9 +71,12 @@ def cmd_generate(args) -> int:
         out = target.generate(**inputs, **settings, **extra)
         return out, time.perf_counter() - start
 
-    out, seconds = timed(assistant_model=assistant, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    out, seconds = timed(assistant_model=assistant, streamer=terminal_streamer(assistant, tokenizer, colour))
     new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     summary = assistant.stats.summary()
+    if colour:
+        print(f"\n{LEGEND}", end="")
     print(f"\n--- WhiFlash ({args.mode}): {new_tokens} tokens in {seconds:.2f} s = {new_tokens / seconds:.1f} tok/s")
     per_route = ", ".join(f"{r} {summary['rounds_per_route'][r]} rounds, acceptance {a:.2f}"
                           for r, a in summary["acceptance_length_per_route"].items())
@@ -129,6 +149,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--eagle-steps", type=int, help="EAGLE-3 chain length per round")
     gen.add_argument("--block-size", type=int, help="DFlash block size (last token + block_size-1 drafts)")
     gen.add_argument("--no-compare", action="store_true", help="skip the plain generate() comparison")
+    gen.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                     help="colour each token by the drafter that proposed it (auto: when printing to a terminal)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(run=cmd_generate)

@@ -85,3 +85,26 @@ def walk(table: torch.Tensor, budget: int) -> list[int]:
         accepted.append(int(table[m]))
         m += accepted[-1] + 1
     return accepted
+
+
+def simulate_routing(hindsight: Hindsight, policy, latency, draft_lengths: dict, epsilon: float = 0.0, rng=None):
+    """Walk one greedy generation routed by `policy` (with probability `epsilon` a random route instead),
+    with the latency model standing in for measured round times. Returns one record per round:
+    (RoundFeatures, chosen route, accepted drafts of every route at that round start, modelled seconds)."""
+    from .routing import RoutingState
+
+    routes = tuple(hindsight.tables)
+    state, records, m = RoutingState(routes), [], 0
+    if hasattr(policy, "reset"):
+        policy.reset()
+    while m < len(hindsight.entropy):
+        features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), position=m + 1)
+        accepted = {r: int(hindsight.tables[r][m]) for r in routes}
+        route = rng.choice(routes) if epsilon and rng.random() < epsilon else policy.choose(features, routes)
+        seconds = latency.round_seconds(route, draft_lengths[route])
+        records.append((features, route, accepted, seconds))
+        state.record(route, accepted[route], seconds)
+        if hasattr(policy, "observe"):
+            policy.observe(features, route, accepted[route], seconds)
+        m += accepted[route] + 1
+    return records

@@ -25,7 +25,7 @@ class ProvenanceStreamer(BaseStreamer):
         accepted = 0  # leading tokens that are drafts (all of them when EOS or max_length cut the round short)
         while accepted < min(len(tokens), len(drafts)) and tokens[accepted] == drafts[accepted]:
             accepted += 1
-        sources = [round_.route] * accepted
+        sources = [round_.route] * accepted if accepted else []
         if accepted < len(tokens):
             sources.append("correction" if accepted < len(drafts) else "target")
         self.on_tokens(tokens, sources)

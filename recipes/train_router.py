@@ -25,26 +25,16 @@ from tqdm import tqdm
 from features import read_samples
 
 from hf_whiflash import WhiFlashAssistant, load_target
-from hf_whiflash.hindsight import acceptance_tables
+from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.routing import ROUTES, EntropyPolicy, NeuralPolicy, RoutingState, feature_vector
+from hf_whiflash.routing import ROUTES, EntropyPolicy, NeuralPolicy, feature_vector
 
 
 def trajectory(hindsight, latency: LatencyModel, lengths: dict, epsilon: float, rng: random.Random):
-    """(feature vectors, accepted per route) at every round of one simulated generation."""
-    state, behaviour = RoutingState(ROUTES), EntropyPolicy()
-    xs, ys, m = [], [], 0
-    while m < len(hindsight.entropy):
-        features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), position=m + 1)
-        accepted = [int(hindsight.tables[r][m]) for r in ROUTES]
-        xs.append(feature_vector(features))
-        ys.append(accepted)
-        route = rng.choice(ROUTES) if rng.random() < epsilon else behaviour.choose(features, ROUTES)
-        seconds = latency.round_seconds(route, lengths[route])
-        state.record(route, accepted[ROUTES.index(route)], seconds)
-        behaviour.observe(features, route, accepted[ROUTES.index(route)], seconds)
-        m += accepted[ROUTES.index(route)] + 1
-    return xs, ys
+    """(feature vectors, accepted per route) at every round of one simulated generation, routed by the
+    entropy policy with an epsilon share of random routes (so states off the policy's path appear too)."""
+    records = simulate_routing(hindsight, EntropyPolicy(), latency, lengths, epsilon, rng)
+    return ([feature_vector(f) for f, _, _, _ in records], [[a[r] for r in ROUTES] for _, _, a, _ in records])
 
 
 def hindsight_best(accepted: torch.Tensor, latency: LatencyModel, lengths: dict) -> torch.Tensor:

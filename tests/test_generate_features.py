@@ -214,3 +214,17 @@ def test_provenance_streamer_labels_every_token(target, tokenizer):
         if len(tokens) > round_.accepted:
             assert sources[-1] == ("correction" if round_.accepted < round_.drafted else "target")
     assert {"eagle3", "dflash", "correction"} <= {s for _, sources in seen for s in sources}
+
+
+def test_whiflash_folder_round_trip_and_errors(target, tmp_path):
+    eagle, dflash = random_drafters(target)
+    WhiFlashAssistant(target, eagle, dflash, eagle_steps=4, dflash_block_size=8).save_pretrained(tmp_path / "both")
+    loaded = WhiFlashAssistant.from_pretrained(target, tmp_path / "both")
+    assert (loaded.eagle_steps, loaded.dflash_block_size, set(loaded.drafters)) == (4, 8, {"eagle3", "dflash"})
+    only = WhiFlashAssistant.from_pretrained(target, tmp_path / "both", routes=("dflash",))
+    assert set(only.drafters) == {"dflash"}
+    WhiFlashAssistant(target, dflash=dflash).save_pretrained(tmp_path / "dflash-only")
+    with pytest.raises(FileNotFoundError, match="has no eagle3/ drafter folder"):
+        WhiFlashAssistant.from_pretrained(target, tmp_path / "dflash-only", routes=("eagle3",))
+    with pytest.raises(FileNotFoundError, match="a WhiFlash folder holds eagle3/ and/or dflash/"):
+        WhiFlashAssistant.from_pretrained(target, tmp_path / "empty")

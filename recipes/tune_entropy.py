@@ -1,0 +1,95 @@
+"""Choose the entropy policy's defaults from measurement: simulate every setting on the dev set.
+
+    python recipes/tune_entropy.py --drafters hf_whiflash/checkpoints/SmolLM2-135M-Instruct
+
+Greedy generation is deterministic, so a routing policy's rounds can be replayed exactly from
+hindsight acceptance tables (one teacher-forced pass per drafter per dev prompt), with round times
+from a LatencyModel measured on this machine. For each setting of (threshold, latency_weight,
+explore_every) this reports tokens per modelled second per category, next to always-EAGLE-3,
+always-DFlash and the hindsight oracle, and writes everything to results/entropy_tuning.json.
+"""
+
+import argparse
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from evaluate import references
+
+from hf_whiflash import WhiFlashAssistant, load_target
+from hf_whiflash.bench import CATEGORIES, load_prompts
+from hf_whiflash.hindsight import acceptance_tables, simulate_routing
+from hf_whiflash.latency import LatencyModel
+from hf_whiflash.routing import DFLASH, EAGLE, ROUTES, EntropyPolicy, NeuralPolicy, OracleRouter
+
+GRID = {"threshold": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], "latency_weight": [0.0, 0.5, 1.0], "explore_every": [4, 8, 16]}
+
+
+class Always:
+    def __init__(self, route):
+        self.route = route
+
+    def choose(self, features, routes):
+        return self.route
+
+
+def tokens_per_second(records) -> float:
+    return sum(a[r] + 1 for _, r, a, _ in records) / sum(s for _, _, _, s in records)
+
+
+def score(policy_for, hindsights: dict, latency, lengths) -> dict:
+    """Tokens per modelled second per category and overall (pooled over prompts)."""
+    pooled = {c: [] for c in (*CATEGORIES, "overall")}
+    for (category, _), hindsight in hindsights.items():
+        records = simulate_routing(hindsight, policy_for(hindsight), latency, lengths)
+        pooled[category] += records
+        pooled["overall"] += records
+    return {c: tokens_per_second(r) for c, r in pooled.items() if r}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--drafters", required=True, help="WhiFlash folder with eagle3/ and dflash/")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--out", default="results/entropy_tuning.json")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target, tokenizer = load_target(args.target)
+    assistant = WhiFlashAssistant.from_pretrained(target, args.drafters, routes=ROUTES)
+    lengths = {EAGLE: assistant.eagle_steps, DFLASH: assistant.dflash_block_size - 1}
+    latency = LatencyModel.measure(assistant)
+    prompts = load_prompts("dev", None)
+    refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / "dev_references.jsonl")
+    hindsights = {}
+    for p in prompts:
+        ref = refs[p["id"]]
+        hindsights[p["category"], p["id"]] = acceptance_tables(
+            target, torch.tensor([ref["ids"]]), ref["prompt_length"], assistant.eagle3, assistant.dflash,
+            lengths[EAGLE], assistant.dflash_block_size)
+    rows = {"always-eagle3": score(lambda h: Always(EAGLE), hindsights, latency, lengths),
+            "always-dflash": score(lambda h: Always(DFLASH), hindsights, latency, lengths),
+            "oracle": score(lambda h: OracleRouter(h.tables, latency, lengths), hindsights, latency, lengths)}
+    if (Path(args.drafters) / "policy").is_dir():
+        neural = NeuralPolicy.from_pretrained(Path(args.drafters) / "policy")
+        rows["neural"] = score(lambda h: neural, hindsights, latency, lengths)
+    for values in itertools.product(*GRID.values()):
+        settings = dict(zip(GRID, values))
+        rows["entropy " + json.dumps(settings)] = score(lambda h: EntropyPolicy(**settings), hindsights, latency,
+                                                         lengths)
+    best = max((k for k in rows if k.startswith("entropy")), key=lambda k: rows[k]["overall"])
+    for name in ("always-eagle3", "always-dflash", "oracle", "neural", best):
+        if name in rows:
+            print(f"{name:60s} " + " ".join(f"{c} {v:6.1f}" for c, v in rows[name].items()))
+    mean_best = statistics.mean(rows[best][c] for c in CATEGORIES)
+    print(f"best entropy setting: {best} (mean over categories {mean_best:.1f} tokens per modelled second)")
+    out.write_text(json.dumps({"latency": latency.to_dict(), "tokens_per_modelled_second": rows, "best": best},
+                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
