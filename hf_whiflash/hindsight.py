@@ -48,18 +48,18 @@ def leading_matches(predicted: torch.Tensor, truth: torch.Tensor, valid: torch.T
 
 def _eagle_table(eagle, sequence, hidden_states, start, steps) -> torch.Tensor:
     T = sequence.shape[1]
-    n = T - 1  # anchors t: pair (feature t, token t+1); round start m drafts from anchor m-1
+    n = T - 1  # context pairs (feature t, token t+1); round start m drafts from anchor m-1
     hidden = eagle.project(eagle.features(hidden_states)[:, :n])
+    anchors = torch.arange(start - 1, T - 2, device=sequence.device)[None]  # [1, R]
+    ttt = eagle.start_ttt(sequence[:, 1:], hidden, anchors)
     padded = torch.nn.functional.pad(sequence, (0, steps + 1))
-    ttt, predicted = [], []
+    state, predicted = hidden[:, anchors[0]], []
     for j in range(steps):
-        logits, hidden = eagle(padded[:, 1 + j:1 + j + n], hidden, ttt=ttt)  # step j predicts token t+2+j
+        logits, state = eagle(padded[:, anchors[0] + 1 + j], state, ttt=ttt)  # step j predicts token t+2+j
         predicted.append(eagle.to_target_ids(logits.argmax(-1))[0])
-    predicted = torch.stack(predicted, dim=-1)  # [n, steps]
-    offsets = torch.arange(steps, device=sequence.device)
-    positions = torch.arange(n, device=sequence.device)[:, None] + 2 + offsets  # token each prediction is for
-    table = leading_matches(predicted, padded[0, positions], positions < T)
-    return table[start - 1:T - 2]
+    predicted = torch.stack(predicted, dim=-1)  # [R, steps]
+    positions = anchors[0][:, None] + 2 + torch.arange(steps, device=sequence.device)
+    return leading_matches(predicted, padded[0, positions], positions < T)
 
 
 def _dflash_table(dflash, sequence, hidden_states, start, block_size, chunk: int = 32) -> torch.Tensor:

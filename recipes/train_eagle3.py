@@ -37,22 +37,23 @@ class TTTObjective(nn.Module):
     def forward(self, batch: dict):
         ids = batch["input_ids"]  # [B, T]
         T = ids.shape[1]
-        with torch.no_grad():  # P[:, s]: the target's distribution of token s+1, over the draft vocabulary
-            target_p = (batch["hidden"][self.final_layer] @ self.draft_head.T).softmax(-1)  # [B, T, Vd]
         # Loss on response tokens the draft vocabulary can express (the data is the target's greedy output).
         learnable = batch["response"] & self.drafter.t2d[ids]
+        with torch.no_grad():  # P[:, s]: the target's distribution of token s+1 over the draft vocabulary,
+            needed = nn.functional.pad(learnable[:, 1:], (0, 1))  # only where token s+1 earns loss
+            target_p = ids.new_zeros(*ids.shape, self.draft_head.shape[0], dtype=torch.float)  # [B, T, Vd]
+            target_p[needed] = (batch["hidden"][self.final_layer][needed] @ self.draft_head.T).softmax(-1)
         features = torch.cat([batch["hidden"][i] for i in self.drafter.feature_layers], dim=-1)
-        ttt, metrics = [], {}
-        # Step 0 over every anchor t (pair: feature t, token t+1): its keys are the verified context.
-        logits, hidden = self.drafter(ids[:, 1:], self.drafter.project(features[:, :T - 1]), ttt=ttt)
-        mask = nn.functional.pad(learnable[:, 2:], (0, 1))
-        loss = self._soft_ce(logits, target_p[:, 1:], mask, metrics, 0)
-        # Steps 1.. only where they earn loss: anchors whose first prediction (token t+2) is learnable.
+        hidden = self.drafter.project(features[:, :T - 1])  # pairs (feature t, token t+1), t < T-1
+        # Anchors t whose first draft (token t+2) is learnable draft all steps; every other position only
+        # contributes its context K/V (as the K/V-only prefill does at inference).
         anchors, valid = self._anchors(learnable)  # [B, R]
+        ttt = self.drafter.start_ttt(ids[:, 1:], hidden, anchors)
         hidden = hidden.gather(1, anchors[..., None].expand(-1, -1, hidden.shape[-1]))
         take = lambda x, offset: x.gather(1, (anchors + offset).clamp(max=T - 1))  # noqa: E731
-        for j in range(1, self.steps):
-            logits, hidden = self.drafter(take(ids, 1 + j), hidden, ttt=ttt, anchors=anchors)  # predicts t+2+j
+        loss, metrics = 0.0, {}
+        for j in range(self.steps):
+            logits, hidden = self.drafter(take(ids, 1 + j), hidden, ttt=ttt)  # predicts token t+2+j
             p = target_p.gather(1, (anchors + 1 + j).clamp(max=T - 1)[..., None].expand(-1, -1, target_p.shape[-1]))
             mask = valid & (anchors + 2 + j < T) & take(learnable, 2 + j)
             loss = loss + self.decay**j * self._soft_ce(logits, p, mask, metrics, j)

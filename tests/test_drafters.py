@@ -199,23 +199,24 @@ def test_drafters_on_cuda_match_cpu(target, hidden, drafters):
 
 
 def test_eagle3_training_time_test_matches_the_inference_chain(drafters, hidden):
-    """TTT step j at anchor t computes exactly what the cached chain computes j steps after anchor t."""
+    """TTT step j at anchor t computes exactly what the cached chain computes j steps after anchor t,
+    whether every position drafts or only chosen anchors do."""
     eagle, _ = drafters
     ids, hs = hidden
     steps, n = 3, ids.shape[1] - 4  # anchors 0..n-1 all have tokens t+1..t+steps
     g = eagle.project(eagle.features(hs))
     with torch.no_grad():
-        ttt, unrolled, state = [], [], g[:, :n]
+        every = torch.arange(n)[None]
+        ttt, unrolled, state = eagle.start_ttt(ids[:, 1:n + 1], g[:, :n], every), [], g[:, :n]
         for j in range(steps):
             logits, state = eagle(ids[:, 1 + j:n + 1 + j], state, ttt=ttt)
             unrolled.append(logits)
-        subset_ttt, anchors = [], torch.tensor([[0, 5, n - 1]])  # steps >= 1 on chosen anchors only
-        logits, state = eagle(ids[:, 1:n + 1], g[:, :n], ttt=subset_ttt)
-        state = state[:, anchors[0]]
-        for j in range(1, steps):
-            logits, state = eagle(ids[:, anchors[0] + 1 + j], state, ttt=subset_ttt, anchors=anchors)
-            torch.testing.assert_close(logits, unrolled[j][:, anchors[0]], **TOL)
-        for t in (0, 5, n - 1):
+        chosen = torch.tensor([[0, 5, n - 1]])
+        ttt, state = eagle.start_ttt(ids[:, 1:n + 1], g[:, :n], chosen), g[:, chosen[0]]
+        for j in range(steps):
+            logits, state = eagle(ids[:, chosen[0] + 1 + j], state, ttt=ttt)
+            torch.testing.assert_close(logits, unrolled[j][:, chosen[0]], **TOL)
+        for t in chosen[0].tolist():
             cache = DynamicCache()
             if t:
                 eagle.absorb(ids[:, 1:t + 1], g[:, :t], cache)
