@@ -41,6 +41,8 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore
     """Run the loop; returns the folder of the exported drafter (`out`/final)."""
     from accelerate import Accelerator
 
+    if config.get("threads"):  # CPU: e.g. two recipes side by side on a 2-core machine
+        torch.set_num_threads(config["threads"])
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(gradient_accumulation_steps=config.get("grad_accum", 1))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from hf_whiflash import DFlashDrafter, Eagle3Drafter, EntropyPolicy, WhiFlashAssistant
+from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, EntropyPolicy, WhiFlashAssistant
+from hf_whiflash.targets import shipped_drafters
 
 PROMPTS = [json.loads(line) for line in (Path(__file__).parent / "data" / "lossless_prompts.jsonl").open()]
 
@@ -92,7 +93,8 @@ class CountingPolicy:
         return self.inner.choose(features, routes)
 
     def observe(self, *args):
-        self.inner.observe(*args)
+        if hasattr(self.inner, "observe"):  # learning policies only, as in the assistant
+            self.inner.observe(*args)
 
     def to_dict(self):
         return self.inner.to_dict()
@@ -123,8 +125,12 @@ def random_drafters(target):
 
 def make_assistant(target, mode: str, kind: str, reference=None, policy=None, perfect=False,
                    **kwargs) -> WhiFlashAssistant:
-    """mode: eagle3 | dflash | whiflash; kind: random | scripted (drafts follow `reference`, partly right
-    unless `perfect`)."""
+    """mode: eagle3 | dflash | whiflash; kind: random | trained (the shipped drafters) | scripted (drafts
+    follow `reference`, partly right unless `perfect`)."""
+    if kind == "trained":
+        routes = {"eagle3": ("eagle3",), "dflash": ("dflash",), "whiflash": ("eagle3", "dflash")}[mode]
+        return WhiFlashAssistant.from_pretrained(target, shipped_drafters(DEFAULT_TARGET), routes=routes,
+                                                 policy=policy, **kwargs)
     if kind == "random":
         eagle, dflash = random_drafters(target)
     else:

@@ -7,7 +7,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from hf_whiflash import WhiFlashAssistant
 from hf_whiflash.assistant import check_transformers_internals, transformers_is_tested
-from helpers import chat_ids, make_assistant, random_drafters
+from helpers import RoutePattern, chat_ids, make_assistant, random_drafters
 
 CODE = "Write a Python function that returns the n-th Fibonacci number iteratively."
 
@@ -203,7 +203,9 @@ def test_provenance_streamer_labels_every_token(target, tokenizer):
 
     ids = chat_ids(tokenizer, CODE)
     reference = plain(target, ids, max_new_tokens=40)
-    assistant = make_assistant(target, "whiflash", "scripted", reference=reference)
+    # A fixed route pattern: the entropy policy's choice depends on measured round times.
+    assistant = make_assistant(target, "whiflash", "scripted", reference=reference,
+                               policy=RoutePattern(["eagle3", "dflash"]))
     seen = []
     streamer = ProvenanceStreamer(assistant, lambda tokens, sources: seen.append((tokens, sources)))
     out = target.generate(ids, max_new_tokens=40, do_sample=False, streamer=streamer, assistant_model=assistant)
