@@ -89,18 +89,26 @@ def load_prompts(source: str, per_category: int | None) -> list[dict]:
     return rows
 
 
-SYSTEMS = ("plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle")
+SYSTEMS = ("plain", "prompt-lookup", "assisted", "eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle")
+NEEDS_DRAFTERS = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle"}
 
 
-def build_systems(target, drafters_folder, systems: list[str]) -> dict:
-    """name -> extra generate() kwargs (an assistant, or prompt lookup)."""
+def build_systems(target, drafters_folder, systems: list[str], assistant_name: str | None = None) -> dict:
+    """name -> extra generate() kwargs (a WhiFlash assistant, a smaller assistant model, or prompt lookup).
+    `assistant_name`: the smaller same-tokenizer model that transformers' own assisted generation uses."""
     from .assistant import WhiFlashAssistant
     from .routing import EntropyPolicy, NeuralPolicy, OracleRouter
+    from .targets import load_target
 
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
-    folder = Path(drafters_folder)
+    if "assisted" in systems and assistant_name is None:
+        raise ValueError("the 'assisted' system needs --assistant MODEL: a smaller model with the target's tokenizer")
+    if drafters_folder is None and NEEDS_DRAFTERS & set(systems):
+        raise ValueError(f"systems {sorted(NEEDS_DRAFTERS & set(systems))} need WhiFlash drafters: pass --drafters "
+                         f"FOLDER (train them with recipes/), or compare only plain, prompt-lookup and assisted")
+    folder = Path(drafters_folder) if drafters_folder is not None else None
 
     def assistant(routes, policy=None):
         return {"assistant_model": WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy)}
@@ -113,6 +121,7 @@ def build_systems(target, drafters_folder, systems: list[str]) -> dict:
     makers = {
         "plain": lambda: {},
         "prompt-lookup": lambda: {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
+        "assisted": lambda: {"assistant_model": load_target(assistant_name, device=target.device)[0]},
         "eagle3": lambda: assistant((EAGLE,)),
         "dflash": lambda: assistant((DFLASH,)),
         "whiflash-entropy": lambda: assistant((EAGLE, DFLASH), EntropyPolicy()),
@@ -120,6 +129,14 @@ def build_systems(target, drafters_folder, systems: list[str]) -> dict:
         "oracle": lambda: assistant((EAGLE, DFLASH), OracleRouter({}, None, {})),  # tables set per prompt
     }
     return {name: makers[name]() for name in systems}
+
+
+def whiflash_assistant(extra: dict):
+    """The WhiFlashAssistant among a system's generate() kwargs, if any (not a plain assistant model)."""
+    from .assistant import WhiFlashAssistant
+
+    assistant = extra.get("assistant_model")
+    return assistant if isinstance(assistant, WhiFlashAssistant) else None
 
 
 def prepare_oracle(target, assistant, ids, max_new_tokens: int, latency) -> None:
@@ -151,7 +168,7 @@ def run_one(target, ids, system: str, extra: dict, mode: str, max_new_tokens: in
             torch.cuda.synchronize(target.device)
         seconds = time.perf_counter() - start
     run = Run(prompt["id"], prompt["category"], system, mode, out.shape[1] - ids.shape[1], seconds, memory.peak_mb)
-    assistant = extra.get("assistant_model")
+    assistant = whiflash_assistant(extra)
     if assistant is not None:
         summary = assistant.stats.summary()
         run.acceptance = summary["acceptance_length"]
@@ -186,7 +203,7 @@ def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list
                         runs.append(run_one(target, ids, name, systems[name], mode, max_new_tokens, seed + i, prompt,
                                             latency))
                         bar.update(1)
-                        assistant = systems[name].get("assistant_model")
+                        assistant = whiflash_assistant(systems[name])
                         if trace is None and mode == "greedy" and assistant is not None and assistant.eagle3 \
                                 and assistant.dflash:
                             trace = {"prompt_id": prompt["id"], "rounds": assistant.stats.to_dict()["rounds"]}

@@ -102,15 +102,22 @@ def cmd_bench(args) -> int:
         args.per_category, args.max_new_tokens = args.per_category or 2, min(args.max_new_tokens, 64)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.assistant and "assisted" not in args.systems:
+        args.systems.append("assisted")
     drafters = args.drafters or shipped_drafters(args.target)
-    if drafters is None:
-        print(f"error: no trained drafters for {args.target!r}; pass --drafters FOLDER", file=sys.stderr)
+    if drafters is None and bench.NEEDS_DRAFTERS & set(args.systems):
+        print(f"error: no trained drafters for {args.target!r}; pass --drafters FOLDER, or compare only "
+              f"--systems plain prompt-lookup assisted", file=sys.stderr)
         return 2
     started = time.time()
     target, tokenizer = load_target(args.target)
     prompts = bench.load_prompts(args.prompts, args.per_category)
-    systems = bench.build_systems(target, drafters, args.systems)
-    assistants = [kw["assistant_model"] for kw in systems.values() if "assistant_model" in kw]
+    try:
+        systems = bench.build_systems(target, drafters, args.systems, args.assistant)
+    except ValueError as error:  # unknown system, or a system without what it needs
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    assistants = [a for a in map(bench.whiflash_assistant, systems.values()) if a is not None]
     both = next((a for a in assistants if a.eagle3 is not None and a.dflash is not None), None)
     # One latency model for the whole run: the oracle routes with it, and every system's routing is
     # also scored in tokens per modelled round cost (free of timing noise).
@@ -119,8 +126,9 @@ def cmd_bench(args) -> int:
                                   args.repeats, args.seed, latency)
     out = Path(args.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     meta = bench.meta_for(args.command_line, started, target=args.target, drafters=str(drafters),
-                          prompts=args.prompts, per_category=args.per_category, max_new_tokens=args.max_new_tokens,
-                          repeats=args.repeats, modes=args.modes, systems=args.systems)
+                          assistant=args.assistant, prompts=args.prompts, per_category=args.per_category,
+                          max_new_tokens=args.max_new_tokens, repeats=args.repeats, modes=args.modes,
+                          systems=args.systems)
     result = bench.write_outputs(out, runs, trace, meta)
     print(bench.markdown(result["summary"], result["meta"]))
     print(f"wrote {out}/bench.json, bench.md, speedup.png" + (", trace.png" if trace else ""))
@@ -161,10 +169,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="2 prompts per category, 64 new tokens (< 10 min on 2 cores)")
     b.add_argument("--target", default=DEFAULT_TARGET, help="target model (default: %(default)s)")
     b.add_argument("--drafters", help="WhiFlash folder (default: the drafters shipped for the target)")
+    b.add_argument("--assistant", help="a smaller model with the target's tokenizer for transformers' own assisted "
+                                       "generation (adds the 'assisted' system), e.g. Qwen2.5-Coder-0.5B-Instruct "
+                                       "with --target Qwen2.5-Coder-1.5B-Instruct (needs ~9 GB RAM)")
     b.add_argument("--prompts", default="dev", help="'dev' (packaged dev set) or a jsonl of {id, category, messages}")
     b.add_argument("--per-category", type=int, help="use the first N prompts of each category (default: all)")
     b.add_argument("--systems", nargs="+", default=["plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy"],
-                   help="systems to compare: plain, prompt-lookup, eagle3, dflash, whiflash-entropy, "
+                   help="systems to compare: plain, prompt-lookup, assisted (needs --assistant), eagle3, dflash, "
+                        "whiflash-entropy, "
                         "whiflash-neural (needs a trained router in the drafters folder), oracle (hindsight "
                         "routing, greedy only; for measurement) (default: %(default)s)")
     b.add_argument("--modes", nargs="+", choices=["greedy", "sampling"], default=["greedy", "sampling"],

@@ -70,7 +70,23 @@ def test_bench_with_the_neural_router_and_the_oracle(tiny, tmp_path):
     assert neural["tokens_per_cost"] > 0 and 0 <= neural["routing_pct"] < 100
 
 
-def test_bench_rejects_unknown_systems(tiny):
-    with pytest.raises(ValueError, match="unknown systems \\['tree'\\]"):
-        main(["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"), "--systems", "tree",
-              "--prompts", str(tiny / "prompts.jsonl")])
+@pytest.mark.parametrize("systems,message", [
+    (["tree"], "unknown systems ['tree']"),
+    (["plain", "assisted"], "the 'assisted' system needs --assistant MODEL"),
+])
+def test_bench_rejects_systems_it_cannot_run(tiny, capsys, systems, message):
+    assert main(["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"), "--prompts",
+                 str(tiny / "prompts.jsonl"), "--systems", *systems]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_compares_with_transformers_assisted_generation(tiny, tmp_path):
+    """--assistant adds transformers' own assisted generation; no WhiFlash drafters are needed for it."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--target", str(tiny / "target"), "--assistant", str(tiny / "target"), "--systems",
+                 "plain", "prompt-lookup", "--modes", "greedy", "--prompts", str(tiny / "prompts.jsonl"),
+                 "--max-new-tokens", "6", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert set(result["summary"]["greedy"]) == {"plain", "prompt-lookup", "assisted"}
+    assert result["meta"]["assistant"] == str(tiny / "target")
+    assert all(r["new_tokens"] == 6 for r in result["runs"])

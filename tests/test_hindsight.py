@@ -53,3 +53,23 @@ def test_oracle_realises_the_hindsight_best_route(setup):
         best = max(int(hindsight.tables[EAGLE][m]), int(hindsight.tables[DFLASH][m]))
         assert r.accepted == min(best, r.drafted)
         m += r.accepted + 1
+
+
+@pytest.mark.parametrize("route", [EAGLE, DFLASH])
+def test_hindsight_predicts_the_trained_drafters_on_the_real_target(target, tokenizer, route):
+    """On SmolLM2 with the shipped drafters: the walked tables are the acceptance generation sees."""
+    from hf_whiflash import DEFAULT_TARGET
+    from hf_whiflash.targets import shipped_drafters
+    from helpers import chat_ids
+
+    assistant = WhiFlashAssistant.from_pretrained(target, shipped_drafters(DEFAULT_TARGET), routes=(route,))
+    for prompt in ("Write a Python function that merges two sorted lists.", "What is 15% of 240?"):
+        ids = chat_ids(tokenizer, prompt)
+        out = target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=assistant)
+        hindsight = acceptance_tables(target, out, ids.shape[1], assistant.eagle3, assistant.dflash,
+                                      assistant.eagle_steps, assistant.dflash_block_size)
+        rounds = [r for r in assistant.stats.rounds if r.route == route]
+        walked = walk(hindsight.tables[route], 48 - 1)
+        full = [i for i, r in enumerate(rounds) if r.drafted == rounds[0].drafted]
+        assert [rounds[i].accepted for i in full] == [walked[i] for i in full]
+        assert sum(r.accepted for r in rounds) > 0

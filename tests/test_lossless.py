@@ -1,7 +1,9 @@
 """Lossless greedy: WhiFlash output is token-identical to plain generate() on the real SmolLM2 target.
 
 CI runs a sample (12 prompts per mode, spread over the categories); the whole matrix
-(52 prompts x 3 modes x 2 drafter kinds x 3 lengths) runs with `make test-slow`.
+(52 prompts x 3 modes x 3 drafter kinds x 3 lengths) runs with `make test-slow`. Drafter kinds:
+untrained (random), the trained ones shipped in the package, and scripted ones that are partly right
+on purpose so that every acceptance length from 0 to the full draft occurs.
 """
 
 from functools import cache
@@ -12,7 +14,7 @@ import torch
 from helpers import PROMPTS, chat_ids, make_assistant
 
 MODES = ("eagle3", "dflash", "whiflash")
-KINDS = ("random", "scripted")
+KINDS = ("random", "trained", "scripted")
 LENGTHS = (8, 33, 64)
 SAMPLE = PROMPTS[::4][:13]  # 13 prompts, every category
 
