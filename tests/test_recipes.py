@@ -77,3 +77,22 @@ def test_recipe_trains_resumes_and_exports_a_drafter(tiny_data, target, tokenize
     out_ids = target.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant)
     assert torch.equal(out_ids, target.generate(ids, max_new_tokens=12, do_sample=False))
     assert sum(r.drafted for r in assistant.stats.rounds) > 0
+
+
+def test_ttt_anchor_subsampling_keeps_learnable_positions(monkeypatch):
+    """With anchors_per_sequence, each row drafts from that many random anchors t whose token t+2 earns loss
+    (fewer where fewer exist, the padding marked invalid), in increasing order."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from train_eagle3 import TTTObjective
+
+    learnable = torch.zeros(2, 40, dtype=torch.bool)
+    learnable[0, 10:30], learnable[1, 5:8] = True, True
+    anchors, valid = TTTObjective._anchors(SimpleNamespace(anchors_per_sequence=8), learnable)
+    assert anchors.shape == (2, 8) and (anchors < 38).all()
+    assert valid[0].all() and learnable[0, anchors[0] + 2].all()
+    assert sorted(anchors[1][valid[1]].tolist()) == [3, 4, 5] and valid[1].sum() == 3
+    assert (anchors.diff(dim=1) > 0).all()
+    everything, _ = TTTObjective._anchors(SimpleNamespace(anchors_per_sequence=None), learnable)
+    assert everything[0].tolist() == list(range(8, 28))  # default: every learnable anchor, in order

@@ -37,10 +37,34 @@ def test_checksum_mismatch_refuses_to_convert(tmp_path):
 
 
 def test_missing_package_names_the_install_command(tmp_path):
-    spec = dataclasses.replace(targets.PACKAGED_TARGETS[DEFAULT_TARGET], package="no_such_pkg_xyz",
-                               pip_spec="no-such-pkg-xyz==1.0")
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-pkg-xyz==1.0"):
+    spec = dataclasses.replace(targets.PACKAGED_TARGETS[DEFAULT_TARGET], pip_specs=("no-such-pkg-xyz==1.0",))
+    with pytest.raises(FileNotFoundError, match="no_such_pkg_xyz is missing.*pip install --no-deps no-such-pkg-xyz==1.0"):
         targets.convert_packaged(spec, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_split_over_several_packages_is_joined_and_converted(tmp_path, monkeypatch, target):
+    """Chunked packages (the Qwen2.5-Coder pair ships this way): the data/* chunks of each package, joined in
+    order, are the GGUF; here the real SmolLM2 GGUF split over two fake packages."""
+    import importlib
+    import sys
+
+    spec = targets.PACKAGED_TARGETS[DEFAULT_TARGET]
+    whole = targets.packaged_gguf(spec, tmp_path).read_bytes()
+    half = len(whole) // 2
+    for i, piece in enumerate((whole[:half], whole[half:]), start=1):
+        package = tmp_path / "site" / f"fake_chunks_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"part0{i}.bin").write_bytes(piece)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    chunks = targets.PackagedGGUF(targets.chunked("fake-chunks-part", 2, "1.0"), "joined.gguf", spec.sha256)
+    targets.convert_packaged(chunks, tmp_path / "cache" / "joined")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["joined"]  # no joined GGUF or partial folder left
+    model, _ = targets.load_target(str(tmp_path / "cache" / "joined"))
+    assert torch.equal(model.lm_head.weight, target.lm_head.weight)
+    assert "fake_chunks_part1" not in sys.modules  # located, never imported
 
 
 def test_interrupted_conversion_leaves_no_folder_behind(tmp_path, monkeypatch):
