@@ -1,0 +1,51 @@
+"""Assemble a WhiFlash folder from trained drafters: what the package ships for its default target.
+
+    python recipes/ship.py --eagle3 runs/eagle3-smollm2/final --dflash runs/dflash-smollm2/final \
+        --out hf_whiflash/checkpoints/SmolLM2-135M-Instruct
+
+The drafters are stored in bfloat16 (half the size; attach() casts them to the target's dtype), each
+in its Hub layout, next to whiflash_config.json (draft lengths and the entropy policy's defaults).
+`recipes/train_router.py --install` later adds the neural router to the same folder.
+"""
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hf_whiflash import DFlashDrafter, Eagle3Drafter
+from hf_whiflash.routing import DFLASH, EAGLE, EntropyPolicy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eagle3", required=True, help="trained EAGLE-3 folder")
+    parser.add_argument("--dflash", required=True, help="trained DFlash folder")
+    parser.add_argument("--eagle-steps", type=int, default=6, help="EAGLE-3 chain length per round (default 6)")
+    parser.add_argument("--out", required=True, help="WhiFlash folder to write (replaced as a whole)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))  # never a half folder
+    try:
+        eagle = Eagle3Drafter.from_pretrained(args.eagle3, dtype=torch.bfloat16)
+        dflash = DFlashDrafter.from_pretrained(args.dflash, dtype=torch.bfloat16)
+        eagle.save_pretrained(tmp / EAGLE)
+        dflash.save_pretrained(tmp / DFLASH)
+        settings = {"eagle_steps": args.eagle_steps, "dflash_block_size": dflash.block_size,
+                    "policy": EntropyPolicy().to_dict()}
+        (tmp / "whiflash_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}: " + ", ".join(f"{p.relative_to(out)} {p.stat().st_size / 2**20:.1f} MB"
+                                       for p in sorted(out.rglob("*")) if p.is_file()))
+
+
+if __name__ == "__main__":
+    main()
