@@ -8,12 +8,15 @@ import os
 import queue
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 import torch
 
 from hf_whiflash import load_target
 from hf_whiflash.cli import build_assistant
+from hf_whiflash.routing import EntropyPolicy, NeuralPolicy
+from hf_whiflash.targets import shipped_drafters
 from hf_whiflash.streaming import ProvenanceStreamer, TokenTexts
 
 TARGET = os.environ.get("WHIFLASH_TARGET", "SmolLM2-135M-Instruct")
@@ -22,11 +25,19 @@ COLOURS = {"eagle3": "#2f7fd8", "dflash": "#f08a24", "target": "#9a9a9a", "corre
 LEGEND = ("<span style='color:#2f7fd8'>■ EAGLE-3 draft</span> &nbsp; <span style='color:#f08a24'>■ DFlash draft"
           "</span> &nbsp; <span style='color:#9a9a9a'>■ target</span> &nbsp; <u style='text-decoration-color:red'>"
           "target corrected a draft</u>")
-MODES = {"WhiFlash (entropy router)": "whiflash", "EAGLE-3 only": "eagle3", "DFlash only": "dflash"}
+DRAFTERS = os.environ.get("WHIFLASH_DRAFTERS") or shipped_drafters(TARGET)
+# label -> (drafters to route between, policy; None keeps the folder's own)
+MODES = {"WhiFlash (entropy router)": ("whiflash", EntropyPolicy()), "EAGLE-3 only": ("eagle3", None),
+         "DFlash only": ("dflash", None)}
+if DRAFTERS is not None and (Path(DRAFTERS) / "policy").is_dir():
+    MODES = {"WhiFlash (neural router)": ("whiflash", NeuralPolicy.from_pretrained(Path(DRAFTERS) / "policy"))} | MODES
 
 target, tokenizer = load_target(TARGET)
-assistants = {mode: build_assistant(target, TARGET, mode, os.environ.get("WHIFLASH_DRAFTERS"), None, None)
-              for mode in MODES.values()}
+assistants = {}
+for label, (mode, policy) in MODES.items():
+    assistants[label] = build_assistant(target, TARGET, mode, DRAFTERS, None, None)
+    if policy is not None:
+        assistants[label].policy = policy
 
 
 def span(text: str, source: str) -> str:
@@ -57,7 +68,7 @@ def generate(prompt: str, mode_label: str, max_tokens: int, sampling: bool):
     if not 1 <= int(max_tokens) <= MAX_TOKENS:
         yield f"<i>Max tokens must be between 1 and {MAX_TOKENS}.</i>", ""
         return
-    assistant = assistants[MODES[mode_label]]
+    assistant = assistants[mode_label]
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     settings = dict(max_new_tokens=int(max_tokens), do_sample=bool(sampling))
@@ -96,7 +107,7 @@ with gr.Blocks(title="WhiFlash") as app:
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                 value="Write a Python function that checks whether a number is prime.")
             with gr.Row():
-                mode = gr.Dropdown(list(MODES), value=next(iter(MODES)), label="Drafting")
+                mode = gr.Dropdown(list(MODES), value=next(iter(MODES)), label="Drafters and router")
                 max_tokens = gr.Number(value=128, precision=0, label=f"Max new tokens (1–{MAX_TOKENS})", elem_id="max-tokens")
                 sampling = gr.Checkbox(label="Sampling (T=0.7, top-p 0.9)", value=False)
             button = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -106,8 +106,9 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
     if "assisted" in systems and assistant_name is None:
         raise ValueError("the 'assisted' system needs --assistant MODEL: a smaller model with the target's tokenizer")
     if drafters_folder is None and NEEDS_DRAFTERS & set(systems):
-        raise ValueError(f"systems {sorted(NEEDS_DRAFTERS & set(systems))} need WhiFlash drafters: pass --drafters "
-                         f"FOLDER (train them with recipes/), or compare only plain, prompt-lookup and assisted")
+        raise ValueError(f"no trained drafters for this target, and systems {sorted(NEEDS_DRAFTERS & set(systems))} "
+                         "need them: pass --drafters FOLDER (train them with recipes/), or compare only --systems "
+                         "plain prompt-lookup assisted")
     folder = Path(drafters_folder) if drafters_folder is not None else None
 
     def assistant(routes, policy=None):
