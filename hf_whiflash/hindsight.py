@@ -99,7 +99,8 @@ def simulate_routing(hindsight: Hindsight, policy, latency, draft_lengths: dict,
         policy.reset()
     while m < len(hindsight.entropy):
         features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), position=m + 1)
-        accepted = {r: int(hindsight.tables[r][m]) for r in routes}
+        # A shorter EAGLE-3 chain accepts min(a, k): its drafts are a prefix of the longer chain's.
+        accepted = {r: min(int(hindsight.tables[r][m]), draft_lengths[r]) for r in routes}
         route = rng.choice(routes) if epsilon and rng.random() < epsilon else policy.choose(features, routes)
         seconds = latency.round_seconds(route, draft_lengths[route])
         records.append((features, route, accepted, seconds))

@@ -5,8 +5,9 @@
 Greedy generation is deterministic, so a routing policy's rounds can be replayed exactly from
 hindsight acceptance tables (one teacher-forced pass per drafter per dev prompt), with round times
 from a LatencyModel measured on this machine. For each setting of (threshold, latency_weight,
-explore_every) this reports tokens per modelled second per category, next to always-EAGLE-3,
-always-DFlash and the hindsight oracle, and writes everything to results/entropy_tuning.json.
+explore_every) this reports tokens per modelled second per category, next to always-EAGLE-3 (also
+with shorter chains: the shipped chain length comes from here), always-DFlash, the neural router
+and the hindsight oracle, and writes everything to results/entropy_tuning.json.
 """
 
 import argparse
@@ -81,8 +82,12 @@ def main() -> None:
         settings = dict(zip(GRID, values))
         rows["entropy " + json.dumps(settings)] = score(lambda h: EntropyPolicy(**settings), hindsights, latency,
                                                          lengths)
+    # The EAGLE-3 chain length, replayed exactly from the same tables (a chain of k accepts min(a, k)).
+    for k in range(1, lengths[EAGLE]):
+        rows[f"always-eagle3 chain {k}"] = score(lambda h: Always(EAGLE), hindsights, latency, {**lengths, EAGLE: k})
     best = max((k for k in rows if k.startswith("entropy")), key=lambda k: rows[k]["overall"])
-    for name in ("always-eagle3", "always-dflash", "oracle", "neural", best):
+    chains = [f"always-eagle3 chain {k}" for k in range(1, lengths[EAGLE])]
+    for name in ("always-eagle3", *chains, "always-dflash", "oracle", "neural", best):
         if name in rows:
             print(f"{name:60s} " + " ".join(f"{c} {v:6.1f}" for c, v in rows[name].items()))
     mean_best = statistics.mean(rows[best][c] for c in CATEGORIES)

@@ -37,6 +37,16 @@ def test_walked_tables_equal_the_acceptance_of_generation(tiny, setup, route):
     assert sum(engine) > 0  # tiny vocabulary: even random drafters get drafts accepted
 
 
+def test_shorter_eagle_chains_replay_from_the_same_table(tiny, setup):
+    """A chain of k accepts min(a, k) where the chain of 6 accepted a: what tune_entropy.py relies on."""
+    target, _, reference, hindsight = setup
+    assistant = WhiFlashAssistant.from_pretrained(target, tiny / "drafters", routes=(EAGLE,), eagle_steps=3)
+    target.generate(PROMPT, max_new_tokens=NEW, do_sample=False, assistant_model=assistant)
+    engine = [r.accepted for r in assistant.stats.rounds if r.route == EAGLE and r.drafted == 3]
+    walked = walk(hindsight.tables[EAGLE].clamp(max=3), NEW - 1)
+    assert engine == walked[:len(engine)] and len(engine) >= len(walked) - 2
+
+
 def test_oracle_realises_the_hindsight_best_route(setup):
     target, assistant, reference, hindsight = setup
     latency = LatencyModel.from_dict({"verify_s": {1: 1.0}, "draft_s": {EAGLE: {1: 0.0}, DFLASH: {1: 0.0}}})
