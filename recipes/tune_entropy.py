@@ -6,7 +6,8 @@ Greedy generation is deterministic, so a routing policy's rounds can be replayed
 hindsight acceptance tables (one teacher-forced pass per drafter per dev prompt), with round times
 from a LatencyModel measured on this machine. For each setting of (threshold, latency_weight,
 explore_every) this reports tokens per modelled second per category, next to always-EAGLE-3 (also
-with shorter chains: the shipped chain length comes from here), always-DFlash, the neural router
+with shorter chains: the shipped chain length comes from here), always-DFlash (also with smaller
+blocks), the neural router
 and the hindsight oracle, and writes everything to results/entropy_tuning.json.
 """
 
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--target", default="SmolLM2-135M-Instruct")
     parser.add_argument("--drafters", required=True, help="WhiFlash folder with eagle3/ and dflash/")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dflash-blocks", type=int, nargs="*", default=[4, 8],
+                        help="also replay DFlash-only with these block sizes (one teacher-forced pass each)")
     parser.add_argument("--out", default="results/entropy_tuning.json")
     args = parser.parse_args()
     out = Path(args.out)
@@ -85,9 +88,16 @@ def main() -> None:
     # The EAGLE-3 chain length, replayed exactly from the same tables (a chain of k accepts min(a, k)).
     for k in range(1, lengths[EAGLE]):
         rows[f"always-eagle3 chain {k}"] = score(lambda h: Always(EAGLE), hindsights, latency, {**lengths, EAGLE: k})
+    # DFlash blocks attend to each other, so another block size needs its own teacher-forced pass.
+    for block in args.dflash_blocks:
+        tables = {key: acceptance_tables(target, torch.tensor([refs[key[1]]["ids"]]), refs[key[1]]["prompt_length"],
+                                         dflash=assistant.dflash, block_size=block) for key in hindsights}
+        rows[f"always-dflash block {block}"] = score(lambda h: Always(DFLASH), tables, latency,
+                                                     {**lengths, DFLASH: block - 1})
     best = max((k for k in rows if k.startswith("entropy")), key=lambda k: rows[k]["overall"])
     chains = [f"always-eagle3 chain {k}" for k in range(1, lengths[EAGLE])]
-    for name in ("always-eagle3", *chains, "always-dflash", "oracle", "neural", best):
+    blocks = [f"always-dflash block {b}" for b in args.dflash_blocks]
+    for name in ("always-eagle3", *chains, "always-dflash", *blocks, "oracle", "neural", best):
         if name in rows:
             print(f"{name:60s} " + " ".join(f"{c} {v:6.1f}" for c, v in rows[name].items()))
     mean_best = statistics.mean(rows[best][c] for c in CATEGORIES)
