@@ -3,7 +3,8 @@
     python recipes/evaluate.py --eagle3 runs/eagle3-smollm2/snapshots/step-* --dflash runs/dflash-smollm2/final \
         --out results/acceptance.json
 
-The target's greedy continuations of the dev prompts are computed once (cached next to --out).
+The target's greedy continuations of the dev prompts are computed once (cached next to --out), and
+a rerun with the same settings reuses the rows of drafter folders that have not changed since.
 For each drafter folder, hindsight acceptance tables are walked as single-drafter generation
 would walk them: acceptance length = tokens per round (accepted drafts + the target's token).
 Snapshot folders named step-N give an acceptance-vs-training-steps curve (PNG next to --out).
@@ -72,16 +73,25 @@ def main() -> None:
     target, tokenizer = load_target(args.target)
     prompts = load_prompts("dev", args.per_category)
     refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / "dev_references.jsonl")
+    settings = {k: v for k, v in vars(args).items() if k not in ("eagle3", "dflash", "out")}
+    done = {}  # rows of an earlier run with the same settings, for drafters that did not change since
+    if out.exists() and json.loads(out.read_text())["settings"] == settings:
+        done = {(r["route"], r["folder"], r["version"]): r for r in json.loads(out.read_text())["results"]}
     rows = []
     for route, cls, folders in (("eagle3", Eagle3Drafter, args.eagle3), ("dflash", DFlashDrafter, args.dflash)):
         for folder in folders:
-            drafter = cls.from_pretrained(folder).attach(target)
-            result = acceptance_by_category(target, drafter, route, prompts, refs, args.eagle_steps, args.block_size)
-            step = re.search(r"step-(\d+)", str(folder))
-            rows.append({"route": route, "folder": str(folder), "step": int(step.group(1)) if step else None,
-                         "acceptance_length": result})
-            print(route, folder, {k: round(v, 2) for k, v in result.items()})
-    out.write_text(json.dumps({"settings": vars(args), "results": rows}, indent=1))
+            version = max(p.stat().st_mtime for p in Path(folder).iterdir())
+            row = done.get((route, str(folder), version))
+            if row is None:
+                drafter = cls.from_pretrained(folder).attach(target)
+                result = acceptance_by_category(target, drafter, route, prompts, refs, args.eagle_steps,
+                                                args.block_size)
+                step = re.search(r"step-(\d+)", str(folder))
+                row = {"route": route, "folder": str(folder), "version": version,
+                       "step": int(step.group(1)) if step else None, "acceptance_length": result}
+            rows.append(row)
+            print(route, folder, {k: round(v, 2) for k, v in row["acceptance_length"].items()})
+            out.write_text(json.dumps({"settings": settings, "results": rows}, indent=1))  # resumable
     curve = [r for r in rows if r["step"] is not None]
     if curve:
         plot_curve(curve, out.with_suffix(".png"))
