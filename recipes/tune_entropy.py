@@ -42,6 +42,21 @@ def tokens_per_second(records) -> float:
     return sum(a[r] + 1 for _, r, a, _ in records) / sum(s for _, _, _, s in records)
 
 
+def measured_priors(hindsights: dict, threshold: float, lengths: dict) -> dict:
+    """Mean accepted drafts per route in each entropy regime (confident, uncertain): the policy's starting
+    estimates, measured instead of guessed."""
+    priors = {}
+    for route in ROUTES:
+        regimes = ([], [])
+        for h in hindsights.values():
+            uncertain = h.entropy >= threshold
+            table = h.tables[route].clamp(max=lengths[route]).float()
+            regimes[0].append(table[~uncertain])
+            regimes[1].append(table[uncertain])
+        priors[route] = tuple(round(float(torch.cat(r).mean()), 2) if torch.cat(r).numel() else 0.0 for r in regimes)
+    return priors
+
+
 def score(policy_for, hindsights: dict, latency, lengths) -> dict:
     """Tokens per modelled second per category and overall (pooled over prompts)."""
     pooled = {c: [] for c in (*CATEGORIES, "overall")}
@@ -83,6 +98,7 @@ def main() -> None:
         rows["neural"] = score(lambda h: neural, hindsights, latency, lengths)
     for values in itertools.product(*GRID.values()):
         settings = dict(zip(GRID, values))
+        settings["priors"] = measured_priors(hindsights, settings["threshold"], lengths)
         rows["entropy " + json.dumps(settings)] = score(lambda h: EntropyPolicy(**settings), hindsights, latency,
                                                          lengths)
     # The EAGLE-3 chain length, replayed exactly from the same tables (a chain of k accepts min(a, k)).
