@@ -85,9 +85,18 @@ def main() -> None:
     policy.save_pretrained(out)
     (out / "training_report.json").write_text(json.dumps(report, indent=1))
     if args.install:
-        assistant.policy = policy
-        assistant.save_pretrained(args.install)
+        install(policy, Path(args.install))
         print(f"installed the router in {args.install}")
+
+
+def install(policy: NeuralPolicy, folder: Path) -> None:
+    """Make a WhiFlash folder route with `policy`: its policy/ and whiflash_config.json; the drafters stay
+    untouched (re-saving them from the attached assistant would store them in the target's dtype)."""
+    settings_path = folder / "whiflash_config.json"
+    settings = json.loads(settings_path.read_text())
+    settings["policy"] = policy.to_dict()
+    policy.save_pretrained(folder / settings["policy"]["folder"])
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 if __name__ == "__main__":
