@@ -33,11 +33,8 @@ if DRAFTERS is not None and (Path(DRAFTERS) / "policy").is_dir():
     MODES = {"WhiFlash (neural router)": ("whiflash", NeuralPolicy.from_pretrained(Path(DRAFTERS) / "policy"))} | MODES
 
 target, tokenizer = load_target(TARGET)
-assistants = {}
-for label, (mode, policy) in MODES.items():
-    assistants[label] = build_assistant(target, TARGET, mode, DRAFTERS, None, None)
-    if policy is not None:
-        assistants[label].policy = policy
+assistants = {label: build_assistant(target, TARGET, mode, DRAFTERS, None, None, policy)
+              for label, (mode, policy) in MODES.items()}
 
 
 def span(text: str, source: str) -> str:

@@ -13,8 +13,9 @@ MODES = {"whiflash": (EAGLE, DFLASH), "eagle3": (EAGLE,), "dflash": (DFLASH,)}
 
 
 def build_assistant(target, target_name: str, mode: str, drafters: str | None, eagle_steps: int | None,
-                    block_size: int | None):
-    """WhiFlashAssistant from --drafters, else the drafters shipped for the target, else untrained ones."""
+                    block_size: int | None, policy=None):
+    """WhiFlashAssistant from --drafters, else the drafters shipped for the target, else untrained ones.
+    `policy`: the router (default: the folder's own, or the entropy policy)."""
     from .assistant import WhiFlashAssistant
     from .dflash import DFlashDrafter
     from .eagle3 import Eagle3Drafter
@@ -24,12 +25,12 @@ def build_assistant(target, target_name: str, mode: str, drafters: str | None, e
     overrides = {k: v for k, v in (("eagle_steps", eagle_steps), ("dflash_block_size", block_size)) if v}
     folder = drafters or shipped_drafters(target_name)
     if folder is not None:
-        return WhiFlashAssistant.from_pretrained(target, folder, routes=routes, **overrides)
+        return WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy, **overrides)
     print(f"note: no trained drafters for {target_name!r} (pass --drafters FOLDER); using untrained drafters, "
           "so expect no speedup.", file=sys.stderr)
     eagle = Eagle3Drafter.for_target(target, seed=0) if EAGLE in routes else None
     dflash = DFlashDrafter.for_target(target, seed=0) if DFLASH in routes else None
-    return WhiFlashAssistant(target, eagle, dflash, **overrides)
+    return WhiFlashAssistant(target, eagle, dflash, policy, **overrides)
 
 
 ANSI = {EAGLE: "\033[34m", DFLASH: "\033[33m", "target": "\033[90m", "correction": "\033[4;90m"}
