@@ -62,7 +62,7 @@ def test_generation_shows_coloured_tokens_and_statistics(page):
     page.fill("#prompt textarea", "Write a Python function that returns the sum of a list of numbers.")
     page.fill("#max-tokens input", "48")
     page.click("#generate")
-    page.wait_for_function("document.querySelector('#stats').innerText.includes('plain generate()')",
+    page.wait_for_function("document.querySelector('#stats').innerText.includes('→ WhiFlash')",
                            timeout=240_000)
     drafted = page.locator("#output .tok-eagle3, #output .tok-dflash").count()
     tokens = page.locator("#output .tok").count()
