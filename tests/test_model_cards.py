@@ -1,0 +1,49 @@
+"""model_cards/: one card per shipped checkpoint, with Hub metadata huggingface_hub parses, and the acceptance
+figures of the shipped drafters exactly as results/acceptance.json measured them."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CARDS = {"eagle3": "eagle3-smollm2-135m-instruct.md", "dflash": "dflash-smollm2-135m-instruct.md",
+         "router": "router-smollm2-135m-instruct.md"}
+
+
+def shipped_acceptance(route: str) -> dict:
+    rows = json.loads((REPO / "results" / "acceptance.json").read_text())["results"]
+    shipped = f"hf_whiflash/checkpoints/SmolLM2-135M-Instruct/{route}"
+    return next(r["acceptance_length"] for r in rows if r["route"] == route and r["folder"] == shipped)
+
+
+def test_every_shipped_checkpoint_has_a_card():
+    from hf_whiflash import DEFAULT_TARGET
+    from hf_whiflash.targets import shipped_drafters
+
+    shipped = {p.name for p in shipped_drafters(DEFAULT_TARGET).iterdir() if p.is_dir()}
+    assert {"eagle3", "dflash", "policy"} <= shipped
+    assert sorted(p.name for p in (REPO / "model_cards").glob("*.md")) == sorted(CARDS.values())
+
+
+@pytest.mark.parametrize("kind", list(CARDS))
+def test_card_metadata_parses(kind):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(REPO / "model_cards" / CARDS[kind])
+    data = card.data
+    assert data.license == "apache-2.0" and data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data.library_name and data.tags and data.datasets and data.eval_results
+    assert "python recipes/" in card.text  # the command that trained it
+    for result in data.eval_results:
+        assert isinstance(result.metric_value, float) and result.metric_type and result.dataset_name
+
+
+@pytest.mark.parametrize("route", ["eagle3", "dflash"])
+def test_card_acceptance_is_the_measured_one(route):
+    from huggingface_hub import ModelCard
+
+    measured = shipped_acceptance(route)
+    card = ModelCard.load(REPO / "model_cards" / CARDS[route])
+    reported = {r.dataset_config: r.metric_value for r in card.data.eval_results if r.metric_type == "acceptance_length"}
+    assert reported == {category: round(value, 2) for category, value in measured.items()}
