@@ -51,7 +51,7 @@ def test_neural_policy_weighs_latency(tmp_path):
 
 
 def test_entropy_policy_follows_regimes_and_explores():
-    policy = EntropyPolicy(threshold=1.0, explore_every=4)
+    policy = EntropyPolicy(threshold=1.0, explore_every=4, priors={EAGLE: (2.0, 1.0), DFLASH: (3.0, 0.5)})
     assert policy.choose(features(0.3), ROUTES) == DFLASH  # prior: confident -> DFlash
     assert policy.choose(features(2.5), ROUTES) == EAGLE  # prior: uncertain -> EAGLE-3
     for _ in range(3):  # DFlash keeps failing on confident rounds: EAGLE-3 takes over
