@@ -311,7 +311,7 @@ def plot_trace(trace: dict, path: Path, plt) -> None:
     """One generation token by token: who proposed each token (EAGLE-3, DFlash, or the target's own
     correction/bonus), and where drafts were rejected."""
     colours = {EAGLE: "tab:blue", DFLASH: "tab:orange", "target": "lightgrey"}
-    fig, ax = plt.subplots(figsize=(12, 2.2))
+    fig, ax = plt.subplots(figsize=(12, 2.6))
     x = 0
     for r in trace["rounds"]:
         for _ in range(r["accepted"]):
@@ -324,7 +324,7 @@ def plot_trace(trace: dict, path: Path, plt) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles + [plt.Line2D([], [], marker="x", color="red", linestyle="")],
               ["EAGLE-3 (accepted)", "DFlash (accepted)", "target (correction / bonus)", "draft rejected here"],
-              loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4, fontsize=8)
+              loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, fontsize=8)
     ax.set_xlim(0, max(x, 1))
     ax.set_ylim(0, 1.5)
     ax.set_yticks([])
