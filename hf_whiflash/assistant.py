@@ -38,6 +38,12 @@ from .targets import text_config
 TESTED_TRANSFORMERS = ("5.23.0", "5.24")  # [low, high)
 
 
+def write_settings(folder: Path, eagle_steps: int, dflash_block_size: int | None, policy) -> None:
+    """whiflash_config.json: the draft lengths and the routing policy of a WhiFlash folder."""
+    settings = {"eagle_steps": eagle_steps, "dflash_block_size": dflash_block_size, "policy": policy.to_dict()}
+    (Path(folder) / "whiflash_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
 class WhiFlashAssistant(nn.Module):
     """EAGLE-3 and/or DFlash drafters bound to one target, plus the routing policy between them.
 
@@ -87,9 +93,7 @@ class WhiFlashAssistant(nn.Module):
             drafter.save_pretrained(folder / route)
         if hasattr(self.policy, "save_pretrained"):
             self.policy.save_pretrained(folder / self.policy.to_dict()["folder"])
-        settings = {"eagle_steps": self.eagle_steps, "dflash_block_size": self.dflash_block_size,
-                    "policy": self.policy.to_dict()}
-        (folder / "whiflash_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_settings(folder, self.eagle_steps, self.dflash_block_size, self.policy)
         return folder
 
     @classmethod

@@ -74,9 +74,10 @@ def main() -> None:
     prompts = load_prompts("dev", args.per_category)
     refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / "dev_references.jsonl")
     settings = {k: v for k, v in vars(args).items() if k not in ("eagle3", "dflash", "out")}
+    earlier = json.loads(out.read_text()) if out.exists() else {"settings": None}
     done = {}  # rows of an earlier run with the same settings, for drafters that did not change since
-    if out.exists() and json.loads(out.read_text())["settings"] == settings:
-        done = {(r["route"], r["folder"], r["version"]): r for r in json.loads(out.read_text())["results"]}
+    if earlier["settings"] == settings:
+        done = {(r["route"], r["folder"], r["version"]): r for r in earlier["results"]}
     rows = []
     for route, cls, folders in (("eagle3", Eagle3Drafter, args.eagle3), ("dflash", DFlashDrafter, args.dflash)):
         for folder in folders:

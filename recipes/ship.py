@@ -9,7 +9,6 @@ in its Hub layout, next to whiflash_config.json (draft lengths and the entropy p
 """
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from hf_whiflash import DFlashDrafter, Eagle3Drafter
+from hf_whiflash.assistant import write_settings
 from hf_whiflash.routing import DFLASH, EAGLE, EntropyPolicy
 
 
@@ -35,9 +35,7 @@ def main() -> None:
         dflash = DFlashDrafter.from_pretrained(args.dflash, dtype=torch.bfloat16)
         eagle.save_pretrained(tmp / EAGLE)
         dflash.save_pretrained(tmp / DFLASH)
-        settings = {"eagle_steps": args.eagle_steps, "dflash_block_size": dflash.block_size,
-                    "policy": EntropyPolicy().to_dict()}
-        (tmp / "whiflash_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_settings(tmp, args.eagle_steps, dflash.block_size, EntropyPolicy())
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -7,8 +7,7 @@ hindsight acceptance tables (one teacher-forced pass per drafter per dev prompt)
 from a LatencyModel measured on this machine. For each setting of (threshold, latency_weight,
 explore_every) this reports tokens per modelled second per category, next to always-EAGLE-3 (also
 with shorter chains: the shipped chain length comes from here), always-DFlash (also with smaller
-blocks), the neural router
-and the hindsight oracle, and writes everything to results/entropy_tuning.json.
+blocks), the neural router and the hindsight oracle, and writes everything to results/entropy_tuning.json.
 """
 
 import argparse
@@ -47,13 +46,10 @@ def measured_priors(hindsights: dict, threshold: float, lengths: dict) -> dict:
     estimates, measured instead of guessed."""
     priors = {}
     for route in ROUTES:
-        regimes = ([], [])
-        for h in hindsights.values():
-            uncertain = h.entropy >= threshold
-            table = h.tables[route].clamp(max=lengths[route]).float()
-            regimes[0].append(table[~uncertain])
-            regimes[1].append(table[uncertain])
-        priors[route] = tuple(round(float(torch.cat(r).mean()), 2) if torch.cat(r).numel() else 0.0 for r in regimes)
+        table = torch.cat([h.tables[route].clamp(max=lengths[route]) for h in hindsights.values()]).float()
+        uncertain = torch.cat([h.entropy >= threshold for h in hindsights.values()])
+        priors[route] = tuple(round(float(t.mean()), 2) if t.numel() else 0.0
+                              for t in (table[~uncertain], table[uncertain]))
     return priors
 
 
@@ -96,23 +92,24 @@ def main() -> None:
     if (Path(args.drafters) / "policy").is_dir():
         neural = NeuralPolicy.from_pretrained(Path(args.drafters) / "policy")
         rows["neural"] = score(lambda h: neural, hindsights, latency, lengths)
+    priors = {threshold: measured_priors(hindsights, threshold, lengths) for threshold in GRID["threshold"]}
     for values in itertools.product(*GRID.values()):
         settings = dict(zip(GRID, values))
-        settings["priors"] = measured_priors(hindsights, settings["threshold"], lengths)
+        settings["priors"] = priors[settings["threshold"]]
         rows["entropy " + json.dumps(settings)] = score(lambda h: EntropyPolicy(**settings), hindsights, latency,
                                                          lengths)
     # The EAGLE-3 chain length, replayed exactly from the same tables (a chain of k accepts min(a, k)).
-    for k in range(1, lengths[EAGLE]):
-        rows[f"always-eagle3 chain {k}"] = score(lambda h: Always(EAGLE), hindsights, latency, {**lengths, EAGLE: k})
+    chains = {f"always-eagle3 chain {k}": k for k in range(1, lengths[EAGLE])}
+    for name, k in chains.items():
+        rows[name] = score(lambda h: Always(EAGLE), hindsights, latency, {**lengths, EAGLE: k})
     # DFlash blocks attend to each other, so another block size needs its own teacher-forced pass.
-    for block in args.dflash_blocks:
+    blocks = {f"always-dflash block {b}": b for b in args.dflash_blocks}
+    for name, block in blocks.items():
         tables = {key: acceptance_tables(target, torch.tensor([refs[key[1]]["ids"]]), refs[key[1]]["prompt_length"],
                                          dflash=assistant.dflash, block_size=block) for key in hindsights}
-        rows[f"always-dflash block {block}"] = score(lambda h: Always(DFLASH), tables, latency,
+        rows[name] = score(lambda h: Always(DFLASH), tables, latency,
                                                      {**lengths, DFLASH: block - 1})
     best = max((k for k in rows if k.startswith("entropy")), key=lambda k: rows[k]["overall"])
-    chains = [f"always-eagle3 chain {k}" for k in range(1, lengths[EAGLE])]
-    blocks = [f"always-dflash block {b}" for b in args.dflash_blocks]
     for name in ("always-eagle3", *chains, "always-dflash", *blocks, "oracle", "neural", best):
         if name in rows:
             print(f"{name:60s} " + " ".join(f"{c} {v:6.1f}" for c, v in rows[name].items()))
