@@ -95,13 +95,18 @@ def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: 
 class FeatureStore(Dataset):
     """Samples as {"input_ids" [T], "response_start", "hidden": {layer: [T, H] float16}} (memory-mapped)."""
 
-    def __init__(self, folder, layers: list[int]):
+    def __init__(self, folder, layers: list[int], max_samples: int | None = None, seed: int = 0):
         folder = Path(folder)
         index = json.loads((folder / "index.json").read_text())
         missing = set(layers) - set(index["layers"])
         if missing:
             raise ValueError(f"{folder} lacks hidden_states layers {sorted(missing)}; rebuild the store")
         self.samples, total = index["samples"], sum(s["length"] for s in index["samples"])
+        if max_samples is not None:  # a random subset, for curves of acceptance against data size
+            if not 0 < max_samples <= len(self.samples):
+                raise ValueError(f"max_samples={max_samples}: the store at {folder} holds {len(self.samples)}")
+            keep = np.random.default_rng(seed).permutation(len(self.samples))[:max_samples]  # nested across sizes
+            self.samples = [self.samples[i] for i in sorted(keep)]
         self.tokens = np.memmap(folder / "tokens.i32", np.int32, "r", shape=(total,))
         self.layers = {layer: np.memmap(folder / f"layer_{layer}.f16", np.float16, "r",
                                         shape=(total, index["hidden_size"])) for layer in layers}

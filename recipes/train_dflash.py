@@ -10,16 +10,13 @@ exp(-(k-1)/gamma). The target's embedding and LM head are shared and frozen. Out
 in the DFlash Hub layout (DFlashDrafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
 """
 
-import argparse
 import math
-from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from features import FeatureStore, build_store
-from trainer import train
+from trainer import recipe_config, train
 
 from hf_whiflash import DFlashDrafter, load_target
 
@@ -70,11 +67,7 @@ class BlockObjective(nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config (see recipes/configs/dflash_smollm2.yaml)")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the trained drafter to this Hub repo")
-    args = parser.parse_args()
-    config = yaml.safe_load(Path(args.config).read_text())
+    args, config = recipe_config(__doc__, "recipes/configs/dflash_smollm2.yaml")
     target, _ = load_target(config["target"])
     target.requires_grad_(False)  # embedding and LM head are shared with the drafter, frozen
     drafter = DFlashDrafter.for_target(target, num_layers=config["num_layers"], block_size=config["block_size"],
@@ -82,7 +75,7 @@ def main() -> None:
                                        intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0))
     layers = sorted(set(drafter.feature_layers) | set(config.get("extra_feature_layers", [])))
     store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
-    store = FeatureStore(store_dir, drafter.feature_layers)
+    store = FeatureStore(store_dir, drafter.feature_layers, config["max_samples"], config.get("seed", 0))
     objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"])
     final = train(config, objective, drafter, store)
     print(f"saved DFlash drafter to {final}")

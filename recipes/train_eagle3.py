@@ -10,16 +10,13 @@ renormalised over the draft vocabulary, on response tokens only. The draft vocab
 Hub layout (Eagle3Drafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
 """
 
-import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from features import FeatureStore, build_store
-from trainer import train
+from trainer import recipe_config, train
 
 from hf_whiflash import Eagle3Drafter, load_target
 
@@ -90,11 +87,7 @@ def draft_vocabulary(store: FeatureStore, size: int, eos: int) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config (see recipes/configs/eagle3_smollm2.yaml)")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the trained head to this Hub repo")
-    args = parser.parse_args()
-    config = yaml.safe_load(Path(args.config).read_text())
+    args, config = recipe_config(__doc__, "recipes/configs/eagle3_smollm2.yaml")
     torch.manual_seed(config.get("seed", 0))
     target, _ = load_target(config["target"])
     target.requires_grad_(False)
@@ -103,7 +96,8 @@ def main() -> None:
     final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
     layers = sorted(set(drafter.feature_layers) | {final_layer} | set(config.get("extra_feature_layers", [])))
     store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
-    store = FeatureStore(store_dir, sorted(set(drafter.feature_layers) | {final_layer}))
+    store = FeatureStore(store_dir, sorted(set(drafter.feature_layers) | {final_layer}), config["max_samples"],
+                         config.get("seed", 0))
     drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
     objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],
                              config["ttt_decay"], config.get("anchors_per_sequence"))

@@ -5,6 +5,7 @@ A recipe supplies an nn.Module whose forward(batch) returns (loss, metrics): eve
 gradients runs inside that one forward, so the same code runs under DDP with `accelerate launch`.
 """
 
+import argparse
 import json
 import math
 import random
@@ -13,10 +14,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from features import FeatureStore, collate
+
+
+def recipe_config(doc: str, example: str) -> tuple[argparse.Namespace, dict]:
+    """The command line of both drafter recipes: a YAML config, `--set KEY=VALUE` overrides, `--push-to-hub`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help=f"YAML config (see {example})")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override entries of the config (values parse as YAML), e.g. for a data-size "
+                             "curve: --set max_samples=712 out=runs/eagle3-smollm2-712")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the trained drafter to this Hub repo")
+    args = parser.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in config:  # a typo must not train with the file's value unnoticed
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(config)}")
+        config[key] = yaml.safe_load(value)
+    return args, config
 
 
 def seed_everything(seed: int) -> None:

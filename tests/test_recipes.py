@@ -15,9 +15,13 @@ from helpers import chat_ids
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, config: Path) -> str:
-    done = subprocess.run([sys.executable, str(REPO / "recipes" / script), str(config)], cwd=REPO,
+def launch(script: str, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "recipes" / script), str(config), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
+
+
+def run(script: str, config: Path, *args: str) -> str:
+    done = launch(script, config, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -62,7 +66,7 @@ def losses(out: Path) -> list[float]:
                                                    ("train_dflash.py", "dflash_tiny.yaml", DFlashDrafter)])
 def test_recipe_trains_resumes_and_exports_a_drafter(tiny_data, target, tokenizer, script, config_name, cls):
     tmp, _ = tiny_data
-    run(script, config_in(tmp, config_name, max_steps=6))  # stops at the step-6 checkpoint
+    run(script, config_in(tmp, config_name), "--set", "max_steps=6")  # stops at the step-6 checkpoint
     out = Path(yaml.safe_load((tmp / config_name).read_text())["out"])
     assert (out / "checkpoints" / "step-6").is_dir()
     log = run(script, config_in(tmp, config_name))  # same run, longer: resumes at step 6
@@ -96,3 +100,34 @@ def test_ttt_anchor_subsampling_keeps_learnable_positions(monkeypatch):
     assert (anchors.diff(dim=1) > 0).all()
     everything, _ = TTTObjective._anchors(SimpleNamespace(anchors_per_sequence=None), learnable)
     assert everything[0].tolist() == list(range(8, 28))  # default: every learnable anchor, in order
+
+
+def test_recipe_rejects_an_unknown_override(tmp_path):
+    done = launch("train_eagle3.py", config_in(tmp_path, "eagle3_tiny.yaml"), "--set", "max_sample=10")
+    assert done.returncode == 2 and "'max_sample=10'" in done.stderr and "max_samples" in done.stderr
+
+
+def test_feature_store_subsets_are_seeded_and_nested(tmp_path, monkeypatch):
+    """max_samples (data-size curves) picks a seeded random subset; smaller subsets lie inside larger ones."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from features import FeatureStore
+
+    lengths = [3, 5, 4, 6, 2, 7, 3, 4]
+    index = {"layers": [0], "hidden_size": 2, "samples": [
+        {"id": f"s{i}", "category": "chat", "offset": int(o), "length": n, "response_start": 1}
+        for i, (o, n) in enumerate(zip(np.cumsum([0] + lengths), lengths))]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    np.arange(sum(lengths), dtype=np.int32).tofile(tmp_path / "tokens.i32")
+    np.zeros((sum(lengths), 2), np.float16).tofile(tmp_path / "layer_0.f16")
+    ids = {k: [s["id"] for s in FeatureStore(tmp_path, [0], k, seed=0).samples] for k in (2, 5, 8)}
+    assert len(ids[2]) == 2 and set(ids[2]) < set(ids[5]) < set(ids[8]) and len(ids[8]) == 8
+    assert ids[5] == [s["id"] for s in FeatureStore(tmp_path, [0], 5, seed=0).samples]
+    assert ids[5] != [s["id"] for s in FeatureStore(tmp_path, [0], 5, seed=1).samples]
+    by_id = {s["id"]: s for s in index["samples"]}
+    subset = FeatureStore(tmp_path, [0], 2)
+    first = by_id[subset.samples[0]["id"]]  # items read the subset's own spans
+    assert subset[0]["input_ids"].tolist() == list(range(first["offset"], first["offset"] + first["length"]))
+    with pytest.raises(ValueError, match="holds 8"):
+        FeatureStore(tmp_path, [0], 9)
