@@ -7,7 +7,10 @@ The target's greedy continuations of the dev prompts are computed once (cached n
 a rerun with the same settings reuses the rows of drafter folders that have not changed since.
 For each drafter folder, hindsight acceptance tables are walked as single-drafter generation
 would walk them: acceptance length = tokens per round (accepted drafts + the target's token).
-Snapshot folders named step-N give an acceptance-vs-training-steps curve (PNG next to --out).
+Snapshot folders named step-N give an acceptance-vs-training-steps curve (acceptance.png next to --out);
+final folders of recipe runs on different amounts of data (`--set max_samples=N`) give an
+acceptance-vs-data-size curve (acceptance_data.png). --out keeps the rows of the listed folders only,
+so list every folder each time (unchanged ones are not evaluated again).
 """
 
 import argparse
@@ -57,6 +60,14 @@ def acceptance_by_category(target, drafter, route: str, prompts, refs, eagle_ste
     return result
 
 
+def training_run(folder: Path) -> dict:
+    """The run.json the recipe wrote next to `folder` (its final/ or snapshots/step-N); {} if none."""
+    for parent in (folder.parent, folder.parent.parent):
+        if (parent / "run.json").exists():
+            return json.loads((parent / "run.json").read_text())
+    return {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="SmolLM2-135M-Instruct")
@@ -88,30 +99,39 @@ def main() -> None:
                 result = acceptance_by_category(target, drafter, route, prompts, refs, args.eagle_steps,
                                                 args.block_size)
                 step = re.search(r"step-(\d+)", str(folder))
+                run = training_run(Path(folder))
                 row = {"route": route, "folder": str(folder), "version": version,
-                       "step": int(step.group(1)) if step else None, "acceptance_length": result}
+                       "step": int(step.group(1)) if step else None, "train_samples": run.get("train_samples"),
+                       "train_steps": run.get("config", {}).get("max_steps"), "acceptance_length": result}
             rows.append(row)
             print(route, folder, {k: round(v, 2) for k, v in row["acceptance_length"].items()})
             out.write_text(json.dumps({"settings": settings, "results": rows}, indent=1))  # resumable
-    curve = [r for r in rows if r["step"] is not None]
-    if curve:
-        plot_curve(curve, out.with_suffix(".png"))
+    steps_curve = [r for r in rows if r["step"] is not None]
+    if steps_curve:
+        plot_curve(steps_curve, "step", "training step", out.with_suffix(".png"))
+    data_curve = [r for r in rows if r["step"] is None and r.get("train_samples")]
+    if len({r["train_samples"] for r in data_curve}) > 1:
+        steps = sorted({r["train_steps"] for r in data_curve})
+        plot_curve(data_curve, "train_samples", f"training samples ({'/'.join(map(str, steps))} steps each)",
+                   out.with_name(out.stem + "_data.png"))
 
 
-def plot_curve(rows: list[dict], path: Path) -> None:
+def plot_curve(rows: list[dict], x: str, xlabel: str, path: Path) -> None:
+    """Acceptance per category against the row field `x`, one panel per drafter kind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, route in zip(axes, ("eagle3", "dflash")):
-        points = sorted((r for r in rows if r["route"] == route), key=lambda r: r["step"])
+    routes = [route for route in ("eagle3", "dflash") if any(r["route"] == route for r in rows)]
+    fig, axes = plt.subplots(1, len(routes), figsize=(5 * len(routes), 3.5), squeeze=False)
+    for ax, route in zip(axes[0], routes):
+        points = sorted((r for r in rows if r["route"] == route), key=lambda r: r[x])
         for category in (*CATEGORIES, "overall"):
-            ax.plot([r["step"] for r in points], [r["acceptance_length"].get(category) for r in points], marker="o",
+            ax.plot([r[x] for r in points], [r["acceptance_length"].get(category) for r in points], marker="o",
                     label=category, linewidth=2.5 if category == "overall" else 1)
         ax.set_title(f"{route}: greedy acceptance length on the dev set")
-        ax.set_xlabel("training step")
+        ax.set_xlabel(xlabel)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -83,6 +83,8 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore
         step = int(resume.name.split("-")[1])
         accelerator.print(f"resumed from {resume} at step {step}")
     log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
+    if accelerator.is_main_process:  # what this run trained on, for curves over data size (recipes/evaluate.py)
+        (out / "run.json").write_text(json.dumps({"config": config, "train_samples": len(store)}, indent=1))
     progress = tqdm(total=total, initial=step, desc=out.name, disable=not accelerator.is_local_main_process)
     epoch = step // max(1, len(loader))
     while step < total:

@@ -73,6 +73,9 @@ def test_recipe_trains_resumes_and_exports_a_drafter(tiny_data, target, tokenize
     assert "resumed from" in log and "step-6" in log
     curve = losses(out)
     assert len(curve) == 12
+    run_info = json.loads((out / "run.json").read_text())  # what evaluate.py's data-size curve reads
+    stored = json.loads((Path(run_info["config"]["features"]) / "index.json").read_text())["samples"]
+    assert run_info["config"]["max_steps"] == 12 and run_info["train_samples"] == len(stored)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3  # loss goes down
     drafter = cls.from_pretrained(out / "final")
     kind = "eagle3" if cls is Eagle3Drafter else "dflash"
