@@ -3,7 +3,8 @@
 Systems run interleaved (the order rotates from prompt to prompt) so machine drift hits all of
 them alike. Per system, mode (greedy / sampling) and prompt category: tokens/s, speedup over plain
 generate() (median of per-prompt ratios), acceptance length, share of rounds per paradigm, catch-up
-time as % of round time and peak extra memory. Writes bench.json, bench.md, speedup.png, trace.png.
+time as % of round time and peak extra memory (weights the system adds to the target's, plus the peak
+growth while generating). Writes bench.json, bench.md, speedup.png, trace.png.
 """
 
 import json
@@ -33,7 +34,7 @@ class Run:
     mode: str
     new_tokens: int
     seconds: float
-    peak_mb: float
+    peak_mb: float  # weights added to the target's (drafters, assistant model) + peak growth while generating
     acceptance: float | None = None  # tokens per round (accepted drafts + 1)
     rounds_per_route: dict = field(default_factory=dict)
     catch_up_share: float | None = None
@@ -78,6 +79,17 @@ class PeakMemory:
             self._done.set()
             self._thread.join()
             self.peak_mb = max(0, self._peak - self._start) / 2**20
+
+
+def added_weights_mb(target, extra: dict) -> float:
+    """MB of weights a system holds beyond the target's own: drafters and router, or an assistant model.
+    Tensors it shares with the target (DFlash reads the target's embedding and LM head) count once, as target's."""
+    model = extra.get("assistant_model")
+    if model is None:
+        return 0.0
+    shared = {t.data_ptr() for t in (*target.parameters(), *target.buffers())}
+    added = {t.data_ptr(): t.nbytes for t in (*model.parameters(), *model.buffers()) if t.data_ptr() not in shared}
+    return sum(added.values()) / 2**20
 
 
 def load_prompts(source: str, per_category: int | None) -> list[dict]:
@@ -168,7 +180,8 @@ def run_one(target, ids, system: str, extra: dict, mode: str, max_new_tokens: in
         if target.device.type == "cuda":
             torch.cuda.synchronize(target.device)
         seconds = time.perf_counter() - start
-    run = Run(prompt["id"], prompt["category"], system, mode, out.shape[1] - ids.shape[1], seconds, memory.peak_mb)
+    run = Run(prompt["id"], prompt["category"], system, mode, out.shape[1] - ids.shape[1], seconds,
+              added_weights_mb(target, extra) + memory.peak_mb)
     assistant = whiflash_assistant(extra)
     if assistant is not None:
         summary = assistant.stats.summary()
@@ -261,7 +274,7 @@ def markdown(summary: dict, meta: dict) -> str:
         lines += [f"### {mode}", "",
                   "| system | " + " | ".join(f"{c} speedup" for c in (*CATEGORIES, "overall"))
                   + " | tok/s | acceptance | EAGLE-3 / DFlash rounds | catch-up % | routing % | tokens/cost-s"
-                  " | peak MB |",
+                  " | extra peak MB |",
                   "|---" * (len(CATEGORIES) + 9) + "|"]
         for system, cats in systems.items():
             overall = cats["overall"]

@@ -90,3 +90,22 @@ def test_bench_compares_with_transformers_assisted_generation(tiny, tmp_path):
     assert set(result["summary"]["greedy"]) == {"plain", "prompt-lookup", "assisted"}
     assert result["meta"]["assistant"] == str(tiny / "target")
     assert all(r["new_tokens"] == 6 for r in result["runs"])
+
+
+def test_extra_peak_memory_counts_the_weights_a_system_adds(tiny):
+    """bench's "extra peak MB" starts from a system's own weights; what it shares with the target is not added."""
+    from hf_whiflash import WhiFlashAssistant, load_target
+    from hf_whiflash.bench import added_weights_mb
+    from hf_whiflash.routing import DFLASH, EAGLE, EntropyPolicy
+
+    target, _ = load_target(str(tiny / "target"))
+    copy, _ = load_target(str(tiny / "target"))
+    assert added_weights_mb(target, {}) == added_weights_mb(target, {"prompt_lookup_num_tokens": 10}) == 0
+    assert added_weights_mb(target, {"assistant_model": target}) == 0
+    target_mb = sum(t.nbytes for t in (*target.parameters(), *target.buffers())) / 2**20
+    assert added_weights_mb(target, {"assistant_model": copy}) == pytest.approx(target_mb)
+    mb = {routes: added_weights_mb(target, {"assistant_model": WhiFlashAssistant.from_pretrained(
+        target, tiny / "drafters", routes=routes, policy=EntropyPolicy())}) for routes in ((EAGLE,), (DFLASH,),
+                                                                                            (EAGLE, DFLASH))}
+    assert mb[(EAGLE,)] > 0 and mb[(DFLASH,)] > 0
+    assert mb[(EAGLE, DFLASH)] == pytest.approx(mb[(EAGLE,)] + mb[(DFLASH,)])
