@@ -27,7 +27,7 @@ def recipe_config(doc: str, example: str) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("config", help=f"YAML config (see {example})")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override entries of the config (values parse as YAML), e.g. for a data-size "
-                             "curve: --set max_samples=712 out=runs/eagle3-smollm2-712")
+                             "curve: --set max_samples=688 out=runs/eagle3-smollm2-n688")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the trained drafter to this Hub repo")
     args = parser.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
