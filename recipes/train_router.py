@@ -25,6 +25,7 @@ from tqdm import tqdm
 from features import read_samples
 
 from hf_whiflash import WhiFlashAssistant, load_target
+from hf_whiflash.assistant import write_settings
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.routing import ROUTES, EntropyPolicy, NeuralPolicy, feature_vector
@@ -92,11 +93,9 @@ def main() -> None:
 def install(policy: NeuralPolicy, folder: Path) -> None:
     """Make a WhiFlash folder route with `policy`: its policy/ and whiflash_config.json; the drafters stay
     untouched (re-saving them from the attached assistant would store them in the target's dtype)."""
-    settings_path = folder / "whiflash_config.json"
-    settings = json.loads(settings_path.read_text())
-    settings["policy"] = policy.to_dict()
-    policy.save_pretrained(folder / settings["policy"]["folder"])
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    settings = json.loads((folder / "whiflash_config.json").read_text())
+    policy.save_pretrained(folder / policy.to_dict()["folder"])
+    write_settings(folder, settings["eagle_steps"], settings["dflash_block_size"], policy)
 
 
 if __name__ == "__main__":

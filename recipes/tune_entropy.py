@@ -107,8 +107,7 @@ def main() -> None:
     for name, block in blocks.items():
         tables = {key: acceptance_tables(target, torch.tensor([refs[key[1]]["ids"]]), refs[key[1]]["prompt_length"],
                                          dflash=assistant.dflash, block_size=block) for key in hindsights}
-        rows[name] = score(lambda h: Always(DFLASH), tables, latency,
-                                                     {**lengths, DFLASH: block - 1})
+        rows[name] = score(lambda h: Always(DFLASH), tables, latency, {**lengths, DFLASH: block - 1})
     best = max((k for k in rows if k.startswith("entropy")), key=lambda k: rows[k]["overall"])
     for name in ("always-eagle3", *chains, "always-dflash", *blocks, "oracle", "neural", best):
         if name in rows:
