@@ -6,7 +6,7 @@ Greedy generation is deterministic, so a routing policy's rounds can be replayed
 hindsight acceptance tables (one teacher-forced pass per drafter per dev prompt), with round times
 from a LatencyModel measured on this machine. For each setting of (threshold, latency_weight,
 explore_every) this reports tokens per modelled second per category, next to always-EAGLE-3 (also
-with shorter chains: the shipped chain length comes from here), always-DFlash (also with smaller
+with other chain lengths: the shipped chain length comes from here), always-DFlash (also with smaller
 blocks), the neural router and the hindsight oracle, and writes everything to results/entropy_tuning.json.
 """
 
@@ -26,7 +26,7 @@ from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.routing import DFLASH, EAGLE, ROUTES, EntropyPolicy, NeuralPolicy, OracleRouter
 
-GRID = {"threshold": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], "latency_weight": [0.0, 0.5, 1.0], "explore_every": [4, 8, 16]}
+GRID = {"threshold": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], "latency_weight": [0.0, 0.5, 1.0], "explore_every": [4, 8, 16, 32]}
 
 
 class Always:
@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--target", default="SmolLM2-135M-Instruct")
     parser.add_argument("--drafters", required=True, help="WhiFlash folder with eagle3/ and dflash/")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-chain", type=int, default=6,
+                        help="also replay EAGLE-3-only with every chain length up to this (default 6)")
     parser.add_argument("--dflash-blocks", type=int, nargs="*", default=[4, 8],
                         help="also replay DFlash-only with these block sizes (one teacher-forced pass each)")
     parser.add_argument("--out", default="results/entropy_tuning.json")
@@ -85,7 +87,7 @@ def main() -> None:
         ref = refs[p["id"]]
         hindsights[p["category"], p["id"]] = acceptance_tables(
             target, torch.tensor([ref["ids"]]), ref["prompt_length"], assistant.eagle3, assistant.dflash,
-            lengths[EAGLE], assistant.dflash_block_size)
+            max(args.max_chain, lengths[EAGLE]), assistant.dflash_block_size)
     rows = {"always-eagle3": score(lambda h: Always(EAGLE), hindsights, latency, lengths),
             "always-dflash": score(lambda h: Always(DFLASH), hindsights, latency, lengths),
             "oracle": score(lambda h: OracleRouter(h.tables, latency, lengths), hindsights, latency, lengths)}
@@ -99,7 +101,8 @@ def main() -> None:
         rows["entropy " + json.dumps(settings)] = score(lambda h: EntropyPolicy(**settings), hindsights, latency,
                                                          lengths)
     # The EAGLE-3 chain length, replayed exactly from the same tables (a chain of k accepts min(a, k)).
-    chains = {f"always-eagle3 chain {k}": k for k in range(1, lengths[EAGLE])}
+    chains = {f"always-eagle3 chain {k}": k for k in range(1, max(args.max_chain, lengths[EAGLE]) + 1)
+              if k != lengths[EAGLE]}
     for name, k in chains.items():
         rows[name] = score(lambda h: Always(EAGLE), hindsights, latency, {**lengths, EAGLE: k})
     # DFlash blocks attend to each other, so another block size needs its own teacher-forced pass.

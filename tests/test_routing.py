@@ -68,6 +68,25 @@ def test_entropy_policy_follows_regimes_and_explores():
         slow_eagle, ROUTES) == EAGLE
 
 
+def test_entropy_policy_explores_a_clearly_worse_route_rarely():
+    """Once both round times are known, an idle route waits explore_every x (best score / its score)."""
+    policy = EntropyPolicy(threshold=1.0, explore_every=4, priors={EAGLE: (1.0, 1.0), DFLASH: (1.0, 1.0)})
+    timed = features(2.5, seconds_ema={EAGLE: 0.1, DFLASH: 0.4})  # DFlash scores a quarter of EAGLE-3
+    chosen = []
+    for _ in range(20):
+        chosen.append(policy.choose(timed, ROUTES))
+        policy.observe(timed, chosen[-1], 1, 0.1)
+    assert chosen.index(DFLASH) == 16 and chosen.count(DFLASH) == 1
+    close = features(2.5, seconds_ema={EAGLE: 0.1, DFLASH: 0.125})  # 0.8 of the best: after 5 idle rounds
+    policy.reset()
+    for _ in range(4):
+        assert policy.choose(close, ROUTES) == EAGLE
+        policy.observe(close, EAGLE, 1, 0.1)
+    assert policy.choose(close, ROUTES) == EAGLE  # idle 4 < 4 x 1.25
+    policy.observe(close, EAGLE, 1, 0.1)
+    assert policy.choose(close, ROUTES) == DFLASH
+
+
 def test_routing_state_tracks_what_the_features_report():
     state = RoutingState(ROUTES)
     state.record(EAGLE, 4, 0.1)
