@@ -76,7 +76,7 @@ class EntropyPolicy:
         # Scores compare only when every route's round time is known (an untimed route costs 1.0).
         timed = all(r in features.seconds_ema for r in routes)
         for route in routes:
-            gap = scores[best] / max(scores[route], 1e-9) if timed else 1.0
+            gap = scores[best] / scores[route] if timed else 1.0  # scores > 0: accepted >= 0
             if self.idle[route, regime] >= self.explore_every * gap:
                 return route
         return best
