@@ -42,7 +42,7 @@ bench-quick: $(STAMP)
 	$(VENV)/bin/whiflash bench --quick --systems plain prompt-lookup eagle3 dflash whiflash-entropy whiflash-neural oracle \
 		--out results/bench-quick
 
-# Every dev prompt (20 per category) at the quick run's 64 new tokens, so the two compare (~80 min on 2 cores).
+# Every dev prompt (20 per category) at the quick run's 64 new tokens, so the two compare (67 min on 2 cores).
 bench-full: $(STAMP)
 	$(VENV)/bin/whiflash bench --max-new-tokens 64 --systems plain prompt-lookup eagle3 dflash whiflash-entropy \
 		whiflash-neural oracle --out results/bench-full
