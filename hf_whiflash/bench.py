@@ -199,39 +199,43 @@ def prompt_ids(tokenizer, prompt: dict, device) -> torch.Tensor:
                                          return_dict=True)["input_ids"].to(device)  # [1, prompt_len]
 
 
+def runs_in(system: str, mode: str) -> bool:
+    """The oracle routes with hindsight of greedy output, so it runs in greedy mode only."""
+    return system != "oracle" or mode == "greedy"
+
+
 def warm_up(target, ids, systems: dict, modes: list[str], max_new_tokens: int, latency) -> None:
     """One untimed generation per system and mode before any timing. Without it the first timed run
     pays one-off costs (kernel selection, allocator growth, lazy imports): once, a single 10 s plain
     generation on the first prompt made code read 2.4x."""
     for mode in modes:
         for name, extra in systems.items():
+            if not runs_in(name, mode):
+                continue
             if name == "oracle":
-                if mode != "greedy":
-                    continue
                 prepare_oracle(target, extra["assistant_model"], ids, max_new_tokens, latency)
             target.generate(ids, max_new_tokens=max_new_tokens, **MODES[mode], **extra)
 
 
 def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list[str], max_new_tokens: int,
               repeats: int, seed: int, latency=None, progress=True) -> tuple[list[Run], dict]:
-    """All runs, plus the per-round trace of one greedy WhiFlash generation (for the trace plot).
-    The oracle routes with hindsight of greedy output, so it runs in greedy mode only."""
+    """All runs, plus the per-round trace of one greedy WhiFlash generation (for the trace plot)."""
     from tqdm import tqdm
 
     warm_up(target, prompt_ids(tokenizer, prompts[0], target.device), systems, modes, min(16, max_new_tokens),
             latency)
     names, runs, trace = list(systems), [], None
-    total = sum(len(prompts) * repeats * sum(n != "oracle" or m == "greedy" for n in names) for m in modes)
+    total = sum(len(prompts) * repeats * sum(runs_in(n, m) for n in names) for m in modes)
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for mode in modes:
             for i, prompt in enumerate(prompts):
                 ids = prompt_ids(tokenizer, prompt, target.device)
                 order = names[i % len(names):] + names[:i % len(names)]  # rotate: drift hits every system
-                if "oracle" in systems and mode == "greedy":
+                if "oracle" in systems and runs_in("oracle", mode):
                     prepare_oracle(target, systems["oracle"]["assistant_model"], ids, max_new_tokens, latency)
                 for _ in range(repeats):
                     for name in order:
-                        if name == "oracle" and mode != "greedy":
+                        if not runs_in(name, mode):
                             continue
                         runs.append(run_one(target, ids, name, systems[name], mode, max_new_tokens, seed + i, prompt,
                                             latency))

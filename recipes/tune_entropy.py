@@ -79,6 +79,7 @@ def main() -> None:
     target, tokenizer = load_target(args.target)
     assistant = WhiFlashAssistant.from_pretrained(target, args.drafters, routes=ROUTES)
     lengths = {EAGLE: assistant.eagle_steps, DFLASH: assistant.dflash_block_size - 1}
+    longest_chain = max(args.max_chain, lengths[EAGLE])  # tables hold every chain length up to this
     latency = LatencyModel.measure(assistant)
     prompts = load_prompts("dev", None)
     refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / "dev_references.jsonl")
@@ -87,7 +88,7 @@ def main() -> None:
         ref = refs[p["id"]]
         hindsights[p["category"], p["id"]] = acceptance_tables(
             target, torch.tensor([ref["ids"]]), ref["prompt_length"], assistant.eagle3, assistant.dflash,
-            max(args.max_chain, lengths[EAGLE]), assistant.dflash_block_size)
+            longest_chain, assistant.dflash_block_size)
     rows = {"always-eagle3": score(lambda h: Always(EAGLE), hindsights, latency, lengths),
             "always-dflash": score(lambda h: Always(DFLASH), hindsights, latency, lengths),
             "oracle": score(lambda h: OracleRouter(h.tables, latency, lengths), hindsights, latency, lengths)}
@@ -101,8 +102,7 @@ def main() -> None:
         rows["entropy " + json.dumps(settings)] = score(lambda h: EntropyPolicy(**settings), hindsights, latency,
                                                          lengths)
     # The EAGLE-3 chain length, replayed exactly from the same tables (a chain of k accepts min(a, k)).
-    chains = {f"always-eagle3 chain {k}": k for k in range(1, max(args.max_chain, lengths[EAGLE]) + 1)
-              if k != lengths[EAGLE]}
+    chains = {f"always-eagle3 chain {k}": k for k in range(1, longest_chain + 1) if k != lengths[EAGLE]}
     for name, k in chains.items():
         rows[name] = score(lambda h: Always(EAGLE), hindsights, latency, {**lengths, EAGLE: k})
     # DFlash blocks attend to each other, so another block size needs its own teacher-forced pass.
