@@ -10,6 +10,7 @@ import json
 import math
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,45 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine down to 10%
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    checkpoints = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+# What accelerator.save_state writes for this loop (one model, optimizer and scheduler, DDP or one process).
+REQUIRED_STATE = ("model.safetensors", "optimizer.bin", "scheduler.bin")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The step-N folders, oldest first (unfinished saves are named .step-N.partial and never match)."""
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None: every state file is whole). Saves are renamed
+    into place only when complete, but a run killed while saving with an older trainer left torn step-N
+    folders behind, and resuming from one crashes deep inside torch.load."""
+    from safetensors import SafetensorError, safe_open
+
+    missing = [name for name in REQUIRED_STATE if not (folder / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):  # checks that the header describes exactly the bytes on disk
+                    pass
+            elif path.suffix in (".bin", ".pkl"):  # torch.save zips: a cut-off file has no central directory
+                zipfile.ZipFile(path).close()
+        except (SafetensorError, zipfile.BadZipFile, OSError) as exc:
+            return f"{path.name} is truncated or corrupted ({exc})"
+    return None
+
+
+def latest_checkpoint(out: Path, report=print) -> Path | None:
+    """The newest checkpoint that is whole; each damaged one skipped on the way is reported."""
+    for folder in reversed(checkpoints(out)):
+        damage = checkpoint_damage(folder)
+        if damage is None:
+            return folder
+        report(f"warning: skipping checkpoint {folder}: {damage}; resuming from an earlier one "
+               f"(delete {folder} to silence this)")
+    return None
 
 
 def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore) -> Path:
@@ -77,7 +114,7 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore
     objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
 
     step = 0
-    resume = latest_checkpoint(out)
+    resume = latest_checkpoint(out, accelerator.print)
     if resume is not None:
         accelerator.load_state(resume)
         step = int(resume.name.split("-")[1])
@@ -126,7 +163,19 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore
 
 
 def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
-    accelerator.save_state(out / "checkpoints" / f"step-{step}")
+    """Save into .step-N.partial and rename it to step-N once every process has written its part, so a run
+    killed while saving never leaves a step-N folder that resuming would pick."""
+    final = out / "checkpoints" / f"step-{step}"
+    partial = final.with_name(f".{final.name}.partial")
     if accelerator.is_main_process:
-        for old in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        for leftover in (out / "checkpoints").glob(".step-*.partial"):  # from saves killed midway
+            shutil.rmtree(leftover)
+    accelerator.wait_for_everyone()  # no process writes into a folder that is still being removed
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # a torn folder of an earlier, killed run (skipped when resuming) holds the name
+            shutil.rmtree(final)
+        partial.rename(final)
+        for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)

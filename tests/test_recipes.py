@@ -134,3 +134,62 @@ def test_feature_store_subsets_are_seeded_and_nested(tmp_path, monkeypatch):
     assert subset[0]["input_ids"].tolist() == list(range(first["offset"], first["offset"] + first["length"]))
     with pytest.raises(ValueError, match="holds 8"):
         FeatureStore(tmp_path, [0], 9)
+
+
+def test_resume_skips_torn_checkpoints_and_saves_complete_ones(tmp_path, monkeypatch, capsys):
+    """A run killed while saving must never leave a step folder that resuming picks: saves are renamed into
+    place when complete, and a torn step folder (from an older trainer) is skipped, with a warning naming it."""
+    import shutil
+
+    from accelerate import Accelerator
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from trainer import latest_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    for step in (1, 2):
+        model(torch.ones(1, 4)).sum().backward()
+        optimizer.step()
+        save_checkpoint(accelerator, tmp_path, step, keep=3)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-1", "step-2"]
+
+    real_save = accelerator.save_state
+
+    def killed_while_saving(path):
+        real_save(path)
+        optimizer_bin = path / "optimizer.bin"
+        optimizer_bin.write_bytes(optimizer_bin.read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    accelerator.save_state = killed_while_saving
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, tmp_path, 3, keep=3)
+    del accelerator.save_state
+    assert sorted(p.name for p in folder.iterdir()) == [".step-3.partial", "step-1", "step-2"]
+    assert latest_checkpoint(tmp_path) == folder / "step-2"
+    assert capsys.readouterr().out == ""  # the unfinished save is not a checkpoint at all
+
+    # What an older trainer left when killed: a step folder with a cut-off optimizer.bin, one without a scheduler.
+    shutil.copytree(folder / "step-2", folder / "step-4")
+    whole = (folder / "step-2" / "optimizer.bin").read_bytes()
+    (folder / "step-4" / "optimizer.bin").write_bytes(whole[: len(whole) // 2])
+    shutil.copytree(folder / "step-2", folder / "step-5")
+    (folder / "step-5" / "scheduler.bin").unlink()
+    picked = latest_checkpoint(tmp_path)
+    assert picked == folder / "step-2"
+    warnings = capsys.readouterr().out
+    assert f"skipping checkpoint {folder / 'step-5'}: scheduler.bin missing" in warnings
+    assert f"skipping checkpoint {folder / 'step-4'}: optimizer.bin is truncated or corrupted" in warnings
+    accelerator.load_state(picked)  # the one picked does resume
+
+    shutil.rmtree(folder / "step-5")
+    save_checkpoint(accelerator, tmp_path, 4, keep=2)  # replaces the torn step-4, drops the killed save's leftovers
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2", "step-4"]
+    assert latest_checkpoint(tmp_path) == folder / "step-4"
+    assert capsys.readouterr().out == ""
+
