@@ -7,7 +7,8 @@ Output folder (`out` in the config):
   prompts.jsonl         {"id", "source", "category", "messages"}: deduplicated, dev-set ids excluded
   samples.{rank}.jsonl  {"id", "source", "category", "input_ids", "response_start"}: the chat-templated
                         prompt plus the target's greedy response as token ids; the loss covers
-                        input_ids[response_start:]. Appended batch by batch; a rerun skips done ids.
+                        input_ids[response_start:]. Appended batch by batch; a rerun skips done ids
+                        (and cuts off a last line torn by a kill mid-append, see jsonl.py).
 """
 
 import ast
@@ -23,6 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from jsonl import cut_torn_tail, read_rows
 from prompts import bfcl_live_items, tool_messages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,11 +107,14 @@ def build_prompts(config: dict, model, tokenizer) -> list[dict]:
 
 def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out: Path, rank: int, world: int):
     path = out / f"samples.{rank}.jsonl"
-    done = {json.loads(line)["id"] for line in path.open()} if path.exists() else set()
+    done = set()
+    if path.exists():  # a rerun: skip the ids already done
+        cut_torn_tail(path)
+        done = {row["id"] for row in read_rows(path)}
     todo = [p for i, p in enumerate(prompts) if i % world == rank and p["id"] not in done]
     batch_size, max_new = config["batch_size"], config["max_new_tokens"]
     todo.sort(key=lambda p: len(json.dumps(p["messages"])))  # similar lengths batch with little padding
-    with path.open("a") as f, tqdm(total=len(todo), desc=f"responses (rank {rank})") as bar:
+    with path.open("ab") as f, tqdm(total=len(todo), desc=f"responses (rank {rank})") as bar:
         for lo in range(0, len(todo), batch_size):
             batch = todo[lo:lo + batch_size]
             texts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
@@ -117,13 +122,15 @@ def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out:
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             out_ids = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
+            lines = []
             for p, mask, row in zip(batch, enc["attention_mask"], out_ids):
                 prompt_ids = row[: enc["input_ids"].shape[1]][mask.bool()].tolist()
                 response = row[enc["input_ids"].shape[1]:].tolist()
                 if tokenizer.eos_token_id in response:  # stop at (and keep) the first EOS
                     response = response[: response.index(tokenizer.eos_token_id) + 1]
-                f.write(json.dumps({"id": p["id"], "source": p["source"], "category": p["category"],
-                                    "input_ids": prompt_ids + response, "response_start": len(prompt_ids)}) + "\n")
+                lines.append(json.dumps({"id": p["id"], "source": p["source"], "category": p["category"],
+                                         "input_ids": prompt_ids + response, "response_start": len(prompt_ids)}) + "\n")
+            f.write("".join(lines).encode())  # the whole batch in one write: only a kill inside it can tear a line
             f.flush()
             bar.update(len(batch))
 

@@ -18,11 +18,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from jsonl import read_rows
+
 
 def read_samples(data_dir: Path, max_len: int) -> list[dict]:
     samples = []
     for path in sorted(Path(data_dir).glob("samples.*.jsonl")):
-        samples += [json.loads(line) for line in path.open()]
+        samples += read_rows(path)
     if not samples:
         raise FileNotFoundError(f"no samples.*.jsonl in {data_dir}: run recipes/data.py first")
     samples.sort(key=lambda s: s["id"])

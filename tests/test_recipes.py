@@ -193,3 +193,38 @@ def test_resume_skips_torn_checkpoints_and_saves_complete_ones(tmp_path, monkeyp
     assert latest_checkpoint(tmp_path) == folder / "step-4"
     assert capsys.readouterr().out == ""
 
+
+def test_a_sample_line_torn_by_a_kill_is_dropped_and_generated_again(tiny, tmp_path, monkeypatch, capsys):
+    """A data run killed mid-append leaves half a line: reading drops it with a note, a rerun cuts it off and
+    generates that sample again; a bad line anywhere else is an error naming file and line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from data import generate_responses
+    from features import read_samples
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "target")
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "target", padding_side="left")
+    prompts = [{**json.loads(line), "source": "tiny"} for line in (tiny / "prompts.jsonl").open()]
+
+    def generate():
+        generate_responses({"batch_size": 2, "max_new_tokens": 3}, model, tokenizer, prompts, tmp_path, 0, 1)
+
+    generate()
+    path = tmp_path / "samples.0.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == len(prompts)
+    path.write_bytes(b"".join(lines[:3]) + lines[3][:25])  # killed while appending the fourth line
+    assert [s["id"] for s in read_samples(tmp_path, max_len=64)] == sorted(json.loads(line)["id"] for line in lines[:3])
+    assert f"{path}: dropped the torn last line 4 (25 bytes)" in capsys.readouterr().out
+
+    generate()  # the rerun: cut the torn line off, then generate its sample again
+    assert f"{path}: cut off a torn last line (25 bytes)" in capsys.readouterr().out
+    again = path.read_bytes().splitlines(keepends=True)
+    assert again[:3] == lines[:3] and len(again) == 4
+    assert {json.loads(line)["id"] for line in again} == {p["id"] for p in prompts}
+
+    path.write_bytes(again[0] + b'{"id": "chat-0", "sou\n' + b"".join(again[2:]))  # damage that is not a torn tail
+    with pytest.raises(ValueError) as err:
+        read_samples(tmp_path, max_len=64)
+    assert str(err.value).startswith(f"{path}, line 2: not valid JSON") and "delete that line" in str(err.value)
