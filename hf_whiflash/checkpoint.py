@@ -7,6 +7,8 @@ Both drafters load and save through `HubMixin`; the config is kept as the dict t
 import copy
 import json
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -143,14 +145,22 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
 
 
 def _replace_atomically(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, so an interrupted save never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temporary file in the same folder, so an interrupted save never leaves a half file.
+
+    The saved file gets the permissions of any new file (0666 minus the umask), so a folder shared with other
+    users stays readable by them: the temporary file is created with 0666 for the kernel to apply the umask
+    (mkstemp would force 0600), and that mode is put back after `write`, since safetensors writes 0600 files.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

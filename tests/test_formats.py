@@ -1,6 +1,8 @@
 """Published Hub layouts load exactly, save back to the same layout, and round-trip bit-exactly."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -226,3 +228,20 @@ def test_unsupported_and_incomplete_configs_are_rejected(tmp_path):
         DFlashDrafter.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="not a local folder"):
         DFlashDrafter.from_pretrained(tmp_path / "does-not-exist")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=oct)
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_saved_drafters_follow_the_umask(tmp_path, umask, safe):
+    """Another user of a shared folder reads what the umask allows (a temporary file made them 0600 whatever
+    the umask was)."""
+    model = DFlashDrafter.from_pretrained(write_checkpoint(tmp_path / "in", DFLASH_ZLAB, dflash_weights(torch.float32)))
+    old = os.umask(umask)
+    try:
+        out = model.save_pretrained(tmp_path / "shared" / "dflash", safe_serialization=safe)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        "config.json": 0o666 & ~umask, "model.safetensors" if safe else "pytorch_model.bin": 0o666 & ~umask}
+

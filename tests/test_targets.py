@@ -1,6 +1,9 @@
 """The offline default target: checksum, one-time atomic conversion, plain loading of any folder or id."""
 
 import dataclasses
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +96,49 @@ def test_any_local_folder_loads_as_a_target(tmp_path):
     model, _ = targets.load_target(str(tmp_path), dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and not model.training
     assert torch.equal(model.lm_head.weight.float(), tiny.lm_head.weight.bfloat16().float())
+
+
+@pytest.fixture
+def tiny_gguf(tiny, tmp_path, monkeypatch):
+    """The default target's conversion with its slow step (reading and dequantising the 135M-parameter GGUF)
+    answered by the tiny target, into a cache under tmp_path: cache behaviour in well under a second.
+    Returns the list of conversions made (one entry per GGUF read)."""
+    import transformers
+
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_tokenizer = transformers.AutoTokenizer.from_pretrained
+    conversions = []
+
+    def model_from(path, gguf_file=None, **kwargs):
+        if gguf_file is None:  # the converted folder itself
+            return real_model(path, **kwargs)
+        conversions.append(gguf_file)
+        model = real_model(tiny / "target", **kwargs)
+        model.config.quantization_config = {"quant_method": "gguf"}  # as GGUF loading leaves it
+        return model
+
+    def tokenizer_from(path, gguf_file=None, **kwargs):
+        return real_tokenizer(tiny / "target" if gguf_file else path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_from)
+    monkeypatch.setenv("HF_WHIFLASH_CACHE", str(tmp_path / "cache"))
+    return conversions
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=oct)
+def test_converted_target_follows_the_umask(tiny_gguf, umask):
+    """Another user of a shared cache must be able to read the converted target (it was 0700, weights 0600)."""
+    old = os.umask(umask)
+    try:
+        folder = Path(targets.resolve_target(DEFAULT_TARGET))
+    finally:
+        os.umask(old)
+    assert tiny_gguf == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert mode(folder) == 0o777 & ~umask
+    files = {p.name: mode(p) for p in folder.iterdir()}
+    assert "model.safetensors" in files and set(files.values()) == {0o666 & ~umask}
