@@ -136,11 +136,24 @@ def _read_one(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A NaN or inf weight reads like any other number and would only show up as garbage drafts: refuse it."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise CheckpointError(
+            f"{path}: non-finite values (NaN or inf) in {', '.join(bad[:8])}{more}. The weights are corrupted "
+            "or training diverged; download or save the checkpoint again, or use an earlier one."
+        )
+
+
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     files = weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        state.update(_read_one(path))
+        tensors = _read_one(path)
+        _check_finite(path, tensors)
+        state.update(tensors)
     return state, files
 
 

@@ -245,3 +245,18 @@ def test_saved_drafters_follow_the_umask(tmp_path, umask, safe):
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
         "config.json": 0o666 & ~umask, "model.safetensors" if safe else "pytorch_model.bin": 0o666 & ~umask}
 
+
+@pytest.mark.parametrize("fmt,bad_file", [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin"),
+                                          ("sharded", "model-00002-of-00002.safetensors")])  # both bad ones in it
+def test_non_finite_weights_are_refused_naming_file_and_tensors(tmp_path, fmt, bad_file):
+    """NaN or inf in weights loads like any number and only shows as garbage drafts: refuse it at load."""
+    weights = eagle3_weights(torch.float32)
+    weights["midlayer.mlp.up_proj.weight"][3, 5] = float("nan")
+    weights["norm.weight"][0] = float("-inf")
+    folder = write_checkpoint(tmp_path, EAGLE3_ORIGINAL, weights, fmt)
+    with pytest.raises(CheckpointError) as err:
+        Eagle3Drafter.from_pretrained(folder)
+    prefix = f"{folder / bad_file}: non-finite values (NaN or inf) in "
+    message = str(err.value)
+    assert message.startswith(prefix)
+    assert set(message[len(prefix):].split(". ")[0].split(", ")) == {"midlayer.mlp.up_proj.weight", "norm.weight"}
