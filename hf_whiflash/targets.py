@@ -4,6 +4,7 @@ The GGUF is converted once into a safetensors folder under the user cache (`$HF_
 default ~/.cache/hf_whiflash); later loads read that folder directly (well under a second).
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -11,6 +12,7 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,12 +163,47 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def conversion_lock(root: Path):
+    """The right to convert into `root` (the cache): an exclusive flock on the folder itself.
+
+    The kernel releases it when its holder exits or is killed, so whoever holds it knows that every
+    `.*.partial-*` folder there was left by a conversion that died: no live process is writing it. A pid in
+    the folder name could not tell that as surely (pids are reused, and a cache shared between containers
+    sees pids from other namespaces). A second process waits here rather than converting the same target again.
+    """
+    import fcntl  # POSIX only: imported here so that the package itself still imports everywhere
+
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is converting a target into {root}", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def convert_packaged(spec: PackagedGGUF, folder: Path) -> None:
-    """GGUF -> safetensors folder. Built in a temporary sibling and renamed into place, so an interrupted
-    conversion never leaves a folder that later loads."""
+    """GGUF -> safetensors folder, under the conversion lock: leftovers of killed conversions are removed
+    first, and a folder another process converted while this one waited is kept as it is."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with conversion_lock(folder.parent):
+        if folder.is_dir():
+            return
+        for stale in folder.parent.glob(f".{folder.name}.partial-*"):
+            print(f"removing {stale}, left by a conversion that was killed", file=sys.stderr)
+            shutil.rmtree(stale, ignore_errors=True)
+        build_converted(spec, folder)
+
+
+def build_converted(spec: PackagedGGUF, folder: Path) -> None:
+    """Built in a temporary sibling and renamed into place, so an interrupted conversion never leaves a
+    folder that later loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()  # not mkdtemp, which makes it 0700: other users of a shared cache could not read the target
     try:
@@ -194,10 +231,6 @@ def convert_packaged(spec: PackagedGGUF, folder: Path) -> None:
         file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
         for path in tmp.iterdir():
             path.chmod(file_mode)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.is_dir():  # another process finished first: its folder is as good as ours
-                raise
+        os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

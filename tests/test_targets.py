@@ -142,3 +142,29 @@ def test_converted_target_follows_the_umask(tiny_gguf, umask):
     assert mode(folder) == 0o777 & ~umask
     files = {p.name: mode(p) for p in folder.iterdir()}
     assert "model.safetensors" in files and set(files.values()) == {0o666 & ~umask}
+
+
+def test_leftovers_of_killed_conversions_are_removed_by_the_next_one(tiny_gguf, tmp_path, capsys):
+    """A conversion killed midway leaves its .partial-* folder behind (270 MB for this target); the next
+    conversion removes it, but only once no live conversion (the holder of the cache's lock) is writing one."""
+    import fcntl
+    import threading
+
+    cache = tmp_path / "cache"
+    killed = cache / f".{DEFAULT_TARGET}.partial-1a2b3c4d"
+    (killed / "source").mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half a file")
+    live = cache / f".{DEFAULT_TARGET}.partial-5e6f7a8b"  # another process converting right now
+    live.mkdir()
+    lock = os.open(cache, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=targets.resolve_target, args=(DEFAULT_TARGET,))
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive() and killed.is_dir() and live.is_dir() and tiny_gguf == []  # it waits, touches nothing
+    os.close(lock)  # the other process is killed too: its folder is now a leftover as well
+    waiter.join(timeout=60)
+    assert [p.name for p in cache.iterdir()] == [DEFAULT_TARGET] and len(tiny_gguf) == 1
+    err = capsys.readouterr().err
+    assert "waiting for another process that is converting a target into" in err
+    assert f"removing {killed}, left by a conversion that was killed" in err and f"removing {live}" in err
