@@ -157,7 +157,7 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     return state, files
 
 
-def _replace_atomically(path: Path, write) -> None:
+def replace_atomically(path: Path, write) -> None:
     """Write through a temporary file in the same folder, so an interrupted save never leaves a half file.
 
     The saved file gets the permissions of any new file (0666 minus the umask), so a folder shared with other
@@ -187,11 +187,11 @@ def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor], saf
         )
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
     if safe_serialization:
-        _replace_atomically(folder / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        replace_atomically(folder / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     else:
-        _replace_atomically(folder / name, lambda tmp: torch.save(tensors, tmp))
+        replace_atomically(folder / name, lambda tmp: torch.save(tensors, tmp))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _replace_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    replace_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
     return folder
 
 

@@ -1,7 +1,9 @@
 """The offline default target: checksum, one-time atomic conversion, plain loading of any folder or id."""
 
 import dataclasses
+import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -168,3 +170,55 @@ def test_leftovers_of_killed_conversions_are_removed_by_the_next_one(tiny_gguf, 
     err = capsys.readouterr().err
     assert "waiting for another process that is converting a target into" in err
     assert f"removing {killed}, left by a conversion that was killed" in err and f"removing {live}" in err
+
+
+def test_damaged_converted_target_is_detected_and_converted_again(tiny_gguf, capsys):
+    """A truncated or deleted file in the converted folder is caught by the manifest at the next load, which
+    converts the target again (saying so) instead of failing inside transformers."""
+    folder = Path(targets.resolve_target(DEFAULT_TARGET))
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    sizes = json.loads((folder / targets.MANIFEST).read_text())["files"]
+    assert sizes == {p.name: p.stat().st_size for p in folder.iterdir() if p.name != targets.MANIFEST}
+    targets.resolve_target(DEFAULT_TARGET)
+    assert len(tiny_gguf) == 1  # a whole folder is used as it is
+
+    weights.write_bytes(whole[: len(whole) // 2])
+    model, _ = targets.load_target(DEFAULT_TARGET)
+    assert len(tiny_gguf) == 2 and weights.read_bytes() == whole
+    assert model.config.hidden_size == 32
+    assert (f"{folder} is damaged (model.safetensors has {len(whole) // 2} bytes, {len(whole)} when converted); "
+            "converting SmolLM2-135M-Instruct.Q4_1.gguf into it again") in capsys.readouterr().err
+
+    (folder / "tokenizer.json").unlink()
+    targets.load_target(DEFAULT_TARGET)
+    assert len(tiny_gguf) == 3 and f"{folder} is damaged (tokenizer.json is missing)" in capsys.readouterr().err
+
+
+def test_folder_converted_by_an_older_version_is_checked_then_given_a_manifest(tiny_gguf, capsys):
+    """No manifest: the folder is kept (not converted again) if its files are whole, and its manifest written."""
+    folder = Path(targets.resolve_target(DEFAULT_TARGET))
+    manifest = (folder / targets.MANIFEST).read_text()
+    (folder / targets.MANIFEST).unlink()
+    targets.resolve_target(DEFAULT_TARGET)
+    assert len(tiny_gguf) == 1 and (folder / targets.MANIFEST).read_text() == manifest
+
+    (folder / targets.MANIFEST).unlink()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    targets.resolve_target(DEFAULT_TARGET)
+    assert len(tiny_gguf) == 2 and (folder / targets.MANIFEST).read_text() == manifest
+    assert f"{folder} is damaged (its weights are truncated or corrupted" in capsys.readouterr().err
+
+
+def test_damaged_folder_that_cannot_be_removed_names_the_folder_to_delete(tiny_gguf, monkeypatch):
+    folder = Path(targets.resolve_target(DEFAULT_TARGET))
+    (folder / "config.json").unlink()
+
+    def refused(path, *args, **kwargs):  # e.g. a shared cache whose files belong to another user
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(targets.shutil, "rmtree", refused)
+    message = rf"{re.escape(str(folder))} is damaged \(config.json is missing\) and could not be removed .*Delete that folder"
+    with pytest.raises(OSError, match=message):
+        targets.resolve_target(DEFAULT_TARGET)
