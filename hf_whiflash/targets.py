@@ -161,11 +161,12 @@ def unlisted_damage(folder: Path) -> str | None:
     """The check for a folder converted before manifests existed; its manifest is then written.
 
     Those folders were renamed into place only once complete, so only later damage is possible. Rather than
-    convert every one of them again (a minute each), check what a load reads: config and tokenizer files
-    present, and each weight file holding exactly the bytes its safetensors header describes (header only:
-    5 ms for the 540 MB). A cache this user may not write to keeps no manifest and is checked so each time.
+    convert every one of them again, check what a load reads: config and tokenizer files present, and each
+    weight file holding exactly the bytes its safetensors header describes (reading the header only: 5 ms
+    for the 540 MB).
     """
-    missing = [name for name in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (folder / name).is_file()]
+    needed = ("config.json", "tokenizer.json", "tokenizer_config.json")
+    missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
     try:
@@ -177,7 +178,7 @@ def unlisted_damage(folder: Path) -> str | None:
     try:
         write_manifest(folder)
     except OSError:
-        pass  # e.g. a shared cache owned by another user: it stays usable, and checked like this on each load
+        pass  # a cache this user may not write to (shared): it stays usable, checked like this on each load
     return None
 
 

@@ -20,8 +20,8 @@ def read_rows(path: Path) -> list[dict]:
                     print(f"{path}: dropped the torn last line {number} ({len(line)} bytes), left by a run killed "
                           "while appending; recipes/data.py regenerates its sample")
                     break
-                raise ValueError(f"{path}, line {number}: not valid JSON ({exc}). The file is corrupted there: "
-                                 "delete that line and rerun recipes/data.py, which regenerates missing samples.") from exc
+                raise ValueError(f"{path}, line {number}: not valid JSON ({exc}). The file is corrupted there: delete "
+                                 "that line and rerun recipes/data.py, which regenerates missing samples.") from exc
     return rows
 
 

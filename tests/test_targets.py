@@ -219,6 +219,6 @@ def test_damaged_folder_that_cannot_be_removed_names_the_folder_to_delete(tiny_g
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(targets.shutil, "rmtree", refused)
-    message = rf"{re.escape(str(folder))} is damaged \(config.json is missing\) and could not be removed .*Delete that folder"
-    with pytest.raises(OSError, match=message):
+    with pytest.raises(OSError, match=re.escape(f"{folder} is damaged (config.json is missing) and could not be "
+                                                "removed") + ".*Delete that folder"):
         targets.resolve_target(DEFAULT_TARGET)
