@@ -13,13 +13,16 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from hf_whiflash import load_target
-from hf_whiflash.cli import build_assistant
-from hf_whiflash.routing import EntropyPolicy, NeuralPolicy
-from hf_whiflash.targets import shipped_drafters
-from hf_whiflash.streaming import ProvenanceStreamer, TokenTexts
+from transformers import StoppingCriteria
 
-TARGET = os.environ.get("WHIFLASH_TARGET", "SmolLM2-135M-Instruct")
+from hf_whiflash import DEFAULT_TARGET, load_target
+from hf_whiflash.assistant import build_assistant
+from hf_whiflash.names import POLICY_FOLDER, SAMPLING
+from hf_whiflash.routing import EntropyPolicy, NeuralPolicy
+from hf_whiflash.streaming import ProvenanceStreamer, TokenTexts
+from hf_whiflash.targets import shipped_drafters
+
+TARGET = os.environ.get("WHIFLASH_TARGET", DEFAULT_TARGET)
 MAX_TOKENS = 512
 COLOURS = {"eagle3": "#2f7fd8", "dflash": "#f08a24", "target": "#9a9a9a", "correction": "#9a9a9a"}
 LEGEND = ("<span style='color:#2f7fd8'>■ EAGLE-3 draft</span> &nbsp; <span style='color:#f08a24'>■ DFlash draft"
@@ -29,12 +32,23 @@ DRAFTERS = os.environ.get("WHIFLASH_DRAFTERS") or shipped_drafters(TARGET)
 # label -> (drafters to route between, policy; None keeps the folder's own)
 MODES = {"WhiFlash (entropy router)": ("whiflash", EntropyPolicy()), "EAGLE-3 only": ("eagle3", None),
          "DFlash only": ("dflash", None)}
-if DRAFTERS is not None and (Path(DRAFTERS) / "policy").is_dir():
-    MODES = {"WhiFlash (neural router)": ("whiflash", NeuralPolicy.from_pretrained(Path(DRAFTERS) / "policy"))} | MODES
+if DRAFTERS is not None and (Path(DRAFTERS) / POLICY_FOLDER).is_dir():
+    MODES = {"WhiFlash (neural router)": ("whiflash", NeuralPolicy.from_pretrained(Path(DRAFTERS) / POLICY_FOLDER))} \
+        | MODES
 
 target, tokenizer = load_target(TARGET)
-assistants = {label: build_assistant(target, TARGET, mode, DRAFTERS, None, None, policy)
-              for label, (mode, policy) in MODES.items()}
+assistants = {label: build_assistant(target, TARGET, mode, DRAFTERS, policy) for label, (mode, policy) in MODES.items()}
+# One generation at a time: on 2 cores, overlapping generations would slow each other and corrupt the timings
+# shown. A visitor who leaves mid-generation cancels it, so the next one does not wait for it to finish.
+generating = threading.Lock()
+
+
+class Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
 def span(text: str, source: str) -> str:
@@ -44,8 +58,8 @@ def span(text: str, source: str) -> str:
     return f"<span class='tok tok-{source}' style='{style}'>{html.escape(text)}</span>"
 
 
-def stats_markdown(assistant, tokens: int, seconds: float, plain: tuple[int, float] | None = None) -> str:
-    summary = assistant.stats.summary()
+def stats_markdown(stats, tokens: int, seconds: float, plain: tuple[int, float] | None = None) -> str:
+    summary = stats.summary()
     per_route = summary["rounds_per_route"]
     lines = [f"**{tokens / max(seconds, 1e-9):.1f} tok/s** ({tokens} tokens, {seconds:.2f} s)",
              f"acceptance length **{summary['acceptance_length']:.2f}** tokens/round" if summary["rounds"] else "",
@@ -70,30 +84,48 @@ def generate(prompt: str, mode_label: str, max_tokens: int, sampling: bool):
                                         return_tensors="pt", return_dict=True)["input_ids"]
     settings = dict(max_new_tokens=int(max_tokens), do_sample=bool(sampling))
     if sampling:
-        settings |= dict(temperature=0.7, top_p=0.9)
+        settings |= SAMPLING
+    with generating:
+        yield from stream(assistant, ids, settings)
+
+
+def stream(assistant, ids, settings: dict):
     chunks: queue.Queue = queue.Queue()
     streamer = ProvenanceStreamer(assistant, lambda tokens, sources: chunks.put((tokens, sources)))
-    start = time.perf_counter()
+    cancel = threading.Event()
 
     def run():
-        torch.manual_seed(0)
-        target.generate(ids, assistant_model=assistant, streamer=streamer, **settings)
-        chunks.put(None)
+        try:
+            torch.manual_seed(0)
+            target.generate(ids, assistant_model=assistant, streamer=streamer, stopping_criteria=[Cancelled(cancel)],
+                            **settings)
+            chunks.put(None)
+        except Exception as error:  # shown in the UI: an exception must not leave the page waiting forever
+            chunks.put(error)
 
-    threading.Thread(target=run, daemon=True).start()
+    worker = threading.Thread(target=run, daemon=True)
+    start = time.perf_counter()
+    worker.start()
     texts, parts, count = TokenTexts(tokenizer), [], 0
-    while (item := chunks.get()) is not None:
-        tokens, sources = item
-        parts += [span(text, source) for text, source in zip(texts.add(tokens), sources)]
-        count += len(tokens)
-        yield "".join(parts), stats_markdown(assistant, count, time.perf_counter() - start)
+    try:
+        while isinstance(item := chunks.get(), tuple):
+            tokens, sources = item
+            parts += [span(text, source) for text, source in zip(texts.add(tokens), sources)]
+            count += len(tokens)
+            yield "".join(parts), stats_markdown(streamer.stats, count, time.perf_counter() - start)
+    finally:  # also when the visitor leaves: stop the worker before the next generation starts
+        cancel.set()
+        worker.join()
+    if item is not None:
+        yield "".join(parts), f"**Generation failed:** {html.escape(f'{type(item).__name__}: {item}')}"
+        return
     seconds = time.perf_counter() - start
-    yield "".join(parts), stats_markdown(assistant, count, seconds) + "  \n_timing plain generate()…_"
+    yield "".join(parts), stats_markdown(streamer.stats, count, seconds) + "  \n_timing plain generate()…_"
     torch.manual_seed(0)
     plain_start = time.perf_counter()
     plain = target.generate(ids, **settings)
     plain_seconds = time.perf_counter() - plain_start
-    yield "".join(parts), stats_markdown(assistant, count, seconds, (plain.shape[1] - ids.shape[1], plain_seconds))
+    yield "".join(parts), stats_markdown(streamer.stats, count, seconds, (plain.shape[1] - ids.shape[1], plain_seconds))
 
 
 with gr.Blocks(title="WhiFlash") as app:
@@ -106,7 +138,8 @@ with gr.Blocks(title="WhiFlash") as app:
             with gr.Row():
                 mode = gr.Dropdown(list(MODES), value=next(iter(MODES)), label="Drafters and router")
                 max_tokens = gr.Number(value=128, precision=0, label=f"Max new tokens (1–{MAX_TOKENS})", elem_id="max-tokens")
-                sampling = gr.Checkbox(label="Sampling (T=0.7, top-p 0.9)", value=False)
+                sampling = gr.Checkbox(label=f"Sampling (T={SAMPLING['temperature']}, top-p {SAMPLING['top_p']})",
+                                       value=False)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=1):
             stats = gr.Markdown(elem_id="stats")

@@ -5,7 +5,7 @@ from .cache import LazyCatchUpCache
 from .checkpoint import CheckpointError
 from .dflash import DFlashConfig, DFlashDrafter
 from .eagle3 import Eagle3Config, Eagle3Drafter
-from .routing import EntropyPolicy, RoundFeatures
+from .routing import EntropyPolicy, NeuralPolicy, Policy, RoundFeatures
 from .stats import GenerationStats
 from .targets import DEFAULT_TARGET, IncompatibleDrafterError, load_target
 
@@ -20,6 +20,8 @@ __all__ = [
     "GenerationStats",
     "IncompatibleDrafterError",
     "LazyCatchUpCache",
+    "NeuralPolicy",
+    "Policy",
     "RoundFeatures",
     "WhiFlashAssistant",
     "load_target",

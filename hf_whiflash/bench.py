@@ -1,7 +1,8 @@
 """`whiflash bench`: every decoding system a transformers user could pick, on the same prompts and target.
 
 Systems run interleaved (the order rotates from prompt to prompt) so machine drift hits all of
-them alike. Per system, mode (greedy / sampling) and prompt category: tokens/s, speedup over plain
+them alike. Every finished run is appended to `runs.jsonl` in the output folder at once, so a killed
+bench loses at most the run in progress, and rerunning the same command resumes where it stopped. Per system, mode (greedy / sampling) and prompt category: tokens/s, speedup over plain
 generate() (median of per-prompt ratios), acceptance length, share of rounds per paradigm, catch-up
 time as % of round time and peak extra memory (weights the system adds to the target's, plus the peak
 growth while generating). Writes bench.json, bench.md, speedup.png, trace.png.
@@ -11,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from .routing import DFLASH, EAGLE
+from .names import DFLASH, EAGLE, POLICY_FOLDER, ROUTES, SAMPLING, TARGET
+from .stats import Clock
 
 DEV_SET = Path(__file__).parent / "data" / "dev_set.jsonl"
 CATEGORIES = ("code", "tool", "math", "chat")
-MODES = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, temperature=0.7, top_p=0.9)}
+MODES = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, **SAMPLING)}
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Run:
     new_tokens: int
     seconds: float
     peak_mb: float  # weights added to the target's (drafters, assistant model) + peak growth while generating
+    repeat: int = 0  # which of the --repeats runs of this prompt, system and mode
     acceptance: float | None = None  # tokens per round (accepted drafts + 1)
     rounds_per_route: dict = field(default_factory=dict)
     catch_up_share: float | None = None
@@ -105,13 +109,8 @@ SYSTEMS = ("plain", "prompt-lookup", "assisted", "eagle3", "dflash", "whiflash-e
 NEEDS_DRAFTERS = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle"}
 
 
-def build_systems(target, drafters_folder, systems: list[str], assistant_name: str | None = None) -> dict:
-    """name -> extra generate() kwargs (a WhiFlash assistant, a smaller assistant model, or prompt lookup).
-    `assistant_name`: the smaller same-tokenizer model that transformers' own assisted generation uses."""
-    from .assistant import WhiFlashAssistant
-    from .routing import EntropyPolicy, NeuralPolicy, OracleRouter
-    from .targets import load_target
-
+def check_systems(systems: list[str], drafters_folder, assistant_name: str | None = None) -> None:
+    """Raise ValueError, before any model loads, for systems that do not exist or lack what they need."""
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
@@ -121,15 +120,23 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
         raise ValueError(f"no trained drafters for this target, and systems {sorted(NEEDS_DRAFTERS & set(systems))} "
                          "need them: pass --drafters FOLDER (train them with recipes/), or compare only --systems "
                          "plain prompt-lookup assisted")
+    if "whiflash-neural" in systems and not (Path(drafters_folder) / POLICY_FOLDER).is_dir():
+        raise ValueError(f"{drafters_folder} has no trained router ({POLICY_FOLDER}/): train one with "
+                         "recipes/train_router.py, or leave whiflash-neural out of --systems")
+
+
+def build_systems(target, drafters_folder, systems: list[str], assistant_name: str | None = None) -> dict:
+    """name -> extra generate() kwargs (a WhiFlash assistant, a smaller assistant model, or prompt lookup).
+    `assistant_name`: the smaller same-tokenizer model that transformers' own assisted generation uses."""
+    from .assistant import WhiFlashAssistant
+    from .routing import EntropyPolicy, NeuralPolicy
+    from .targets import load_target
+
+    check_systems(systems, drafters_folder, assistant_name)
     folder = Path(drafters_folder) if drafters_folder is not None else None
 
     def assistant(routes, policy=None):
         return {"assistant_model": WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy)}
-
-    def neural():
-        if not (folder / "policy").is_dir():
-            raise ValueError(f"{folder} has no trained router (policy/): train one with recipes/train_router.py")
-        return assistant((EAGLE, DFLASH), NeuralPolicy.from_pretrained(folder / "policy"))
 
     makers = {
         "plain": lambda: {},
@@ -137,9 +144,10 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
         "assisted": lambda: {"assistant_model": load_target(assistant_name, device=target.device)[0]},
         "eagle3": lambda: assistant((EAGLE,)),
         "dflash": lambda: assistant((DFLASH,)),
-        "whiflash-entropy": lambda: assistant((EAGLE, DFLASH), EntropyPolicy()),
-        "whiflash-neural": neural,
-        "oracle": lambda: assistant((EAGLE, DFLASH), OracleRouter({}, None, {})),  # tables set per prompt
+        "whiflash-entropy": lambda: assistant(ROUTES, EntropyPolicy()),
+        "whiflash-neural": lambda: assistant(ROUTES, NeuralPolicy.from_pretrained(folder / POLICY_FOLDER)),
+        # Routes with an OracleRouter made for each prompt by prepare_oracle (a plain policy until then).
+        "oracle": lambda: assistant(ROUTES, EntropyPolicy()),
     }
     return {name: makers[name]() for name in systems}
 
@@ -153,35 +161,35 @@ def whiflash_assistant(extra: dict):
 
 
 def prepare_oracle(target, assistant, ids, max_new_tokens: int, latency) -> None:
-    """Give the oracle hindsight: the target's own greedy continuation, and each drafter's acceptance on it."""
+    """Route `assistant` with hindsight of this prompt: the target's own greedy continuation, and each
+    drafter's acceptance on it."""
     from .hindsight import acceptance_tables
+    from .routing import OracleRouter
 
     reference = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    lengths = assistant.draft_lengths
     hindsight = acceptance_tables(target, reference, ids.shape[1], assistant.eagle3, assistant.dflash,
-                                  assistant.eagle_steps, assistant.dflash_block_size)
-    policy = assistant.policy
-    policy.tables, policy.latency = hindsight.tables, latency
-    policy.draft_lengths = {EAGLE: assistant.eagle_steps, DFLASH: assistant.dflash_block_size - 1}
+                                  lengths[EAGLE], lengths[DFLASH] + 1)
+    assistant.policy = OracleRouter(hindsight.tables, latency)
 
 
 def tokens_per_cost(stats, latency) -> float | None:
     """Tokens per second of modelled round cost: what routing achieves independently of timing noise."""
-    rounds = [r for r in stats.rounds if r.route != "target" and r.drafted]
+    rounds = [r for r in stats.rounds if r.route != TARGET and r.drafted]
     cost = sum(latency.round_seconds(r.route, r.drafted) for r in rounds)
     return sum(r.accepted + 1 for r in rounds) / cost if cost else None
 
 
 def run_one(target, ids, system: str, extra: dict, mode: str, max_new_tokens: int, seed: int, prompt,
-            latency=None) -> Run:
+            latency=None, repeat: int = 0) -> Run:
     torch.manual_seed(seed)
+    clock = Clock(target.device)
     with PeakMemory(target.device) as memory:
-        start = time.perf_counter()
+        start = clock()
         out = target.generate(ids, max_new_tokens=max_new_tokens, **MODES[mode], **extra)
-        if target.device.type == "cuda":
-            torch.cuda.synchronize(target.device)
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
     run = Run(prompt["id"], prompt["category"], system, mode, out.shape[1] - ids.shape[1], seconds,
-              added_weights_mb(target, extra) + memory.peak_mb)
+              added_weights_mb(target, extra) + memory.peak_mb, repeat)
     assistant = whiflash_assistant(extra)
     if assistant is not None:
         summary = assistant.stats.summary()
@@ -218,33 +226,95 @@ def warm_up(target, ids, systems: dict, modes: list[str], max_new_tokens: int, l
 
 
 def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list[str], max_new_tokens: int,
-              repeats: int, seed: int, latency=None, progress=True) -> tuple[list[Run], dict]:
-    """All runs, plus the per-round trace of one greedy WhiFlash generation (for the trace plot)."""
+              repeats: int, seed: int, latency=None, progress=True, log: "RunLog | None" = None):
+    """All runs, plus the per-round trace of one greedy WhiFlash generation (for the trace plot). With a `log`,
+    runs it already holds are not run again, and every new run is appended to it as soon as it finishes."""
     from tqdm import tqdm
 
+    done = log.runs if log is not None else {}
+    trace = log.trace() if log is not None else None
     warm_up(target, prompt_ids(tokenizer, prompts[0], target.device), systems, modes, min(16, max_new_tokens),
             latency)
-    names, runs, trace = list(systems), [], None
+    names, runs = list(systems), []
     total = sum(len(prompts) * repeats * sum(runs_in(n, m) for n in names) for m in modes)
-    with tqdm(total=total, desc="bench", disable=not progress) as bar:
+    with tqdm(total=total, desc="bench", disable=not progress, initial=len(done)) as bar:
         for mode in modes:
             for i, prompt in enumerate(prompts):
                 ids = prompt_ids(tokenizer, prompt, target.device)
                 order = names[i % len(names):] + names[:i % len(names)]  # rotate: drift hits every system
+                keys = [(mode, prompt["id"], name, r) for r in range(repeats) for name in order if runs_in(name, mode)]
+                runs += [done[key] for key in keys if key in done]
+                if all(key in done for key in keys):
+                    continue
                 if "oracle" in systems and runs_in("oracle", mode):
                     prepare_oracle(target, systems["oracle"]["assistant_model"], ids, max_new_tokens, latency)
-                for _ in range(repeats):
-                    for name in order:
-                        if not runs_in(name, mode):
-                            continue
-                        runs.append(run_one(target, ids, name, systems[name], mode, max_new_tokens, seed + i, prompt,
-                                            latency))
-                        bar.update(1)
-                        assistant = whiflash_assistant(systems[name])
-                        if trace is None and mode == "greedy" and assistant is not None and assistant.eagle3 \
-                                and assistant.dflash:
-                            trace = {"prompt_id": prompt["id"], "rounds": assistant.stats.to_dict()["rounds"]}
+                for key in (key for key in keys if key not in done):
+                    name, repeat = key[2], key[3]
+                    runs.append(run_one(target, ids, name, systems[name], mode, max_new_tokens, seed + i, prompt,
+                                        latency, repeat))
+                    bar.update(1)
+                    assistant = whiflash_assistant(systems[name])
+                    if trace is None and mode == "greedy" and assistant is not None and assistant.eagle3 \
+                            and assistant.dflash:
+                        trace = {"prompt_id": prompt["id"], "rounds": assistant.stats.to_dict()["rounds"]}
+                        if log is not None:
+                            log.save_trace(trace)
+                    if log is not None:
+                        log.append(runs[-1])
     return runs, trace
+
+
+class RunLog:
+    """A bench's output folder as it fills: `request.json` (the settings the runs belong to), `runs.jsonl`
+    (one finished run per line, appended and flushed at once) and `trace.json`. Opening it checks, before
+    any model loads, that the folder is writable and holds no runs of other settings."""
+
+    def __init__(self, out: Path, request: dict):
+        self.out = Path(out)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(f"cannot write bench results to {self.out} ({error.strerror}): pass a writable --out") \
+                from None
+        request_path = self.out / "request.json"
+        if request_path.is_file() and json.loads(request_path.read_text()) != request:
+            raise ValueError(f"{self.out} holds bench runs of other settings (see {request_path}): pass another --out, "
+                             "or delete that folder to start over")
+        _write_atomically(request_path, json.dumps(request, indent=1))
+        self.runs = {(r.mode, r.prompt_id, r.system, r.repeat): r for r in self._read_runs()}
+
+    def _read_runs(self) -> list[Run]:
+        path = self.out / "runs.jsonl"
+        if not path.is_file():
+            return []
+        lines = path.read_text().split("\n")
+        if lines[-1]:  # a kill mid-append leaves a torn last line: that run is simply run again
+            print(f"note: dropping an unfinished last line of {path}", file=sys.stderr)
+            path.write_text("\n".join(lines[:-1]) + "\n" if len(lines) > 1 else "")
+        return [Run(**json.loads(line)) for line in lines[:-1]]
+
+    def append(self, run: Run) -> None:
+        with open(self.out / "runs.jsonl", "a") as f:
+            f.write(json.dumps(asdict(run)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def trace(self) -> dict | None:
+        path = self.out / "trace.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_trace(self, trace: dict) -> None:
+        _write_atomically(self.out / "trace.json", json.dumps(trace))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a kill leaves the old file or the new one, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def summarize(runs: list[Run]) -> dict:
@@ -270,7 +340,7 @@ def summarize(runs: list[Run]) -> dict:
                 for r in chosen:
                     for route, n in r.rounds_per_route.items():
                         rounds[route] = rounds.get(route, 0) + n
-                drafting = sum(n for route, n in rounds.items() if route != "target")
+                drafting = sum(n for route, n in rounds.items() if route != TARGET)
                 acceptance = [r.acceptance for r in chosen if r.acceptance is not None]
                 catch_up = [r.catch_up_share for r in chosen if r.catch_up_share is not None]
                 routing = [r.routing_share for r in chosen if r.routing_share is not None]
@@ -280,7 +350,7 @@ def summarize(runs: list[Run]) -> dict:
                     "tokens_per_s": statistics.median(r.tokens_per_s for r in chosen),
                     "speedup": statistics.median(speedups) if speedups else None,
                     "acceptance": statistics.mean(acceptance) if acceptance else None,
-                    "route_share": {k: v / drafting for k, v in rounds.items() if k != "target"} if drafting else {},
+                    "route_share": {k: v / drafting for k, v in rounds.items() if k != TARGET} if drafting else {},
                     "catch_up_pct": 100 * statistics.mean(catch_up) if catch_up else None,
                     "routing_pct": 100 * statistics.mean(routing) if routing else None,
                     "tokens_per_cost": statistics.mean(per_cost) if per_cost else None,
@@ -346,7 +416,7 @@ def plot(summary: dict, trace: dict | None, out: Path) -> list[Path]:
 def plot_trace(trace: dict, path: Path, plt) -> None:
     """One generation token by token: who proposed each token (EAGLE-3, DFlash, or the target's own
     correction/bonus), and where drafts were rejected."""
-    colours = {EAGLE: "tab:blue", DFLASH: "tab:orange", "target": "lightgrey"}
+    colours = {EAGLE: "tab:blue", DFLASH: "tab:orange", TARGET: "lightgrey"}
     fig, ax = plt.subplots(figsize=(12, 2.6))
     x = 0
     for r in trace["rounds"]:
@@ -355,7 +425,7 @@ def plot_trace(trace: dict, path: Path, plt) -> None:
             x += 1
         if r["drafted"] > r["accepted"]:
             ax.plot(x + 0.45, 1.25, marker="x", color="red", markersize=5)  # first rejected draft
-        ax.add_patch(plt.Rectangle((x, 0), 0.9, 1, color=colours["target"]))  # the target's own token
+        ax.add_patch(plt.Rectangle((x, 0), 0.9, 1, color=colours[TARGET]))  # the target's own token
         x += 1
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles + [plt.Line2D([], [], marker="x", color="red", linestyle="")],
@@ -381,8 +451,8 @@ def write_outputs(out: Path, runs: list[Run], trace, meta: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
     result = {"meta": meta, "summary": summary, "runs": [asdict(r) for r in runs], "trace": trace}
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    (out / "bench.md").write_text(markdown(summary, meta))
+    _write_atomically(out / "bench.json", json.dumps(result, indent=1))
+    _write_atomically(out / "bench.md", markdown(summary, meta))
     plot(summary, trace, out)
     return result
 

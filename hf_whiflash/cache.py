@@ -19,6 +19,7 @@ class LazyCatchUpCache(DynamicCache):
         super().__init__()
         self.pending_ids: list[torch.Tensor] = []  # each [B, t]
         self.pending_features: list[torch.Tensor] = []  # each [B, t, F]
+        self.newest_ids: torch.Tensor | None = None  # [B, 1]: the newest verified token, where drafting starts
 
     @property
     def pending_length(self) -> int:
@@ -28,6 +29,7 @@ class LazyCatchUpCache(DynamicCache):
         """Queue verified positions: ids [B, t] and the target features [B, t, F] that go with them."""
         self.pending_ids.append(ids)
         self.pending_features.append(features)
+        self.newest_ids = ids[:, -1:]
 
     def take_pending(self, keep_last: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Remove and return the queued positions ([B, n], [B, n, F]), leaving the last `keep_last` queued."""

@@ -7,34 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .routing import DFLASH, EAGLE
+from .names import DFLASH, EAGLE, SAMPLING, TARGET
 
-MODES = {"whiflash": (EAGLE, DFLASH), "eagle3": (EAGLE,), "dflash": (DFLASH,)}
-
-
-def build_assistant(target, target_name: str, mode: str, drafters: str | None, eagle_steps: int | None,
-                    block_size: int | None, policy=None):
-    """WhiFlashAssistant from --drafters, else the drafters shipped for the target, else untrained ones.
-    `policy`: the router (default: the folder's own, or the entropy policy)."""
-    from .assistant import WhiFlashAssistant
-    from .dflash import DFlashDrafter
-    from .eagle3 import Eagle3Drafter
-    from .targets import shipped_drafters
-
-    routes = MODES[mode]
-    overrides = {k: v for k, v in (("eagle_steps", eagle_steps), ("dflash_block_size", block_size)) if v}
-    folder = drafters or shipped_drafters(target_name)
-    if folder is not None:
-        return WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy, **overrides)
-    print(f"note: no trained drafters for {target_name!r} (pass --drafters FOLDER); using untrained drafters, "
-          "so expect no speedup.", file=sys.stderr)
-    eagle = Eagle3Drafter.for_target(target, seed=0) if EAGLE in routes else None
-    dflash = DFlashDrafter.for_target(target, seed=0) if DFLASH in routes else None
-    return WhiFlashAssistant(target, eagle, dflash, policy, **overrides)
-
-
-ANSI = {EAGLE: "\033[34m", DFLASH: "\033[33m", "target": "\033[90m", "correction": "\033[4;90m"}
-LEGEND = f"{ANSI[EAGLE]}EAGLE-3 draft\033[0m  {ANSI[DFLASH]}DFlash draft\033[0m  {ANSI['target']}target\033[0m  " \
+ANSI = {EAGLE: "\033[34m", DFLASH: "\033[33m", TARGET: "\033[90m", "correction": "\033[4;90m"}
+LEGEND = f"{ANSI[EAGLE]}EAGLE-3 draft\033[0m  {ANSI[DFLASH]}DFlash draft\033[0m  {ANSI[TARGET]}target\033[0m  " \
          f"{ANSI['correction']}target corrected a draft\033[0m"
 
 
@@ -53,13 +29,15 @@ def terminal_streamer(assistant, tokenizer, colour: bool):
 
 
 def cmd_generate(args) -> int:
+    from .assistant import build_assistant
     from .targets import load_target
 
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_target(args.target)
-    assistant = build_assistant(target, args.target, args.mode, args.drafters, args.eagle_steps, args.block_size)
+    assistant = build_assistant(target, args.target, args.mode, args.drafters, eagle_steps=args.eagle_steps,
+                                dflash_block_size=args.block_size)
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True).to(target.device)
@@ -107,25 +85,31 @@ def cmd_bench(args) -> int:
         args.systems.append("assisted")
     drafters = args.drafters or shipped_drafters(args.target)
     started = time.time()
-    target, tokenizer = load_target(args.target)
-    prompts = bench.load_prompts(args.prompts, args.per_category)
-    try:
-        systems = bench.build_systems(target, drafters, args.systems, args.assistant)
-    except ValueError as error:  # unknown system, or a system without what it needs
+    out = Path(args.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    settings = dict(target=args.target, drafters=str(drafters), assistant=args.assistant, prompts=args.prompts,
+                    per_category=args.per_category, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                    modes=args.modes, systems=args.systems, seed=args.seed)
+    try:  # everything that can be checked before the models load (which takes a while)
+        bench.check_systems(args.systems, drafters, args.assistant)
+        log = bench.RunLog(out, settings)
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if log.runs:
+        print(f"resuming: {len(log.runs)} runs already in {out}/runs.jsonl", file=sys.stderr)
+    print(f"loading {args.target} and the systems' models...", file=sys.stderr)
+    target, tokenizer = load_target(args.target)
+    prompts = bench.load_prompts(args.prompts, args.per_category)
+    systems = bench.build_systems(target, drafters, args.systems, args.assistant)
     assistants = [a for a in map(bench.whiflash_assistant, systems.values()) if a is not None]
     both = next((a for a in assistants if a.eagle3 is not None and a.dflash is not None), None)
     # One latency model for the whole run: the oracle routes with it, and every system's routing is
     # also scored in tokens per modelled round cost (free of timing noise).
+    print("measuring round latencies...", file=sys.stderr)
     latency = LatencyModel.measure(both or assistants[0]) if assistants else None
     runs, trace = bench.benchmark(target, tokenizer, prompts, systems, args.modes, args.max_new_tokens,
-                                  args.repeats, args.seed, latency)
-    out = Path(args.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    meta = bench.meta_for(args.command_line, started, target=args.target, drafters=str(drafters),
-                          assistant=args.assistant, prompts=args.prompts, per_category=args.per_category,
-                          max_new_tokens=args.max_new_tokens, repeats=args.repeats, modes=args.modes,
-                          systems=args.systems)
+                                  args.repeats, args.seed, latency, log=log)
+    meta = bench.meta_for(args.command_line, started, **settings)
     result = bench.write_outputs(out, runs, trace, meta)
     print(bench.markdown(result["summary"], result["meta"]))
     print(f"wrote {out}/bench.json, bench.md, speedup.png" + (", trace.png" if trace else ""))
@@ -133,6 +117,7 @@ def cmd_bench(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .assistant import MODE_ROUTES
     from .targets import DEFAULT_TARGET
 
     top = argparse.ArgumentParser(prog="whiflash", description="WhiFlash speculative decoding for transformers.")
@@ -145,12 +130,14 @@ def parser() -> argparse.ArgumentParser:
                      help=f"target model: {DEFAULT_TARGET!r} (offline default), a Hub id or a local folder")
     gen.add_argument("--drafters", help="WhiFlash folder with eagle3/ and/or dflash/ (default: the drafters "
                                         "shipped for the target)")
-    gen.add_argument("--mode", choices=sorted(MODES), default="whiflash",
+    gen.add_argument("--mode", choices=sorted(MODE_ROUTES), default="whiflash",
                      help="whiflash routes between both drafters; eagle3 / dflash use one drafter only")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
-    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (with --sample)")
+    gen.add_argument("--temperature", type=float, default=SAMPLING["temperature"],
+                     help="sampling temperature (with --sample; default %(default)s)")
+    gen.add_argument("--top-p", type=float, default=SAMPLING["top_p"],
+                     help="nucleus sampling threshold (with --sample; default %(default)s)")
     gen.add_argument("--eagle-steps", type=int, help="EAGLE-3 chain length per round")
     gen.add_argument("--block-size", type=int, help="DFlash block size (last token + block_size-1 drafts)")
     gen.add_argument("--no-compare", action="store_true", help="skip the plain generate() comparison")
@@ -177,10 +164,11 @@ def parser() -> argparse.ArgumentParser:
                         "whiflash-neural (needs a trained router in the drafters folder), oracle (hindsight "
                         "routing, greedy only; for measurement) (default: %(default)s)")
     b.add_argument("--modes", nargs="+", choices=["greedy", "sampling"], default=["greedy", "sampling"],
-                   help="decoding modes (sampling: temperature 0.7, top-p 0.9)")
+                   help=f"decoding modes (sampling: temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']})")
     b.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default 128)")
     b.add_argument("--repeats", type=int, default=1, help="runs per prompt and system; the median counts")
-    b.add_argument("--out", help="output folder (default: results/bench-<time>)")
+    b.add_argument("--out", help="output folder (default: results/bench-<time>); rerunning a killed bench with "
+                                 "the same --out resumes it")
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.set_defaults(run=cmd_bench)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, DrafterConfig, HubMixin
-from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, init_weights, positions_from
+from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, bind, init_weights, positions_from
 from .targets import IncompatibleDrafterError, drafter_fields, text_config
 
 
@@ -167,7 +167,8 @@ class DFlashDrafter(HubMixin, nn.Module):
     # --- binding to a target ---------------------------------------------------------------------
 
     def attach(self, target) -> "DFlashDrafter":
-        """Check this drafter fits `target`, share its embedding and LM head, move to its device and dtype."""
+        """Check this drafter fits `target`, share its embedding and LM head, move to its device and dtype.
+        Returns the bound drafter: this one, or a copy when this one is bound to another target (layers.bind)."""
         tc = text_config(target)
         embedding, head = target.get_input_embeddings(), target.get_output_embeddings()
         problems = []
@@ -190,9 +191,7 @@ class DFlashDrafter(HubMixin, nn.Module):
                 f"DFlash drafter does not fit target {target.config.name_or_path!r}: " + "; ".join(problems)
                 + ". Use a DFlash drafter trained for this target, or build one with DFlashDrafter.for_target(target)."
             )
-        object.__setattr__(self, "target_embedding", embedding)  # shared, not submodules: never saved with us
-        object.__setattr__(self, "target_head", head)
-        return self.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
+        return bind(self, target_embedding=embedding, target_head=head)
 
     # --- forward passes --------------------------------------------------------------------------
 
@@ -210,6 +209,32 @@ class DFlashDrafter(HubMixin, nn.Module):
         """K/V-only prefill of context positions (features [B, T, n*H]) after those already in `cache`."""
         for i, (k, v) in enumerate(self._context_kv(features, cache.get_seq_length())):
             cache.update(k, v, i)
+
+    # --- the inference protocol: catch up, then draft (the candidate generator and LatencyModel) -----
+
+    def catch_up(self, cache) -> int:
+        """Absorb every position queued in `cache` with one K/V-only pass (context enters the drafter only as
+        keys and values). Returns the number of positions absorbed."""
+        if not cache.pending_length:
+            return 0
+        _, features = cache.take_pending()
+        self.absorb(features, cache)
+        return features.shape[1]
+
+    def draft(self, cache, length: int, pick=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block [newest verified token, MASK x length] in one pass -> draft ids [1, length], and with
+        `pick` the processed logits they were picked from [1, length, V] (see Eagle3Drafter.draft)."""
+        self.catch_up(cache)
+        hidden = self(self.block_ids(cache.newest_ids, length + 1), cache=cache)  # [1, length+1, H]
+        logits = self.logits(hidden[:, 1:])  # [1, length, V]
+        if pick is None:
+            return logits.argmax(-1), None
+        tokens, rows = [], []
+        for j in range(length):  # processors (penalties, top-p, ...) depend on the drafted prefix
+            token, row = pick(logits[:, j], tokens)
+            tokens.append(token)
+            rows.append(row)
+        return torch.cat(tokens, dim=1), torch.stack(rows, dim=1)
 
     def forward(self, block_ids: torch.Tensor, features: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Draft one block. block_ids [B, Tb] = [last verified token, MASK...]; context = `cache` (if given)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, DrafterConfig, HubMixin
-from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, causal_mask, init_weights, positions_from
+from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, bind, causal_mask, init_weights, positions_from
 from .targets import IncompatibleDrafterError, drafter_fields, text_config
 
 
@@ -201,7 +201,8 @@ class Eagle3Drafter(HubMixin, nn.Module):
     # --- binding to a target ---------------------------------------------------------------------
 
     def attach(self, target) -> "Eagle3Drafter":
-        """Check this head fits `target`, share its embedding, move to its device and dtype."""
+        """Check this head fits `target`, share its embedding, move to its device and dtype. Returns the bound
+        head: this one, or a copy when this one is already bound to another target (see layers.bind)."""
         tc = text_config(target)
         embedding = target.get_input_embeddings()
         problems = []
@@ -223,9 +224,9 @@ class Eagle3Drafter(HubMixin, nn.Module):
                 f"EAGLE-3 drafter does not fit target {target.config.name_or_path!r}: " + "; ".join(problems)
                 + ". Use an EAGLE-3 head trained for this target, or build one with Eagle3Drafter.for_target(target)."
             )
-        self.feature_layers = layers
-        object.__setattr__(self, "target_embedding", embedding)  # shared, not a submodule: never saved with us
-        return self.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
+        drafter = bind(self, target_embedding=embedding)
+        drafter.feature_layers = layers
+        return drafter
 
     def _draft_vocab_problems(self, vocab_size: int) -> list[str]:
         mapped = torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
@@ -264,6 +265,45 @@ class Eagle3Drafter(HubMixin, nn.Module):
     def absorb(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache) -> None:
         """K/V-only prefill: append positions (hidden [B, T, H], next_ids [B, T]) to `cache`."""
         cache.update(*self.context_kv(next_ids, hidden, cache.get_seq_length()), 0)
+
+    # --- the inference protocol: catch up, then draft (the candidate generator and LatencyModel) -----
+
+    def catch_up(self, cache) -> int:
+        """Absorb the verified pairs queued in `cache` with one K/V-only pass, except the newest: the first
+        drafting step runs it through the whole layer, as its output drafts the first token. Returns the
+        number of positions absorbed."""
+        if cache.pending_length <= 1:
+            return 0
+        next_ids, features = cache.take_pending(keep_last=1)
+        self.absorb(next_ids, self.project(features), cache)
+        return next_ids.shape[1]
+
+    def draft(self, cache, length: int, pick=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A chain of `length` steps after the verified pairs queued in `cache` (one, after catch_up) ->
+        draft ids [1, length], and with `pick` the processed logits they were picked from [1, length, V].
+
+        Without `pick` each step takes the draft vocabulary's argmax; `pick(logits [1, V], drafted ids)`
+        processes target-vocabulary logits and picks a token (sampling, logits processors). The verified
+        pairs' K/V stay cached. The drafted steps' K/V are dropped: once verified, those positions come back
+        through the queue with the target's own features, which is what the head was trained on.
+        """
+        next_ids, features = cache.take_pending()  # [1, n], [1, n, 3*Ht]
+        context = cache.get_seq_length() + next_ids.shape[1]
+        hidden = self.project(features)
+        tokens, rows = [], []
+        for _ in range(length):
+            logits, hidden = self(next_ids, hidden, cache)
+            logits, hidden = logits[:, -1], hidden[:, -1:]  # [1, draft_vocab], [1, 1, H]: the newest position
+            if pick is None:
+                next_ids = self.to_target_ids(logits.argmax(-1, keepdim=True))
+            else:
+                next_ids, row = pick(self.target_logits(logits), tokens)
+                rows.append(row)
+            tokens.append(next_ids)
+        cache.truncate(context)
+        return torch.cat(tokens, dim=1), torch.stack(rows, dim=1) if rows else None
+
+    # --- training-time test (the training recipe and hindsight tables) ----------------------------
 
     def start_ttt(self, next_ids: torch.Tensor, hidden: torch.Tensor, anchors: torch.Tensor) -> TrainingTimeTest:
         """Training-time test over a whole sequence: the context K/V of every position (pairs of projected

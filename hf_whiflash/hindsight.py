@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import DFLASH, EAGLE
+from .names import DFLASH, EAGLE
+from .routing import RoutingState
 
 
 @dataclass
@@ -87,25 +88,24 @@ def walk(table: torch.Tensor, budget: int) -> list[int]:
     return accepted
 
 
-def simulate_routing(hindsight: Hindsight, policy, latency, draft_lengths: dict, epsilon: float = 0.0, rng=None):
+def simulate_routing(hindsight: Hindsight, policy, latency, lengths: dict[str, int], epsilon: float = 0.0,
+                     rng=None):
     """Walk one greedy generation routed by `policy` (with probability `epsilon` a random route instead),
-    with the latency model standing in for measured round times. Returns one record per round:
-    (RoundFeatures, chosen route, accepted drafts of every route at that round start, modelled seconds)."""
-    from .routing import RoutingState
-
+    drafting `lengths` (route -> draft length, as WhiFlashAssistant.draft_lengths), with the latency model
+    standing in for measured round times. Returns one record per round: (RoundFeatures, chosen route,
+    accepted drafts of every route at that round start, modelled seconds)."""
     routes = tuple(hindsight.tables)
+    lengths = {r: lengths[r] for r in routes}
     state, records, m = RoutingState(routes), [], 0
-    if hasattr(policy, "reset"):
-        policy.reset()
+    policy = policy.for_generation()
     while m < len(hindsight.entropy):
         features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), position=m + 1)
         # A shorter EAGLE-3 chain accepts min(a, k): its drafts are a prefix of the longer chain's.
-        accepted = {r: min(int(hindsight.tables[r][m]), draft_lengths[r]) for r in routes}
-        route = rng.choice(routes) if epsilon and rng.random() < epsilon else policy.choose(features, routes)
-        seconds = latency.round_seconds(route, draft_lengths[route])
+        accepted = {r: min(int(hindsight.tables[r][m]), lengths[r]) for r in routes}
+        route = rng.choice(routes) if epsilon and rng.random() < epsilon else policy.choose(features, lengths)
+        seconds = latency.round_seconds(route, lengths[route])
         records.append((features, route, accepted, seconds))
         state.record(route, accepted[route], seconds)
-        if hasattr(policy, "observe"):
-            policy.observe(features, route, accepted[route], seconds)
+        policy.observe(features, route, accepted[route], seconds)
         m += accepted[route] + 1
     return records

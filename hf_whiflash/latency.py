@@ -2,17 +2,18 @@
 
 round_seconds(route, k) = draft_s[route](k) + verify_s(k): drafting k tokens (an EAGLE-3 chain of
 k steps, or one DFlash block of k+1) plus the target's verify forward over k+1 tokens. Costs are
-measured after a context of typical length and interpolated linearly between measured lengths.
+measured after a context of typical length, with the drafters' own `draft`, and interpolated
+linearly between measured lengths.
 """
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from .routing import DFLASH, EAGLE
+from .cache import LazyCatchUpCache
+from .stats import Clock
 
 LENGTHS = (1, 2, 4, 6, 8, 12, 15)
 
@@ -38,19 +39,19 @@ class LatencyModel:
     def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 7) -> "LatencyModel":
         """Time the target and the assistant's drafters after `context` random tokens (medians of `repeats`)."""
         target, drafters = assistant.target, assistant.drafters
-        device = target.device
         vocab = target.config.get_text_config().vocab_size
-        prompt = torch.randint(0, vocab, (1, context), device=device, generator=torch.Generator(device).manual_seed(0))
+        prompt = torch.randint(0, vocab, (1, context), device=target.device,
+                               generator=torch.Generator(target.device).manual_seed(0))  # [1, context]
         cache = DynamicCache()
-        out = target(prompt, past_key_values=cache, output_hidden_states=sorted(
-            {i for d in drafters.values() for i in d.feature_layers}))
-        clock = _clock(device)
+        out = target(prompt, past_key_values=cache, output_hidden_states=assistant.feature_layers)
+        clock = Clock(target.device)
 
-        def median_time(fn) -> float:
+        def median_time(run, reset=lambda: None) -> float:
             times = []
             for _ in range(repeats):
+                reset()
                 start = clock()
-                fn()
+                run()
                 times.append(clock() - start)
             return statistics.median(times)
 
@@ -59,26 +60,23 @@ class LatencyModel:
             cache.crop(-(k + 1))
 
         verify_s = {k: median_time(lambda: verify(k)) for k in lengths}
-        draft_s = {}
-        if EAGLE in drafters:
-            eagle, eagle_cache = drafters[EAGLE], DynamicCache()
-            hidden = eagle.project(eagle.features(out.hidden_states))
-            eagle.absorb(prompt[:, 1:], hidden[:, :-1], eagle_cache)
-
-            def chain(k):
-                ids, h = prompt[:, -1:], hidden[:, -1:]
-                for _ in range(k):
-                    logits, h = eagle(ids, h, eagle_cache)
-                    ids = eagle.to_target_ids(logits[:, -1].argmax(-1, keepdim=True))
-                eagle_cache.crop(-k)
-
-            draft_s[EAGLE] = {k: median_time(lambda: chain(k)) for k in lengths}
-        if DFLASH in drafters:
-            dflash, dflash_cache = drafters[DFLASH], DynamicCache()
-            dflash.absorb(dflash.features(out.hidden_states), dflash_cache)
-            block = lambda k: dflash.logits(dflash(dflash.block_ids(prompt[:, -1:], k + 1), cache=dflash_cache)[:, 1:])  # noqa: E731
-            draft_s[DFLASH] = {k: median_time(lambda: block(k).argmax(-1)) for k in lengths}
+        draft_s = {route: _draft_seconds(drafter, prompt, out.hidden_states, lengths, median_time)
+                   for route, drafter in drafters.items()}
         return cls(verify_s, draft_s)
+
+
+def _draft_seconds(drafter, prompt, hidden_states, lengths, median_time) -> dict[int, float]:
+    """Drafting time by draft length after the prompt's context, each draft from the same caught-up state."""
+    cache = LazyCatchUpCache()
+    cache.enqueue(prompt[:, 1:], drafter.features(hidden_states)[:, :-1])  # pairs (feature t, token t+1)
+    drafter.catch_up(cache)
+    context, queued = cache.get_seq_length(), (cache.pending_ids, cache.pending_features)
+
+    def reset():  # the state right after catch_up: what drafting consumed goes back
+        cache.truncate(context)
+        cache.pending_ids, cache.pending_features = list(queued[0]), list(queued[1])
+
+    return {k: median_time(lambda: drafter.draft(cache, k), reset) for k in lengths}
 
 
 def _interpolate(table: dict[int, float], k: int) -> float:
@@ -90,12 +88,3 @@ def _interpolate(table: dict[int, float], k: int) -> float:
             return table[lo] + (table[hi] - table[lo]) * (k - lo) / (hi - lo)
     lo, hi = points[-2], points[-1]
     return table[hi] + (table[hi] - table[lo]) * (k - hi) / (hi - lo)
-
-
-def _clock(device):
-    if device.type == "cuda":
-        def synchronized():
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-        return synchronized
-    return time.perf_counter

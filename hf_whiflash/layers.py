@@ -1,5 +1,7 @@
 """Building blocks both drafters share: RMSNorm, gated MLP, rotary embedding, attention over cached K/V."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,3 +92,26 @@ def init_weights(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, RMSNorm):
             nn.init.ones_(sub.weight)
+
+
+def bind(drafter: nn.Module, **borrowed: nn.Module) -> nn.Module:
+    """`drafter` reading the target modules `borrowed` (e.g. target_embedding=...), in the target's device and dtype.
+
+    Borrowed modules are plain attributes, not submodules: never saved, moved or trained with the drafter.
+    A drafter already bound to another target's modules is copied first (without what it borrowed), so the
+    assistant using it keeps working: moving it would change its dtype under that assistant, and rebinding it
+    would silently swap that assistant's embedding for another target's.
+    """
+    bound = {name: drafter.__dict__[name] for name in borrowed if name in drafter.__dict__}
+    if any(bound[name] is not borrowed[name] for name in bound):
+        for name in bound:
+            del drafter.__dict__[name]
+        try:
+            copied = copy.deepcopy(drafter)
+        finally:
+            drafter.__dict__.update(bound)
+        drafter = copied
+    for name, module in borrowed.items():
+        object.__setattr__(drafter, name, module)
+    weight = borrowed["target_embedding"].weight
+    return drafter.to(device=weight.device, dtype=weight.dtype)

@@ -1,9 +1,10 @@
 """Routing: which drafter drafts the next round, decided from information available before drafting.
 
 `RoundFeatures` is what the candidate generator knows when a round starts (cheap to compute: one
-softmax over the target's logits at the last verified position plus running averages). A policy is
-any object with `choose(features, routes) -> route`, optionally `observe(features, route, accepted,
-seconds)` to learn from the outcome of the round it chose.
+softmax over the target's logits at the last verified position plus running averages). A policy is a
+`Policy`: `choose(features, lengths) -> route`, where `lengths` maps each route it may pick to the
+number of tokens that route would draft this round (the assistant's draft lengths, cut to the length
+budget), and optionally `observe(...)` to learn from the outcome of the round it chose.
 """
 
 import json
@@ -15,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-EAGLE, DFLASH = "eagle3", "dflash"
-ROUTES = (EAGLE, DFLASH)
+from .latency import LatencyModel
+from .names import DFLASH, EAGLE, POLICY_FOLDER, ROUTES
 
 
 @dataclass
@@ -29,10 +30,30 @@ class RoundFeatures:
     accepted_ema: dict[str, float] = field(default_factory=dict)  # per route: recent accepted drafted tokens
     seconds_ema: dict[str, float] = field(default_factory=dict)  # per route: recent round time (draft + verify)
     rounds_since: dict[str, int] = field(default_factory=dict)  # per route: rounds since it last drafted
-    pending: dict[str, int] = field(default_factory=dict)  # per route: positions waiting in its catch-up queue
 
 
-class EntropyPolicy:
+class Policy:
+    """Picks the drafter of each round. Subclasses implement `choose`; policies that learn within a
+    generation also implement `observe` and `for_generation`."""
+
+    def for_generation(self) -> "Policy":
+        """The policy one generate() call routes with. Policies that learn within a generation return a fresh
+        copy, so every generation starts from the same state and concurrent ones never share any."""
+        return self
+
+    def choose(self, features: RoundFeatures, lengths: dict[str, int]) -> str:
+        """The route of the next round: one of `lengths` (route -> tokens it would draft this round)."""
+        raise NotImplementedError
+
+    def observe(self, features: RoundFeatures, route: str, accepted: int, seconds: float) -> None:
+        """The outcome of a round this policy chose."""
+
+    def to_dict(self) -> dict:
+        """The settings whiflash_config.json stores for this policy."""
+        raise NotImplementedError
+
+
+class EntropyPolicy(Policy):
     """Pick the route with the best expected tokens per unit of round cost, per entropy regime.
 
     The target's entropy at the last verified position splits rounds into a confident regime
@@ -57,17 +78,17 @@ class EntropyPolicy:
         self.threshold, self.latency_weight = threshold, latency_weight
         self.explore_every, self.decay = explore_every, decay
         self.priors = priors or {EAGLE: (0.72, 0.62), DFLASH: (0.31, 0.27)}  # (confident, uncertain)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget what was learnt: called at the start of every generate()."""
         self.accepted = {(r, regime): self.priors[r][regime] for r in ROUTES for regime in (0, 1)}
         self.idle = {(r, regime): 0 for r in ROUTES for regime in (0, 1)}
+
+    def for_generation(self) -> "EntropyPolicy":
+        return EntropyPolicy(self.threshold, self.latency_weight, self.explore_every, self.decay, self.priors)
 
     def regime(self, features: RoundFeatures) -> int:
         return int(features.entropy >= self.threshold)
 
-    def choose(self, features: RoundFeatures, routes: tuple[str, ...]) -> str:
+    def choose(self, features: RoundFeatures, lengths: dict[str, int]) -> str:
+        routes = tuple(lengths)
         if len(routes) == 1:
             return routes[0]
         regime = self.regime(features)
@@ -111,11 +132,10 @@ class RoutingState:
         self.last_route: str | None = None
         self.last_accepted = 0
 
-    def features(self, entropy: float, top1: float, position: int, pending: dict | None = None) -> RoundFeatures:
+    def features(self, entropy: float, top1: float, position: int) -> RoundFeatures:
         return RoundFeatures(entropy=entropy, top1_prob=top1, position=position, last_route=self.last_route,
                              last_accepted=self.last_accepted, accepted_ema=dict(self.accepted_ema),
-                             seconds_ema=dict(self.seconds_ema), rounds_since=dict(self.rounds_since),
-                             pending=dict(pending or {}))
+                             seconds_ema=dict(self.seconds_ema), rounds_since=dict(self.rounds_since))
 
     def record(self, route: str, accepted: int, seconds: float) -> None:
         self.last_route, self.last_accepted = route, accepted
@@ -161,19 +181,18 @@ def feature_vector(f: RoundFeatures) -> list[float]:
     ]
 
 
-class NeuralPolicy(nn.Module):
+class NeuralPolicy(Policy, nn.Module):
     """A small MLP that predicts, from RoundFeatures, how many drafts each paradigm would get accepted;
-    the route with the most expected tokens per (measured) round second ** latency_weight wins.
+    the route with the most expected tokens per (modelled) round second ** latency_weight wins, for the
+    draft lengths the assistant drafts with.
 
-    Saved as a folder: config.json (sizes, draft lengths, latency table, latency_weight) and
-    model.safetensors. Trained by recipes/train_router.py on hindsight labels.
+    Saved as a folder: config.json (sizes, latency table, latency_weight) and model.safetensors.
+    Trained by recipes/train_router.py on hindsight labels.
     """
 
-    def __init__(self, latency: dict, draft_lengths: dict[str, int], hidden: int = 32, latency_weight: float = 1.0):
+    def __init__(self, latency: dict, hidden: int = 32, latency_weight: float = 1.0):
         super().__init__()
-        from .latency import LatencyModel
-
-        self.latency, self.draft_lengths = LatencyModel.from_dict(latency), dict(draft_lengths)
+        self.latency = LatencyModel.from_dict(latency)
         self.hidden, self.latency_weight = hidden, latency_weight
         self.net = nn.Sequential(nn.Linear(len(FEATURE_NAMES), hidden), nn.SiLU(), nn.Linear(hidden, hidden),
                                  nn.SiLU(), nn.Linear(hidden, len(ROUTES)))
@@ -183,13 +202,13 @@ class NeuralPolicy(nn.Module):
         return nn.functional.softplus(self.net(x))
 
     @torch.no_grad()
-    def choose(self, features: RoundFeatures, routes: tuple[str, ...]) -> str:
-        if len(routes) == 1:
-            return routes[0]
+    def choose(self, features: RoundFeatures, lengths: dict[str, int]) -> str:
+        if len(lengths) == 1:
+            return next(iter(lengths))
         accepted = self(torch.tensor([feature_vector(features)]))[0].tolist()
-        score = {r: (1 + accepted[ROUTES.index(r)])
-                 / self.latency.round_seconds(r, self.draft_lengths[r]) ** self.latency_weight for r in routes}
-        return max(routes, key=score.get)
+        score = {r: (1 + min(accepted[ROUTES.index(r)], k))  # a draft of k tokens gets at most k accepted
+                 / self.latency.round_seconds(r, k) ** self.latency_weight for r, k in lengths.items()}
+        return max(score, key=score.get)
 
     def fit(self, features: torch.Tensor, accepted: torch.Tensor, epochs: int = 200, lr: float = 3e-3,
             batch_size: int = 256, seed: int = 0) -> float:
@@ -208,14 +227,13 @@ class NeuralPolicy(nn.Module):
             return float(nn.functional.mse_loss(self(features), accepted))
 
     def to_dict(self) -> dict:
-        return {"type": "neural", "folder": "policy"}
+        return {"type": "neural", "folder": POLICY_FOLDER}
 
     def save_pretrained(self, folder) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"features": list(FEATURE_NAMES), "routes": list(ROUTES), "hidden": self.hidden,
-                  "latency_weight": self.latency_weight, "draft_lengths": self.draft_lengths,
-                  "latency": self.latency.to_dict()}
+                  "latency_weight": self.latency_weight, "latency": self.latency.to_dict()}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
         return folder
@@ -228,27 +246,28 @@ class NeuralPolicy(nn.Module):
             raise ValueError(f"{folder}/config.json was trained on features {config['features']}, this version "
                              f"computes {list(FEATURE_NAMES)}: retrain it with recipes/train_router.py")
         kwargs = {"hidden": config["hidden"], "latency_weight": config["latency_weight"]} | overrides
-        policy = cls(config["latency"], config["draft_lengths"], **kwargs)
+        policy = cls(config["latency"], **kwargs)
         policy.load_state_dict(load_file(folder / "model.safetensors"))
         return policy.eval()
 
 
-class OracleRouter:
+class OracleRouter(Policy):
     """For measurement only: routes with hindsight, knowing how many drafts each paradigm would get
-    accepted at every round start (hindsight.acceptance_tables on the target's own greedy output)."""
+    accepted at every round start of one prompt (hindsight.acceptance_tables on the target's own greedy
+    output, drafted with at least the lengths routed with)."""
 
-    def __init__(self, tables: dict[str, "torch.Tensor"], latency, draft_lengths: dict[str, int]):
-        self.tables, self.latency, self.draft_lengths = tables, latency, draft_lengths
+    def __init__(self, tables: dict[str, torch.Tensor], latency: LatencyModel):
+        self.tables, self.latency = tables, latency
 
-    def choose(self, features: RoundFeatures, routes: tuple[str, ...]) -> str:
+    def choose(self, features: RoundFeatures, lengths: dict[str, int]) -> str:
         m = features.position - 1  # round start relative to the first round (the prefill made one token)
 
         def tokens_per_second(route):
-            table = self.tables[route]
-            accepted = int(table[m]) if m < len(table) else 0
-            return (1 + accepted) / self.latency.round_seconds(route, self.draft_lengths[route])
+            table, k = self.tables[route], lengths[route]
+            accepted = min(int(table[m]), k) if m < len(table) else 0
+            return (1 + accepted) / self.latency.round_seconds(route, k)
 
-        return max(routes, key=tokens_per_second)
+        return max(lengths, key=tokens_per_second)
 
     def to_dict(self) -> dict:
         return {"type": "oracle"}

@@ -1,17 +1,42 @@
-"""Per-generation statistics, readable after generate() as `assistant.stats`."""
+"""Per-generation statistics (readable after generate() as `assistant.stats`) and the clock that fills them."""
 
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from statistics import mean
+
+import torch
+
+
+class Clock:
+    """Seconds on `device`'s clock. On CUDA it waits for queued kernels first, so a phase's time is its own."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device if device.type == "cuda" else None
+
+    def __call__(self) -> float:
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
+        return time.perf_counter()
+
+    @contextmanager
+    def adds_to(self, record, name: str):
+        """Add the seconds spent inside the block to `record.<name>`."""
+        start = self()
+        try:
+            yield
+        finally:
+            setattr(record, name, getattr(record, name) + self() - start)
 
 
 @dataclass
 class Round:
     route: str  # "eagle3", "dflash", or "target" when no tokens could be drafted (length budget)
-    drafted: int  # candidate tokens proposed
-    accepted: int  # candidate tokens the target accepted
-    draft_s: float  # drafting, including catch-up
-    catch_up_s: float  # K/V-only prefill of queued positions
-    verify_s: float  # target forward over the candidates plus acceptance
+    drafted: int = 0  # candidate tokens proposed
+    accepted: int = 0  # candidate tokens the target accepted
+    draft_s: float = 0.0  # the whole drafting side of the round: routing, catch-up and drafting
+    catch_up_s: float = 0.0  # K/V-only prefill of queued positions (part of draft_s)
+    verify_s: float = 0.0  # target forward over the candidates plus acceptance
     draft_ids: list[int] = field(default_factory=list)  # the candidates, for traces and tests
     caught_up: int = 0  # queued positions absorbed by K/V-only prefill this round (all drafters)
     route_s: float = 0.0  # routing: features + the policy's decision (part of draft_s)

@@ -8,19 +8,24 @@ class ProvenanceStreamer(BaseStreamer):
 
     sources[i] is "eagle3" or "dflash" for an accepted draft, "correction" for the target's token
     that replaced a rejected draft, and "target" for the target's own token (the prefill's first
-    token, the bonus after a fully accepted draft, or a round without drafts).
+    token, the bonus after a fully accepted draft, or a round without drafts). `stats` is the
+    GenerationStats of the generation being streamed, readable from any thread (the demo's UI reads
+    it while another thread generates).
     """
 
     def __init__(self, assistant, on_tokens):
         self.assistant, self.on_tokens = assistant, on_tokens
         self.prompt_seen = False
+        self.stats = None
 
     def put(self, value):
-        if not self.prompt_seen:  # generate() streams the prompt first
+        if not self.prompt_seen:  # generate() streams the prompt first, before its candidate generator exists
             self.prompt_seen = True
             return
+        # put() runs in the generating thread: the assistant's stats there are this generation's.
+        self.stats = self.assistant.stats
         tokens = value.reshape(-1).tolist()
-        round_ = self.assistant.stats.in_flight  # transformers streams before it reports the round
+        round_ = self.stats.in_flight  # transformers streams before it reports the round
         drafts = round_.draft_ids if round_ is not None else []
         accepted = 0  # leading tokens that are drafts (all of them when EOS or max_length cut the round short)
         while accepted < min(len(tokens), len(drafts)) and tokens[accepted] == drafts[accepted]:

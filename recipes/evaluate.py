@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hf_whiflash import DFlashDrafter, Eagle3Drafter, load_target
+from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, load_target
 from hf_whiflash.bench import CATEGORIES, load_prompts
 from hf_whiflash.hindsight import acceptance_tables, walk
 
@@ -70,7 +70,7 @@ def training_run(folder: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--eagle3", nargs="*", default=[], help="EAGLE-3 drafter folders")
     parser.add_argument("--dflash", nargs="*", default=[], help="DFlash drafter folders")
     parser.add_argument("--eagle-steps", type=int, default=6, help="EAGLE-3 chain length (default 6)")

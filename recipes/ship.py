@@ -17,7 +17,8 @@ import torch
 
 from hf_whiflash import DFlashDrafter, Eagle3Drafter
 from hf_whiflash.assistant import write_settings
-from hf_whiflash.routing import DFLASH, EAGLE, EntropyPolicy
+from hf_whiflash.names import DFLASH, EAGLE
+from hf_whiflash.routing import EntropyPolicy
 
 
 def main() -> None:

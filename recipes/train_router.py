@@ -28,7 +28,8 @@ from hf_whiflash import WhiFlashAssistant, load_target
 from hf_whiflash.assistant import write_settings
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.routing import ROUTES, EntropyPolicy, NeuralPolicy, feature_vector
+from hf_whiflash.names import DFLASH, EAGLE, ROUTES, SETTINGS_FILE
+from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, feature_vector
 
 
 def trajectory(hindsight, latency: LatencyModel, lengths: dict, epsilon: float, rng: random.Random):
@@ -54,7 +55,7 @@ def main() -> None:
     torch.manual_seed(config.get("seed", 0))
     target, _ = load_target(config["target"])
     assistant = WhiFlashAssistant.from_pretrained(target, config["drafters"])
-    lengths = {"eagle3": assistant.eagle_steps, "dflash": assistant.dflash_block_size - 1}
+    lengths = assistant.draft_lengths
     latency = LatencyModel.measure(assistant)
     print("latency (s):", json.dumps(latency.to_dict()))
 
@@ -64,14 +65,14 @@ def main() -> None:
     for sample in tqdm(samples[: config["samples"]], desc="hindsight labels"):
         sequence = torch.tensor([sample["input_ids"]])
         hindsight = acceptance_tables(target, sequence, sample["response_start"], assistant.eagle3, assistant.dflash,
-                                      lengths["eagle3"], assistant.dflash_block_size)
+                                      lengths[EAGLE], lengths[DFLASH] + 1)
         for _ in range(config["trajectories_per_sample"]):
             x, y = trajectory(hindsight, latency, lengths, config["epsilon"], rng)
             xs += x
             ys += y
     features, accepted = torch.tensor(xs), torch.tensor(ys, dtype=torch.float)
     split = int(0.9 * len(features))
-    policy = NeuralPolicy(latency.to_dict(), lengths, hidden=config["hidden"],
+    policy = NeuralPolicy(latency.to_dict(), hidden=config["hidden"],
                           latency_weight=config.get("latency_weight", 1.0))
     train_loss = policy.fit(features[:split], accepted[:split], epochs=config["epochs"], lr=config["lr"])
     with torch.no_grad():
@@ -93,7 +94,7 @@ def main() -> None:
 def install(policy: NeuralPolicy, folder: Path) -> None:
     """Make a WhiFlash folder route with `policy`: its policy/ and whiflash_config.json; the drafters stay
     untouched (re-saving them from the attached assistant would store them in the target's dtype)."""
-    settings = json.loads((folder / "whiflash_config.json").read_text())
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
     policy.save_pretrained(folder / policy.to_dict()["folder"])
     write_settings(folder, settings["eagle_steps"], settings["dflash_block_size"], policy)
 

@@ -20,20 +20,21 @@ import torch
 
 from evaluate import references
 
-from hf_whiflash import WhiFlashAssistant, load_target
+from hf_whiflash import DEFAULT_TARGET, WhiFlashAssistant, load_target
 from hf_whiflash.bench import CATEGORIES, load_prompts
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.routing import DFLASH, EAGLE, ROUTES, EntropyPolicy, NeuralPolicy, OracleRouter
+from hf_whiflash.names import DFLASH, EAGLE, POLICY_FOLDER, ROUTES
+from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, OracleRouter, Policy
 
 GRID = {"threshold": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], "latency_weight": [0.0, 0.5, 1.0], "explore_every": [4, 8, 16, 32]}
 
 
-class Always:
+class Always(Policy):
     def __init__(self, route):
         self.route = route
 
-    def choose(self, features, routes):
+    def choose(self, features, lengths):
         return self.route
 
 
@@ -65,7 +66,7 @@ def score(policy_for, hindsights: dict, latency, lengths) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--drafters", required=True, help="WhiFlash folder with eagle3/ and dflash/")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-chain", type=int, default=6,
@@ -78,7 +79,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     target, tokenizer = load_target(args.target)
     assistant = WhiFlashAssistant.from_pretrained(target, args.drafters, routes=ROUTES)
-    lengths = {EAGLE: assistant.eagle_steps, DFLASH: assistant.dflash_block_size - 1}
+    lengths = assistant.draft_lengths
     longest_chain = max(args.max_chain, lengths[EAGLE])  # tables hold every chain length up to this
     latency = LatencyModel.measure(assistant)
     prompts = load_prompts("dev", None)
@@ -88,12 +89,12 @@ def main() -> None:
         ref = refs[p["id"]]
         hindsights[p["category"], p["id"]] = acceptance_tables(
             target, torch.tensor([ref["ids"]]), ref["prompt_length"], assistant.eagle3, assistant.dflash,
-            longest_chain, assistant.dflash_block_size)
+            longest_chain, lengths[DFLASH] + 1)
     rows = {"always-eagle3": score(lambda h: Always(EAGLE), hindsights, latency, lengths),
             "always-dflash": score(lambda h: Always(DFLASH), hindsights, latency, lengths),
-            "oracle": score(lambda h: OracleRouter(h.tables, latency, lengths), hindsights, latency, lengths)}
-    if (Path(args.drafters) / "policy").is_dir():
-        neural = NeuralPolicy.from_pretrained(Path(args.drafters) / "policy")
+            "oracle": score(lambda h: OracleRouter(h.tables, latency), hindsights, latency, lengths)}
+    if (Path(args.drafters) / POLICY_FOLDER).is_dir():
+        neural = NeuralPolicy.from_pretrained(Path(args.drafters) / POLICY_FOLDER)
         rows["neural"] = score(lambda h: neural, hindsights, latency, lengths)
     priors = {threshold: measured_priors(hindsights, threshold, lengths) for threshold in GRID["threshold"]}
     for values in itertools.product(*GRID.values()):

@@ -51,8 +51,7 @@ def tiny(tmp_path_factory):
     # seeds whose random drafters get some drafts accepted on this target (a 26-word vocabulary)
     assistant = WhiFlashAssistant(model, Eagle3Drafter.for_target(model, seed=11),
                                   DFlashDrafter.for_target(model, seed=2), eagle_steps=3, dflash_block_size=4)
-    assistant.policy = NeuralPolicy(LatencyModel.measure(assistant, context=16, repeats=2).to_dict(),
-                                    {"eagle3": 3, "dflash": 3}, hidden=8)  # untrained: a router to load and run
+    assistant.policy = NeuralPolicy(LatencyModel.measure(assistant, context=16, repeats=2).to_dict(), hidden=8)  # untrained: a router to load and run
     assistant.save_pretrained(root / "drafters")
     prompts = [{"id": f"{c}-0", "category": c, "messages": [{"role": "user", "content": text}]}
                for c, text in (("code", "write a function that adds two numbers"), ("tool", "call the tool with json"),

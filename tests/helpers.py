@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, EntropyPolicy, WhiFlashAssistant
+from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, EntropyPolicy, Policy, WhiFlashAssistant
 from hf_whiflash.targets import shipped_drafters
 
 PROMPTS = [json.loads(line) for line in (Path(__file__).parent / "data" / "lossless_prompts.jsonl").open()]
@@ -79,37 +79,36 @@ class ScriptedDFlash(DFlashDrafter):
         return logits + self.script.bias(first, first, hidden.shape[1], logits.shape[-1]).to(logits)
 
 
-class CountingPolicy:
+class CountingPolicy(Policy):
     """Wraps a policy and advances the script's round counter once per routing decision."""
 
     def __init__(self, inner, script: Script):
         self.inner, self.script = inner, script
 
-    def reset(self):
-        self.inner.reset()
+    def for_generation(self):
+        return CountingPolicy(self.inner.for_generation(), self.script)
 
-    def choose(self, features, routes):
+    def choose(self, features, lengths):
         Script.round += 1
-        return self.inner.choose(features, routes)
+        return self.inner.choose(features, lengths)
 
     def observe(self, *args):
-        if hasattr(self.inner, "observe"):  # learning policies only, as in the assistant
-            self.inner.observe(*args)
+        self.inner.observe(*args)
 
     def to_dict(self):
         return self.inner.to_dict()
 
 
-class RoutePattern:
-    """Deterministic routing for tests: cycles through a fixed list of routes."""
+class RoutePattern(Policy):
+    """Deterministic routing for tests: cycles through a fixed list of routes, from the start in every generation."""
 
     def __init__(self, pattern):
         self.pattern, self.i = list(pattern), 0
 
-    def reset(self):
-        self.i = 0
+    def for_generation(self):
+        return RoutePattern(self.pattern)
 
-    def choose(self, features, routes):
+    def choose(self, features, lengths):
         route = self.pattern[self.i % len(self.pattern)]
         self.i += 1
         return route

@@ -96,7 +96,8 @@ def test_extra_peak_memory_counts_the_weights_a_system_adds(tiny):
     """bench's "extra peak MB" starts from a system's own weights; what it shares with the target is not added."""
     from hf_whiflash import WhiFlashAssistant, load_target
     from hf_whiflash.bench import added_weights_mb
-    from hf_whiflash.routing import DFLASH, EAGLE, EntropyPolicy
+    from hf_whiflash.names import DFLASH, EAGLE
+    from hf_whiflash.routing import EntropyPolicy
 
     target, _ = load_target(str(tiny / "target"))
     copy, _ = load_target(str(tiny / "target"))
@@ -128,3 +129,36 @@ def test_bench_warms_every_system_up_before_timing_any(tiny, monkeypatch):
     warm = set(generated[:generated_before_run[0]])
     assert warm == {(id(extra.get("assistant_model")), sample) for extra in systems.values() for sample in (False, True)}
     assert len(runs) == 2 * len(prompts) * len(systems)
+
+
+def test_bench_checks_out_first_keeps_every_finished_run_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+    """A bench killed midway keeps its finished runs (a torn last line is dropped) and the same command
+    resumes, running only what is missing; an unwritable --out or another bench's folder fails before
+    any model loads."""
+    from hf_whiflash import bench, targets
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setattr(targets, "load_target", lambda *a, **kw: pytest.fail("a model loaded before --out was checked"))
+    assert main(["bench", "--target", str(tiny / "target"), "--out", str(blocked / "bench"), "--systems", "plain"]) == 2
+    assert "cannot write bench results to" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    out = tmp_path / "bench"
+    command = ["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"), "--prompts",
+               str(tiny / "prompts.jsonl"), "--max-new-tokens", "5", "--systems", "plain", "eagle3", "--modes",
+               "greedy", "--out", str(out)]
+    assert main(command) == 0
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * 2  # prompts x systems, each on its own line as it finished
+    (out / "runs.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # killed while appending run 6
+    ran = []
+    real_run_one = bench.run_one
+    monkeypatch.setattr(bench, "run_one", lambda *a, **kw: ran.append(a[2]) or real_run_one(*a, **kw))
+    assert main(command) == 0
+    assert len(ran) == 3 and "resuming: 5 runs" in capsys.readouterr().err
+    result = json.loads((out / "bench.json").read_text())
+    assert sorted((r["prompt_id"], r["system"]) for r in result["runs"]) == sorted(
+        (f"{c}-0", s) for c in ("code", "tool", "math", "chat") for s in ("plain", "eagle3"))
+    assert main(command[:-2] + ["--max-new-tokens", "6", "--out", str(out)]) == 2
+    assert "holds bench runs of other settings" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_whiflash import WhiFlashAssistant
-from hf_whiflash.assistant import check_transformers_internals, transformers_is_tested
+from hf_whiflash.hook import check_transformers_internals, transformers_is_tested
 from helpers import RoutePattern, chat_ids, make_assistant, random_drafters
 
 CODE = "Write a Python function that returns the n-th Fibonacci number iteratively."
@@ -186,7 +186,7 @@ def test_constructor_rejects_bad_options(target):
 
 
 def test_transformers_internals_are_pinned(monkeypatch):
-    assert transformers_is_tested(), "transformers is outside the tested range: see TESTED_TRANSFORMERS"
+    assert transformers_is_tested(), "transformers is outside the range pyproject.toml declares"
     check_transformers_internals()
     from transformers.generation.utils import GenerationMixin
 
@@ -230,3 +230,81 @@ def test_whiflash_folder_round_trip_and_errors(target, tmp_path):
         WhiFlashAssistant.from_pretrained(target, tmp_path / "dflash-only", routes=("eagle3",))
     with pytest.raises(FileNotFoundError, match="a WhiFlash folder holds eagle3/ and/or dflash/"):
         WhiFlashAssistant.from_pretrained(target, tmp_path / "empty")
+
+
+# --- one assistant, several callers ------------------------------------------------------------------
+
+def test_one_assistant_generates_in_two_threads_at_once(tiny):
+    """Per-call state is per call: each thread's tokens, provenance stream and stats are its own."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_whiflash.streaming import ProvenanceStreamer
+
+    target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    assistant = WhiFlashAssistant.from_pretrained(target, tiny / "drafters", policy=RoutePattern(["eagle3", "dflash"]))
+    prompts = [torch.tensor([[3, 8, 4, 9, 12, 5, 7]]), torch.tensor([[20, 6, 11, 3, 15]])]
+    references = [plain(target, ids, max_new_tokens=32) for ids in prompts]
+    results = {}
+
+    def run(i):
+        for _ in range(3):  # several generations each, so the two threads' rounds interleave
+            streamed = []
+            streamer = ProvenanceStreamer(assistant, lambda tokens, sources: streamed.append((tokens, sources)))
+            out = target.generate(prompts[i], max_new_tokens=32, do_sample=False, assistant_model=assistant,
+                                  streamer=streamer)
+        results[i] = out, streamed, assistant.stats, streamer.stats
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, (out, streamed, stats, streamer_stats) in results.items():
+        assert torch.equal(out, references[i])
+        assert [t for tokens, _ in streamed for t in tokens] == out[0, prompts[i].shape[1]:].tolist()
+        assert all(len(tokens) == len(sources) for tokens, sources in streamed)
+        assert stats is streamer_stats and sum(r.accepted + 1 for r in stats.rounds) == 32 - 1
+        assert [r.route for r in stats.rounds][:2] == ["eagle3", "dflash"]  # each call routes from its own start
+    assert results[0][2] is not results[1][2]
+
+
+def test_a_drafter_given_to_a_second_target_leaves_the_first_assistant_working(tiny):
+    """attach() binds a copy when the drafter already serves another target: the first assistant keeps its
+    dtype and embedding."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_whiflash import DFlashDrafter, Eagle3Drafter
+
+    first = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    second = AutoModelForCausalLM.from_pretrained(tiny / "target", dtype=torch.bfloat16).eval()
+    eagle = Eagle3Drafter.from_pretrained(tiny / "drafters" / "eagle3")
+    dflash = DFlashDrafter.from_pretrained(tiny / "drafters" / "dflash")
+    assistant = WhiFlashAssistant(first, eagle, dflash, policy=RoutePattern(["eagle3", "dflash"]), eagle_steps=3)
+    ids = torch.tensor([[3, 8, 4, 9, 12, 5, 7]])
+    before = first.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=assistant)
+    rounds_before = [(r.route, r.accepted) for r in assistant.stats.rounds]
+    other = WhiFlashAssistant(second, assistant.eagle3, assistant.dflash)
+    assert other.eagle3 is not assistant.eagle3 and other.dflash is not assistant.dflash
+    assert other.eagle3.fc.weight.dtype == torch.bfloat16 and assistant.eagle3.fc.weight.dtype == torch.float32
+    assert other.dflash.target_embedding is second.get_input_embeddings()
+    assert assistant.dflash.target_embedding is first.get_input_embeddings()
+    again = WhiFlashAssistant(first, assistant.eagle3, assistant.dflash)  # the same target: no copy needed
+    assert again.eagle3 is assistant.eagle3
+    after = first.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=assistant)
+    assert torch.equal(after, before) and [(r.route, r.accepted) for r in assistant.stats.rounds] == rounds_before
+
+
+def test_non_finite_draft_probabilities_name_the_drafter(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from hf_whiflash import Eagle3Drafter
+
+    target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    eagle = Eagle3Drafter.from_pretrained(tiny / "drafters" / "eagle3")
+    with torch.no_grad():
+        eagle.lm_head.weight.fill_(float("nan"))
+    assistant = WhiFlashAssistant(target, eagle)
+    with pytest.raises(FloatingPointError, match="drafter produced non-finite draft probabilities"):
+        target.generate(torch.tensor([[3, 8, 4]]), max_new_tokens=8, do_sample=True, assistant_model=assistant)

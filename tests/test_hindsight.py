@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from hf_whiflash import WhiFlashAssistant
 from hf_whiflash.hindsight import acceptance_tables, walk
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.routing import DFLASH, EAGLE, OracleRouter
+from hf_whiflash.names import DFLASH, EAGLE, TARGET
+from hf_whiflash.routing import OracleRouter
 
 PROMPT = torch.tensor([[3, 8, 4, 9, 12, 5, 7]])
 NEW = 40
@@ -50,15 +51,14 @@ def test_shorter_eagle_chains_replay_from_the_same_table(tiny, setup):
 def test_oracle_realises_the_hindsight_best_route(setup):
     target, assistant, reference, hindsight = setup
     latency = LatencyModel.from_dict({"verify_s": {1: 1.0}, "draft_s": {EAGLE: {1: 0.0}, DFLASH: {1: 0.0}}})
-    oracle = OracleRouter(hindsight.tables, latency, {EAGLE: assistant.eagle_steps,
-                                                      DFLASH: assistant.dflash_block_size - 1})
+    oracle = OracleRouter(hindsight.tables, latency)
     routed = WhiFlashAssistant(target, assistant.eagle3, assistant.dflash, oracle,
                                eagle_steps=assistant.eagle_steps, dflash_block_size=assistant.dflash_block_size)
     out = target.generate(PROMPT, max_new_tokens=NEW, do_sample=False, assistant_model=routed)
     assert torch.equal(out, reference)
     m = 0
     for r in routed.stats.rounds:  # equal costs: the oracle takes the longer acceptance every round
-        if r.route == "target":
+        if r.route == TARGET:
             break
         best = max(int(hindsight.tables[EAGLE][m]), int(hindsight.tables[DFLASH][m]))
         assert r.accepted == min(best, r.drafted)

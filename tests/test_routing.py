@@ -2,8 +2,8 @@
 
 import torch
 
-from hf_whiflash.routing import (DFLASH, EAGLE, ROUTES, EntropyPolicy, NeuralPolicy, RoundFeatures, RoutingState,
-                                 feature_vector)
+from hf_whiflash.names import DFLASH, EAGLE, ROUTES
+from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, RoundFeatures, RoutingState, feature_vector
 
 LATENCY = {"verify_s": {1: 0.05, 15: 0.12}, "draft_s": {EAGLE: {1: 0.003, 15: 0.045}, DFLASH: {1: 0.012, 15: 0.015}}}
 LENGTHS = {EAGLE: 6, DFLASH: 15}
@@ -27,12 +27,12 @@ def synthetic_task(n: int, seed: int = 0):
 
 def test_neural_policy_learns_the_obvious_rule(tmp_path):
     torch.manual_seed(0)
-    policy = NeuralPolicy(LATENCY, LENGTHS, hidden=16)
+    policy = NeuralPolicy(LATENCY, hidden=16)
     loss = policy.fit(*synthetic_task(2000), epochs=200)
     assert loss < 1.0
-    assert policy.choose(features(0.2), ROUTES) == DFLASH
-    assert policy.choose(features(3.0), ROUTES) == EAGLE
-    agree = sum(policy.choose(features(e), ROUTES) == (DFLASH if e < 1.0 else EAGLE) for e in [i / 20 for i in range(80)])
+    assert policy.choose(features(0.2), LENGTHS) == DFLASH
+    assert policy.choose(features(3.0), LENGTHS) == EAGLE
+    agree = sum(policy.choose(features(e), LENGTHS) == (DFLASH if e < 1.0 else EAGLE) for e in [i / 20 for i in range(80)])
     assert agree >= 76  # at most the boundary may blur
     loaded = NeuralPolicy.from_pretrained(policy.save_pretrained(tmp_path / "policy"))
     x = torch.tensor([feature_vector(features(0.5))])
@@ -42,30 +42,30 @@ def test_neural_policy_learns_the_obvious_rule(tmp_path):
 def test_neural_policy_weighs_latency(tmp_path):
     """The same predictions, but DFlash rounds 20x dearer: EAGLE-3 wins everywhere at latency_weight 1."""
     expensive = {**LATENCY, "draft_s": {**LATENCY["draft_s"], DFLASH: {1: 3.0, 15: 3.0}}}
-    policy = NeuralPolicy(expensive, LENGTHS, hidden=16)
+    policy = NeuralPolicy(expensive, hidden=16)
     torch.manual_seed(0)
     policy.fit(*synthetic_task(2000), epochs=200)
-    assert policy.choose(features(0.2), ROUTES) == EAGLE
+    assert policy.choose(features(0.2), LENGTHS) == EAGLE
     policy.latency_weight = 0.0  # tokens per round only: latency ignored
-    assert policy.choose(features(0.2), ROUTES) == DFLASH
+    assert policy.choose(features(0.2), LENGTHS) == DFLASH
 
 
 def test_entropy_policy_follows_regimes_and_explores():
     policy = EntropyPolicy(threshold=1.0, explore_every=4, priors={EAGLE: (2.0, 1.0), DFLASH: (3.0, 0.5)})
-    assert policy.choose(features(0.3), ROUTES) == DFLASH  # prior: confident -> DFlash
-    assert policy.choose(features(2.5), ROUTES) == EAGLE  # prior: uncertain -> EAGLE-3
+    assert policy.choose(features(0.3), LENGTHS) == DFLASH  # prior: confident -> DFlash
+    assert policy.choose(features(2.5), LENGTHS) == EAGLE  # prior: uncertain -> EAGLE-3
     for _ in range(3):  # DFlash keeps failing on confident rounds: EAGLE-3 takes over
         policy.observe(features(0.3), DFLASH, 0, 0.1)
-    assert policy.choose(features(0.3), ROUTES) == EAGLE
+    assert policy.choose(features(0.3), LENGTHS) == EAGLE
     for _ in range(4):  # ... until DFlash has been idle for explore_every rounds of that regime
         policy.observe(features(0.3), EAGLE, 2, 0.1)
-    assert policy.choose(features(0.3), ROUTES) == DFLASH
+    assert policy.choose(features(0.3), LENGTHS) == DFLASH
     # latency: equal acceptance, but EAGLE-3 rounds measured 3x slower
     slow_eagle = features(2.5, seconds_ema={EAGLE: 0.3, DFLASH: 0.1})
     fresh = EntropyPolicy(priors={EAGLE: (1.0, 1.0), DFLASH: (1.0, 1.0)})
-    assert fresh.choose(slow_eagle, ROUTES) == DFLASH
+    assert fresh.choose(slow_eagle, LENGTHS) == DFLASH
     assert EntropyPolicy(latency_weight=0.0, priors={EAGLE: (1.0, 1.5), DFLASH: (1.0, 1.0)}).choose(
-        slow_eagle, ROUTES) == EAGLE
+        slow_eagle, LENGTHS) == EAGLE
 
 
 def test_entropy_policy_explores_a_clearly_worse_route_rarely():
@@ -74,17 +74,17 @@ def test_entropy_policy_explores_a_clearly_worse_route_rarely():
     timed = features(2.5, seconds_ema={EAGLE: 0.1, DFLASH: 0.4})  # DFlash scores a quarter of EAGLE-3
     chosen = []
     for _ in range(20):
-        chosen.append(policy.choose(timed, ROUTES))
+        chosen.append(policy.choose(timed, LENGTHS))
         policy.observe(timed, chosen[-1], 1, 0.1)
     assert chosen.index(DFLASH) == 16 and chosen.count(DFLASH) == 1
     close = features(2.5, seconds_ema={EAGLE: 0.1, DFLASH: 0.125})  # 0.8 of the best: after 5 idle rounds
-    policy.reset()
+    policy = policy.for_generation()
     for _ in range(4):
-        assert policy.choose(close, ROUTES) == EAGLE
+        assert policy.choose(close, LENGTHS) == EAGLE
         policy.observe(close, EAGLE, 1, 0.1)
-    assert policy.choose(close, ROUTES) == EAGLE  # idle 4 < 4 x 1.25
+    assert policy.choose(close, LENGTHS) == EAGLE  # idle 4 < 4 x 1.25
     policy.observe(close, EAGLE, 1, 0.1)
-    assert policy.choose(close, ROUTES) == DFLASH
+    assert policy.choose(close, LENGTHS) == DFLASH
 
 
 def test_routing_state_tracks_what_the_features_report():
@@ -98,3 +98,26 @@ def test_routing_state_tracks_what_the_features_report():
     assert f.rounds_since == {EAGLE: 1, DFLASH: 0}
     vector = feature_vector(f)
     assert len(vector) == 12 and all(0.0 <= v <= 1.0 for v in vector)
+
+
+def test_an_eagle_steps_override_is_what_the_router_scores_and_what_is_drafted(tiny):
+    """The assistant's draft lengths are the one source: the policy is asked with them (cut only by the length
+    budget) and the drafter drafts them; the neural router scores round costs at those lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_whiflash import WhiFlashAssistant
+
+    target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    assistant = WhiFlashAssistant.from_pretrained(target, tiny / "drafters", eagle_steps=2, dflash_block_size=5)
+    assert isinstance(assistant.policy, NeuralPolicy)  # the folder's router, trained with other lengths
+    asked, costed = [], []
+    choose, round_seconds = assistant.policy.choose, assistant.policy.latency.round_seconds
+    assistant.policy.choose = lambda features, lengths: asked.append(dict(lengths)) or choose(features, lengths)
+    assistant.policy.latency.round_seconds = lambda route, k: costed.append((route, k)) or round_seconds(route, k)
+    target.generate(torch.tensor([[3, 8, 4, 9, 12, 5, 7]]), max_new_tokens=30, do_sample=False,
+                    assistant_model=assistant)
+    assert asked and asked[0] == {EAGLE: 2, DFLASH: 4} == assistant.draft_lengths
+    assert all(lengths[EAGLE] <= 2 and lengths[DFLASH] <= 4 for lengths in asked)
+    assert {(EAGLE, 2), (DFLASH, 4)} <= set(costed) and all(k <= 4 for _, k in costed)
+    drafted = {r.route: r.drafted for r in assistant.stats.rounds[:-3]}  # before the budget cuts drafts
+    assert all(drafted[route] == assistant.draft_lengths[route] for route in drafted)

@@ -4,7 +4,6 @@ against their exact distribution under the target, on a tiny random Llama (vocab
 distribution can be enumerated. The same test rejects a slightly wrong distribution (power check).
 """
 
-import itertools
 from collections import Counter
 
 import pytest

@@ -1,0 +1,157 @@
+"""One generate() call's drafting: transformers calls `get_candidates` and `update_candidate_strategy` alternately.
+
+A round, top to bottom in `get_candidates`: queue the newly verified target features in every drafter's
+LazyCatchUpCache -> the policy picks a route -> that drafter catches up (one K/V-only pass) and drafts ->
+the draft is cut before any stop string -> transformers verifies the candidates (exact match, or
+speculative rejection sampling with the draft logits) -> `update_candidate_strategy` records the outcome.
+The generator never looks inside a drafter: both follow the same catch_up / draft protocol.
+"""
+
+import torch
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.stopping_criteria import StopStringCriteria
+
+from .cache import LazyCatchUpCache
+from .names import TARGET
+from .routing import RoutingState, entropy_and_top1
+from .stats import Clock, GenerationStats, Round
+
+
+class WhiFlashCandidateGenerator(CandidateGenerator):
+    """Per-call state: drafter caches, the policy's copy for this call, routing statistics and `stats`."""
+
+    requires_model_outputs = True
+
+    def __init__(self, assistant, stats: GenerationStats, generation_config, logits_processor, tokenizer=None):
+        self.drafters = assistant.drafters
+        self.caches = {route: LazyCatchUpCache() for route in self.drafters}
+        self.draft_lengths = assistant.draft_lengths
+        self.eager = assistant.catch_up == "eager"  # baseline: every drafter absorbs every verified position
+        self.policy = assistant.policy.for_generation()
+        self.stats = stats
+        # Capture only the layers the drafters read, unless the user asked for all hidden states anyway.
+        layers = True if generation_config.output_hidden_states else assistant.feature_layers
+        self.model_kwargs_overrides = {"output_hidden_states": layers}
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor if logits_processor is not None and len(logits_processor) else None
+        self.max_length = generation_config.max_length
+        # transformers checks stop strings only at the end of each round; drafts that never complete one
+        # make the round end exactly where plain generate() would stop.
+        stop_strings = generation_config.stop_strings
+        self.stop_strings = StopStringCriteria(tokenizer, stop_strings) if stop_strings and tokenizer else None
+        self.clock = Clock(assistant.device)
+        self.routing = RoutingState(tuple(self.drafters))
+        self.num_verified = 0  # positions whose target features have been queued
+        self.prompt_length = 0
+        self.entropy, self.top1 = float("nan"), float("nan")  # of the newest verified token's distribution
+        self.round: Round | None = None
+        self.features = None  # the RoundFeatures the round in flight was routed on
+        self.started = self.clock()
+
+    def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False, **kwargs):
+        if input_ids.shape[0] != 1:
+            raise ValueError("WhiFlash drafts for one sequence at a time (batch size 1), as transformers' "
+                             "assisted generation does; call generate() once per prompt.")
+        if is_first_iteration:  # no target features yet: the target prefills the prompt
+            self.prompt_length = input_ids.shape[1]
+            return input_ids, None
+        round_ = Round(route=TARGET)
+        with self.clock.adds_to(round_, "draft_s"):
+            self._queue_verified(input_ids, model_outputs)
+            with self.clock.adds_to(round_, "route_s"):
+                route, length = self._choose(input_ids.shape[1])
+            draft_ids, draft_logits = input_ids[:, :0], None
+            if route != TARGET:
+                drafter, cache = self.drafters[route], self.caches[route]
+                with self.clock.adds_to(round_, "catch_up_s"):
+                    round_.caught_up += drafter.catch_up(cache)
+                draft_ids, draft_logits = drafter.draft(cache, length, self._picker(input_ids))
+                draft_ids, draft_logits = self._cut_at_stop_strings(input_ids, draft_ids, draft_logits)
+            if self.eager:
+                with self.clock.adds_to(round_, "catch_up_s"):
+                    round_.caught_up += sum(d.catch_up(self.caches[r]) for r, d in self.drafters.items() if r != route)
+        round_.route, round_.drafted, round_.draft_ids = route, draft_ids.shape[1], draft_ids[0].tolist()
+        self.round = self.stats.in_flight = round_
+        self.verify_started = self.clock()
+        return torch.cat([input_ids, draft_ids], dim=1), draft_logits if self.do_sample else None
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        now = self.clock()
+        # The distribution that produced the newest verified token: the router's entropy signal.
+        self.entropy, self.top1 = entropy_and_top1(scores[0, int(num_matches)])
+        if self.round is None:  # the prompt prefill
+            self.stats.prefill_s = now - self.started
+            return
+        record, self.round, self.stats.in_flight = self.round, None, None
+        record.accepted, record.verify_s = int(num_matches), now - self.verify_started
+        self.stats.rounds.append(record)
+        self.routing.record(record.route, record.accepted, record.seconds)
+        if record.route != TARGET:
+            self.policy.observe(self.features, record.route, record.accepted, record.seconds)
+
+    # --- the steps of a round -----------------------------------------------------------------------
+
+    def _queue_verified(self, input_ids, model_outputs) -> None:
+        """Queue the positions verified since the last round: the first `new` of the verify window."""
+        new = input_ids.shape[1] - 1 - self.num_verified
+        hidden_states = model_outputs.hidden_states
+        window = next(h for h in hidden_states if h is not None).shape[1]
+        if new > window:
+            raise ValueError(
+                f"WhiFlash needs the target's hidden states for every position, but the first forward covered "
+                f"{window} of {new} prompt tokens: a pre-filled past_key_values is not supported."
+            )
+        # Token t+1 goes with the feature of position t (EAGLE-3 pairs); DFlash reads the features only.
+        next_ids = input_ids[:, self.num_verified + 1: self.num_verified + 1 + new]
+        for route, drafter in self.drafters.items():
+            self.caches[route].enqueue(next_ids, drafter.features(hidden_states, new))
+        self.num_verified += new
+
+    def _choose(self, length_so_far: int) -> tuple[str, int]:
+        """The policy's route and its draft length, cut so no candidate goes beyond max_length."""
+        budget = self.max_length - length_so_far - 1
+        if budget <= 0:
+            return TARGET, 0
+        lengths = {route: min(budget, k) for route, k in self.draft_lengths.items()}
+        self.features = self.routing.features(self.entropy, self.top1, length_so_far - self.prompt_length)
+        route = self.policy.choose(self.features, lengths)
+        if route not in lengths:
+            raise ValueError(f"routing policy chose {route!r}, but this assistant only has {tuple(lengths)}")
+        return route, lengths[route]
+
+    def _picker(self, input_ids):
+        """How drafters pick tokens: None (argmax) for plain greedy; otherwise a function that processes one
+        draft distribution like the target's and picks from it -> token [1, 1], processed logits [1, V]."""
+        if self.logits_processor is None and not self.do_sample:
+            return None
+
+        def pick(logits, drafted: list):
+            logits = logits.float()
+            if self.logits_processor is not None:
+                prefix = torch.cat([input_ids, *drafted], dim=1) if drafted else input_ids
+                logits = self.logits_processor(prefix, logits)
+            if not self.do_sample:
+                return logits.argmax(-1, keepdim=True), logits
+            probs = logits.softmax(-1)
+            if not torch.isfinite(probs).all():
+                raise FloatingPointError("a drafter produced non-finite draft probabilities (NaN/inf logits): its "
+                                         "weights are likely corrupt; reload or retrain the drafter.")
+            return torch.multinomial(probs, 1), logits
+
+        return pick
+
+    def _cut_at_stop_strings(self, input_ids, draft_ids, draft_logits):
+        """Cut the draft before its first token that completes a stop string."""
+        k = draft_ids.shape[1]
+        if self.stop_strings is None or k == 0:
+            return draft_ids, draft_logits
+        window = self.stop_strings.maximum_token_len
+        sequence = torch.cat([input_ids[0, -window:], draft_ids[0]])
+        # Left-pad short prompts with an out-of-vocabulary id, which StopStringCriteria matches to nothing.
+        pad = sequence.new_full((max(0, window + k - sequence.shape[0]),), torch.iinfo(torch.long).max)
+        tails = torch.cat([pad, sequence]).unfold(0, window, 1)[-k:]  # [k, window]: ending at each draft token
+        completes = self.stop_strings(tails, None).nonzero()
+        if completes.numel() == 0:
+            return draft_ids, draft_logits
+        keep = int(completes[0])
+        return draft_ids[:, :keep], None if draft_logits is None else draft_logits[:, :keep]

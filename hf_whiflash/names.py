@@ -1,0 +1,27 @@
+"""Names and defaults every part of hf_whiflash agrees on. The bottom floor: imports nothing from the package."""
+
+import re
+from importlib import metadata
+
+EAGLE, DFLASH = "eagle3", "dflash"  # the drafting paradigms, also their subfolders in a WhiFlash folder
+ROUTES = (EAGLE, DFLASH)
+TARGET = "target"  # a round without drafts: the length budget left no room for any
+POLICY_FOLDER = "policy"  # a trained router inside a WhiFlash folder
+SETTINGS_FILE = "whiflash_config.json"  # draft lengths and routing policy of a WhiFlash folder
+
+# Sampling mode of the command line, the benchmark and the demo.
+SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+
+
+def tested_transformers() -> str:
+    """The transformers range this release is tested with, as pyproject.toml declares it (e.g. '>=5.23.0,<5.24');
+    'unknown' when hf_whiflash runs from a copied folder without package metadata (a Space)."""
+    try:
+        requirements = metadata.requires("hf-whiflash") or []
+    except metadata.PackageNotFoundError:
+        return "unknown"
+    for requirement in requirements:
+        match = re.fullmatch(r"transformers\s*([^;]*)", requirement.strip())
+        if match:
+            return match.group(1).replace(" ", "")
+    return "unknown"
