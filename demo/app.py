@@ -17,6 +17,7 @@ from transformers import StoppingCriteria
 
 from hf_whiflash import DEFAULT_TARGET, load_target
 from hf_whiflash.assistant import build_assistant
+from hf_whiflash.calibration import describe
 from hf_whiflash.names import POLICY_FOLDER, SAMPLING
 from hf_whiflash.routing import EntropyPolicy, NeuralPolicy
 from hf_whiflash.streaming import ProvenanceStreamer, TokenTexts
@@ -36,8 +37,12 @@ if DRAFTERS is not None and (Path(DRAFTERS) / POLICY_FOLDER).is_dir():
     MODES = {"WhiFlash (neural router)": ("whiflash", NeuralPolicy.from_pretrained(Path(DRAFTERS) / POLICY_FOLDER))} \
         | MODES
 
-target, tokenizer = load_target(TARGET)
-assistants = {label: build_assistant(target, TARGET, mode, DRAFTERS, policy) for label, (mode, policy) in MODES.items()}
+target, tokenizer = load_target(TARGET, dtype=os.environ.get("WHIFLASH_DTYPE", "float32"))  # plain runs in it too
+# Draft lengths: chosen for this machine unless set (e.g. to show drafting where calibration turns it off).
+LENGTHS = {"eagle_steps": os.environ.get("WHIFLASH_EAGLE_STEPS"), "dflash_block_size": os.environ.get("WHIFLASH_BLOCK_SIZE")}
+assistants = {label: build_assistant(target, TARGET, mode, DRAFTERS, policy,
+                                     **{k: int(v) for k, v in LENGTHS.items() if v})
+              for label, (mode, policy) in MODES.items()}
 # One generation at a time: on 2 cores, overlapping generations would slow each other and corrupt the timings
 # shown. A visitor who leaves mid-generation cancels it, so the next one does not wait for it to finish.
 generating = threading.Lock()
@@ -125,12 +130,14 @@ def stream(assistant, ids, settings: dict):
     plain_start = time.perf_counter()
     plain = target.generate(ids, **settings)
     plain_seconds = time.perf_counter() - plain_start
-    yield "".join(parts), stats_markdown(streamer.stats, count, seconds, (plain.shape[1] - ids.shape[1], plain_seconds))
+    yield "".join(parts), stats_markdown(streamer.stats, count, seconds, (plain.shape[1] - ids.shape[1], plain_seconds)) \
+        + f"  \ndraft lengths: {describe(assistant)}"
 
 
 with gr.Blocks(title="WhiFlash") as app:
     gr.Markdown("# ⚡ WhiFlash: speculative decoding that switches drafters token by token\n"
-                f"Target: **{TARGET}** on CPU. Each token is coloured by the drafter that proposed it.")
+                f"Target: **{TARGET}** ({str(target.dtype).removeprefix('torch.')}) on {target.device.type.upper()}. "
+                "Each token is coloured by the drafter that proposed it.")
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",

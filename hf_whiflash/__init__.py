@@ -7,7 +7,7 @@ from .dflash import DFlashConfig, DFlashDrafter
 from .eagle3 import Eagle3Config, Eagle3Drafter
 from .routing import EntropyPolicy, NeuralPolicy, Policy, RoundFeatures
 from .stats import GenerationStats
-from .targets import DEFAULT_TARGET, IncompatibleDrafterError, load_target
+from .targets import DEFAULT_TARGET, IncompatibleDrafterError, load_target, shipped_drafters
 
 __all__ = [
     "CheckpointError",
@@ -25,4 +25,5 @@ __all__ = [
     "RoundFeatures",
     "WhiFlashAssistant",
     "load_target",
+    "shipped_drafters",
 ]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
+from .calibration import best_length, calibrated_latency
 from .dflash import DFlashDrafter
 from .eagle3 import Eagle3Drafter
 from .generator import WhiFlashCandidateGenerator
@@ -22,7 +23,7 @@ from .hook import check_transformers_internals, install_generator_hook
 from .names import DFLASH, EAGLE, ROUTES, SETTINGS_FILE
 from .routing import EntropyPolicy, NeuralPolicy, Policy
 from .stats import GenerationStats
-from .targets import shipped_drafters, text_config
+from .targets import cache_root, shipped_drafters, text_config
 
 
 def write_settings(folder: Path, eagle_steps: int, dflash_block_size: int | None, policy: Policy) -> None:
@@ -36,34 +37,50 @@ class WhiFlashAssistant(nn.Module):
 
     With one drafter it runs that paradigm alone (our EAGLE-3-only and DFlash-only baselines).
     `eagle_steps` is the EAGLE-3 chain length, `dflash_block_size` the DFlash block (last verified
-    token + block_size-1 drafts). `catch_up="eager"` absorbs every verified position into both
+    token + block_size-1 drafts). Left unset, each is chosen for this machine when the drafter ships an
+    acceptance profile: the length with the most expected tokens per second of round cost measured here
+    (calibration.py; a few seconds once, then cached), or no drafting with that drafter at all when
+    plain decoding is faster; without a profile, a chain of 6 and the drafter's own block size.
+    `catch_up="eager"` absorbs every verified position into both
     drafters every round instead of lazily: a baseline for measuring what lazy catch-up saves.
     After a generate(), `stats` holds that generation's GenerationStats (per thread: generations in
     other threads, even with this same assistant, keep their own).
     """
 
     def __init__(self, target, eagle3: Eagle3Drafter | None = None, dflash: DFlashDrafter | None = None,
-                 policy: Policy | None = None, *, eagle_steps: int = 6, dflash_block_size: int | None = None,
-                 catch_up: str = "lazy"):
+                 policy: Policy | None = None, *, eagle_steps: int | None = None,
+                 dflash_block_size: int | None = None, catch_up: str = "lazy"):
         super().__init__()
         if eagle3 is None and dflash is None:
             raise ValueError("WhiFlashAssistant needs at least one drafter: pass eagle3=..., dflash=... or both.")
         if catch_up not in ("lazy", "eager"):
             raise ValueError(f"catch_up must be 'lazy' or 'eager', got {catch_up!r}")
-        if eagle_steps < 1 or (dflash_block_size is not None and dflash_block_size < 2):
+        if (eagle_steps is not None and eagle_steps < 1) or (dflash_block_size is not None and dflash_block_size < 2):
             raise ValueError("eagle_steps must be >= 1 and dflash_block_size >= 2")
         check_transformers_internals()
         object.__setattr__(self, "target", target)  # not a submodule: the assistant never saves or moves it
         self.eagle3 = eagle3.attach(target) if eagle3 is not None else None
         self.dflash = dflash.attach(target) if dflash is not None else None
         self.policy = policy if policy is not None else EntropyPolicy()
-        self.eagle_steps = eagle_steps
-        self.dflash_block_size = dflash_block_size or (dflash.block_size if dflash is not None else None)
         self.catch_up = catch_up
+        self.latency = None  # this machine's round costs, when the lengths or the policy need them
+        self.calibrated: dict[str, int] = {}  # route -> draft length chosen by calibration
+        self._set_draft_lengths(eagle_steps, dflash_block_size)
         # generate() validates an assistant through its config: same vocabulary as the target.
         self.config = PreTrainedConfig(vocab_size=text_config(target).vocab_size, architectures=["WhiFlashAssistant"])
         self._per_thread = threading.local()  # each thread's newest GenerationStats
         install_generator_hook()
+
+    def _set_draft_lengths(self, eagle_steps: int | None, dflash_block_size: int | None) -> None:
+        unset = {EAGLE: eagle_steps is None, DFLASH: dflash_block_size is None}
+        profiles = {route: d.tokens_per_round for route, d in self.drafters.items() if unset[route] and d.tokens_per_round}
+        if profiles or self.policy.needs_costs:
+            self.latency = calibrated_latency(self, cache_root() / "calibration")
+            self.policy.use_costs(self.latency)
+        self.calibrated = {route: best_length(self.latency, route, profile) for route, profile in profiles.items()}
+        self.eagle_steps = self.calibrated.get(EAGLE, eagle_steps or 6)  # 0: no EAGLE-3 drafting here
+        block = self.dflash.block_size if self.dflash is not None else None
+        self.dflash_block_size = self.calibrated[DFLASH] + 1 if DFLASH in self.calibrated else dflash_block_size or block
 
     @property
     def drafters(self) -> dict[str, nn.Module]:
@@ -71,7 +88,8 @@ class WhiFlashAssistant(nn.Module):
 
     @property
     def draft_lengths(self) -> dict[str, int]:
-        """Route -> tokens it drafts per round (before the length budget cuts it): the one source of truth."""
+        """Route -> tokens it drafts per round (before the length budget cuts it; 0: it never drafts): the one
+        source of truth."""
         lengths = {EAGLE: self.eagle_steps, DFLASH: (self.dflash_block_size or 0) - 1}
         return {route: lengths[route] for route in self.drafters}
 
@@ -97,7 +115,9 @@ class WhiFlashAssistant(nn.Module):
             drafter.save_pretrained(folder / route)
         if hasattr(self.policy, "save_pretrained"):
             self.policy.save_pretrained(folder / self.policy.to_dict()["folder"])
-        write_settings(folder, self.eagle_steps, self.dflash_block_size, self.policy)
+        # Calibrated lengths belong to this machine: the folder leaves them to be calibrated where it is used.
+        write_settings(folder, None if EAGLE in self.calibrated else self.eagle_steps,
+                       None if DFLASH in self.calibrated else self.dflash_block_size, self.policy)
         return folder
 
     @classmethod

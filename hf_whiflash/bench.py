@@ -8,9 +8,9 @@ time as % of round time and peak extra memory (weights the system adds to the ta
 growth while generating). Writes bench.json, bench.md, speedup.png, trace.png.
 """
 
+import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .names import DFLASH, EAGLE, POLICY_FOLDER, ROUTES, SAMPLING, TARGET
+from .checkpoint import write_text_atomically
 from .stats import Clock
 
 DEV_SET = Path(__file__).parent / "data" / "dev_set.jsonl"
@@ -39,6 +40,7 @@ class Run:
     seconds: float
     peak_mb: float  # weights added to the target's (drafters, assistant model) + peak growth while generating
     repeat: int = 0  # which of the --repeats runs of this prompt, system and mode
+    output: str = ""  # digest of the generated ids: greedy runs compare it with plain generate()'s
     acceptance: float | None = None  # tokens per round (accepted drafts + 1)
     rounds_per_route: dict = field(default_factory=dict)
     catch_up_share: float | None = None
@@ -141,7 +143,7 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
     makers = {
         "plain": lambda: {},
         "prompt-lookup": lambda: {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
-        "assisted": lambda: {"assistant_model": load_target(assistant_name, device=target.device)[0]},
+        "assisted": lambda: {"assistant_model": load_target(assistant_name, dtype=target.dtype, device=target.device)[0]},
         "eagle3": lambda: assistant((EAGLE,)),
         "dflash": lambda: assistant((DFLASH,)),
         "whiflash-entropy": lambda: assistant(ROUTES, EntropyPolicy()),
@@ -167,9 +169,9 @@ def prepare_oracle(target, assistant, ids, max_new_tokens: int, latency) -> None
     from .routing import OracleRouter
 
     reference = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    lengths = assistant.draft_lengths
-    hindsight = acceptance_tables(target, reference, ids.shape[1], assistant.eagle3, assistant.dflash,
-                                  lengths[EAGLE], lengths[DFLASH] + 1)
+    lengths = assistant.draft_lengths  # 0: that drafter does not draft on this machine
+    hindsight = acceptance_tables(target, reference, ids.shape[1], assistant.eagle3 if lengths[EAGLE] else None,
+                                  assistant.dflash if lengths[DFLASH] else None, lengths[EAGLE], lengths[DFLASH] + 1)
     assistant.policy = OracleRouter(hindsight.tables, latency)
 
 
@@ -189,7 +191,8 @@ def run_one(target, ids, system: str, extra: dict, mode: str, max_new_tokens: in
         out = target.generate(ids, max_new_tokens=max_new_tokens, **MODES[mode], **extra)
         seconds = clock() - start
     run = Run(prompt["id"], prompt["category"], system, mode, out.shape[1] - ids.shape[1], seconds,
-              added_weights_mb(target, extra) + memory.peak_mb, repeat)
+              added_weights_mb(target, extra) + memory.peak_mb, repeat,
+              hashlib.sha256(out[0, ids.shape[1]:].cpu().numpy().tobytes()).hexdigest()[:16])
     assistant = whiflash_assistant(extra)
     if assistant is not None:
         summary = assistant.stats.summary()
@@ -283,7 +286,7 @@ class RunLog:
         if request_path.is_file() and json.loads(request_path.read_text()) != request:
             raise ValueError(f"{self.out} holds bench runs of other settings (see {request_path}): pass another --out, "
                              "or delete that folder to start over")
-        _write_atomically(request_path, json.dumps(request, indent=1))
+        write_text_atomically(request_path, json.dumps(request, indent=1))
         self.runs = {(r.mode, r.prompt_id, r.system, r.repeat): r for r in self._read_runs()}
 
     def _read_runs(self) -> list[Run]:
@@ -307,22 +310,17 @@ class RunLog:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def save_trace(self, trace: dict) -> None:
-        _write_atomically(self.out / "trace.json", json.dumps(trace))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a kill leaves the old file or the new one, never half of one."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+        write_text_atomically(self.out / "trace.json", json.dumps(trace))
 
 
 def summarize(runs: list[Run]) -> dict:
     """{mode: {system: {category|"overall": metrics}}}; speedup = median over prompts of tok/s vs plain."""
     plain = {(r.mode, r.prompt_id): [] for r in runs}
+    plain_output = {}
     for r in runs:
         if r.system == "plain":
             plain[r.mode, r.prompt_id].append(r.tokens_per_s)
+            plain_output[r.mode, r.prompt_id] = r.output
     table = {}
     for mode in sorted({r.mode for r in runs}):
         for system in dict.fromkeys(r.system for r in runs):
@@ -345,6 +343,8 @@ def summarize(runs: list[Run]) -> dict:
                 catch_up = [r.catch_up_share for r in chosen if r.catch_up_share is not None]
                 routing = [r.routing_share for r in chosen if r.routing_share is not None]
                 per_cost = [r.tokens_per_cost for r in chosen if r.tokens_per_cost is not None]
+                compared = [r.output == plain_output[mode, r.prompt_id] for r in chosen
+                            if mode == "greedy" and (mode, r.prompt_id) in plain_output]
                 table.setdefault(mode, {}).setdefault(system, {})[category] = {
                     "prompts": len(per_prompt),
                     "tokens_per_s": statistics.median(r.tokens_per_s for r in chosen),
@@ -355,29 +355,32 @@ def summarize(runs: list[Run]) -> dict:
                     "routing_pct": 100 * statistics.mean(routing) if routing else None,
                     "tokens_per_cost": statistics.mean(per_cost) if per_cost else None,
                     "peak_mb": statistics.median(r.peak_mb for r in chosen),
+                    "identical": statistics.mean(compared) if compared else None,  # greedy: share equal to plain
                 }
     return table
 
 
 def markdown(summary: dict, meta: dict) -> str:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; {meta['date']}; "
-             f"{meta['duration_s'] / 60:.1f} min", ""]
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; {meta.get('dtype', 'torch.float32')}; {meta['date']}; "
+             f"{meta['duration_s'] / 60:.1f} min  "]
+    lines += [f"{name}: {text}  " for name, text in meta.get("draft_lengths", {}).items()] + [""]
     for mode, systems in summary.items():
         lines += [f"### {mode}", "",
                   "| system | " + " | ".join(f"{c} speedup" for c in (*CATEGORIES, "overall"))
                   + " | tok/s | acceptance | EAGLE-3 / DFlash rounds | catch-up % | routing % | tokens/cost-s"
-                  " | extra peak MB |",
-                  "|---" * (len(CATEGORIES) + 9) + "|"]
+                  " | extra peak MB | identical to plain |",
+                  "|---" * (len(CATEGORIES) + 10) + "|"]
         for system, cats in systems.items():
             overall = cats["overall"]
             share = overall["route_share"]
             routes = f"{100 * share.get(EAGLE, 0):.0f}% / {100 * share.get(DFLASH, 0):.0f}%" if share else "–"
+            identical = "–" if overall["identical"] is None else f"{100 * overall['identical']:.0f}%"
             lines.append(f"| {system} | " + " | ".join(fmt(cats.get(c, {}).get("speedup"), ".2f") + "x"
                                                       for c in (*CATEGORIES, "overall"))
                          + f" | {overall['tokens_per_s']:.1f} | {fmt(overall['acceptance'], '.2f')} | {routes} | "
                          f"{fmt(overall['catch_up_pct'], '.1f')} | {fmt(overall['routing_pct'], '.2f')} | "
-                         f"{fmt(overall['tokens_per_cost'], '.1f')} | {overall['peak_mb']:.0f} |")
+                         f"{fmt(overall['tokens_per_cost'], '.1f')} | {overall['peak_mb']:.0f} | {identical} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -442,17 +445,18 @@ def plot_trace(trace: dict, path: Path, plt) -> None:
 
 
 def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    from .calibration import device_name
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return f"{device_name(device)}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def write_outputs(out: Path, runs: list[Run], trace, meta: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
     result = {"meta": meta, "summary": summary, "runs": [asdict(r) for r in runs], "trace": trace}
-    _write_atomically(out / "bench.json", json.dumps(result, indent=1))
-    _write_atomically(out / "bench.md", markdown(summary, meta))
+    write_text_atomically(out / "bench.json", json.dumps(result, indent=1))
+    write_text_atomically(out / "bench.md", markdown(summary, meta))
     plot(summary, trace, out)
     return result
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .names import ACCEPTANCE_FILE
+
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
@@ -177,6 +179,28 @@ def replace_atomically(path: Path, write) -> None:
         raise
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_acceptance(folder: Path, tokens_per_round: dict[int, float]) -> None:
+    profile = {"tokens_per_round": {str(k): round(v, 4) for k, v in sorted(tokens_per_round.items())}}
+    write_text_atomically(folder / ACCEPTANCE_FILE, json.dumps(profile, indent=1) + "\n")
+
+
+def read_acceptance(folder: Path) -> dict[int, float] | None:
+    """A drafter folder's acceptance profile (tokens per round by draft length), if it ships one."""
+    path = folder / ACCEPTANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return {int(k): float(v) for k, v in json.loads(path.read_text())["tokens_per_round"].items()}
+    except (ValueError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{path} is not an acceptance profile ({error!r}): expected "
+                              '{"tokens_per_round": {"<draft length>": <tokens>, ...}}; delete it or rerun '
+                              "recipes/profile_acceptance.py") from None
+
+
 def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor], safe_serialization: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     name, shadowing = (SAFETENSORS, PYTORCH_BIN) if safe_serialization else (PYTORCH_BIN, SAFETENSORS)
@@ -191,7 +215,7 @@ def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor], saf
     else:
         replace_atomically(folder / name, lambda tmp: torch.save(tensors, tmp))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    replace_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(folder / "config.json", text)
     return folder
 
 
@@ -199,6 +223,10 @@ class HubMixin:
     """from_pretrained / save_pretrained / push_to_hub for an nn.Module drafter with a `config` (DrafterConfig)."""
 
     config_class: type[DrafterConfig]
+    # Mean tokens per round (accepted drafts + 1) by draft length, measured on a dev set by
+    # recipes/profile_acceptance.py; None when unknown. With round costs measured on the user's machine
+    # it decides the draft length (calibration.py).
+    tokens_per_round: dict[int, float] | None = None
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, revision=None, token=None):
@@ -207,6 +235,7 @@ class HubMixin:
         state, files = read_weights(folder)
         model = cls(config, **cls._modules_for(state))
         model._load_strict(state, files)
+        model.tokens_per_round = read_acceptance(folder)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model
@@ -236,7 +265,10 @@ class HubMixin:
         self.load_state_dict(state, strict=True, assign=True)
 
     def save_pretrained(self, save_directory, *, safe_serialization: bool = True) -> Path:
-        return write_folder(Path(save_directory), self.config.to_dict(), self.state_dict(), safe_serialization)
+        folder = write_folder(Path(save_directory), self.config.to_dict(), self.state_dict(), safe_serialization)
+        if self.tokens_per_round is not None:
+            write_acceptance(folder, self.tokens_per_round)
+        return folder
 
     def push_to_hub(self, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,
                     commit_message: str = "Upload drafter") -> str:

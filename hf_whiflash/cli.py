@@ -14,6 +14,12 @@ LEGEND = f"{ANSI[EAGLE]}EAGLE-3 draft\033[0m  {ANSI[DFLASH]}DFlash draft\033[0m 
          f"{ANSI['correction']}target corrected a draft\033[0m"
 
 
+DTYPE_HELP = ("target dtype, drafters follow it (default float32). bfloat16, or auto (bfloat16 on CUDA and on CPUs "
+              "with native bf16 where it is faster), is faster on such machines, but greedy output then matches plain "
+              "generate() in the same dtype only up to bf16 rounding: a multi-token verify rounds differently from "
+              "one-token decoding, so a near-tie can flip")
+
+
 def terminal_streamer(assistant, tokenizer, colour: bool):
     """Print each round's tokens as they are verified, coloured by who proposed them."""
     from .streaming import ProvenanceStreamer, TokenTexts
@@ -30,14 +36,16 @@ def terminal_streamer(assistant, tokenizer, colour: bool):
 
 def cmd_generate(args) -> int:
     from .assistant import build_assistant
+    from .calibration import describe
     from .targets import load_target
 
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(args.target)
+    target, tokenizer = load_target(args.target, dtype=args.dtype)
     assistant = build_assistant(target, args.target, args.mode, args.drafters, eagle_steps=args.eagle_steps,
                                 dflash_block_size=args.block_size)
+    print(f"{next(target.parameters()).dtype}; draft lengths: {describe(assistant)}", file=sys.stderr)
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True).to(target.device)
@@ -51,6 +59,9 @@ def cmd_generate(args) -> int:
         return out, time.perf_counter() - start
 
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    # Untimed warm-up of both ways: the first generate() pays one-off costs (kernel selection, allocations).
+    target.generate(**inputs, max_new_tokens=8, do_sample=args.sample, assistant_model=assistant)
+    target.generate(**inputs, max_new_tokens=8, do_sample=args.sample)
     out, seconds = timed(assistant_model=assistant, streamer=terminal_streamer(assistant, tokenizer, colour))
     new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     summary = assistant.stats.summary()
@@ -74,6 +85,7 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import bench
+    from .calibration import describe
     from .latency import LatencyModel
     from .targets import load_target, shipped_drafters
 
@@ -88,7 +100,7 @@ def cmd_bench(args) -> int:
     out = Path(args.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = dict(target=args.target, drafters=str(drafters), assistant=args.assistant, prompts=args.prompts,
                     per_category=args.per_category, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                    modes=args.modes, systems=args.systems, seed=args.seed)
+                    modes=args.modes, systems=args.systems, seed=args.seed, requested_dtype=args.dtype)
     try:  # everything that can be checked before the models load (which takes a while)
         bench.check_systems(args.systems, drafters, args.assistant)
         log = bench.RunLog(out, settings)
@@ -98,21 +110,42 @@ def cmd_bench(args) -> int:
     if log.runs:
         print(f"resuming: {len(log.runs)} runs already in {out}/runs.jsonl", file=sys.stderr)
     print(f"loading {args.target} and the systems' models...", file=sys.stderr)
-    target, tokenizer = load_target(args.target)
+    target, tokenizer = load_target(args.target, dtype=args.dtype)
     prompts = bench.load_prompts(args.prompts, args.per_category)
     systems = bench.build_systems(target, drafters, args.systems, args.assistant)
+    lengths = {name: describe(a) for name, a in ((n, bench.whiflash_assistant(e)) for n, e in systems.items()) if a}
+    for name, text in lengths.items():
+        print(f"{name}: {text}", file=sys.stderr)
     assistants = [a for a in map(bench.whiflash_assistant, systems.values()) if a is not None]
     both = next((a for a in assistants if a.eagle3 is not None and a.dflash is not None), None)
     # One latency model for the whole run: the oracle routes with it, and every system's routing is
     # also scored in tokens per modelled round cost (free of timing noise).
-    print("measuring round latencies...", file=sys.stderr)
-    latency = LatencyModel.measure(both or assistants[0]) if assistants else None
+    reference = both or (assistants[0] if assistants else None)
+    latency = None if reference is None else reference.latency or LatencyModel.measure(reference)
     runs, trace = bench.benchmark(target, tokenizer, prompts, systems, args.modes, args.max_new_tokens,
                                   args.repeats, args.seed, latency, log=log)
-    meta = bench.meta_for(args.command_line, started, **settings)
+    meta = bench.meta_for(args.command_line, started, **settings, draft_lengths=lengths,
+                          dtype=str(next(target.parameters()).dtype))
     result = bench.write_outputs(out, runs, trace, meta)
     print(bench.markdown(result["summary"], result["meta"]))
     print(f"wrote {out}/bench.json, bench.md, speedup.png" + (", trace.png" if trace else ""))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .assistant import build_assistant
+    from .calibration import calibrated_latency, describe, device_name, latency_table
+    from .targets import cache_root, load_target
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, _ = load_target(args.target, dtype=args.dtype)
+    assistant = build_assistant(target, args.target, "whiflash", args.drafters)
+    latency = calibrated_latency(assistant, cache_root() / "calibration", refresh=True)
+    assistant = build_assistant(target, args.target, "whiflash", args.drafters)  # chooses from the new costs
+    print(f"Round costs on {device_name(target.device)}, {torch.get_num_threads()} threads, "
+          f"{next(target.parameters()).dtype} (ms):\n\n{latency_table(latency)}\n")
+    print(f"draft lengths: {describe(assistant)}")
     return 0
 
 
@@ -145,6 +178,7 @@ def parser() -> argparse.ArgumentParser:
                      help="colour each token by the drafter that proposed it (auto: when printing to a terminal)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32", help=DTYPE_HELP)
     gen.set_defaults(run=cmd_generate)
 
     b = commands.add_parser("bench", help="compare plain generate(), prompt lookup and WhiFlash modes",
@@ -171,7 +205,19 @@ def parser() -> argparse.ArgumentParser:
                                  "the same --out resumes it")
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32", help=DTYPE_HELP)
     b.set_defaults(run=cmd_bench)
+
+    c = commands.add_parser("calibrate", help="measure round costs on this machine and choose the draft lengths",
+                            description="Measure the target's verify cost by number of candidates and each "
+                                        "drafter's cost by draft length on this machine (replacing the cached "
+                                        "measurement), and print the draft lengths they make best. WhiFlash does "
+                                        "this by itself on first use; rerun it after changing the machine's load.")
+    c.add_argument("--target", default=DEFAULT_TARGET, help="target model (default: %(default)s)")
+    c.add_argument("--drafters", help="WhiFlash folder (default: the drafters shipped for the target)")
+    c.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    c.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32", help=DTYPE_HELP)
+    c.set_defaults(run=cmd_calibrate)
     return top
 
 

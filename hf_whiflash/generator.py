@@ -23,15 +23,17 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
     requires_model_outputs = True
 
     def __init__(self, assistant, stats: GenerationStats, generation_config, logits_processor, tokenizer=None):
-        self.drafters = assistant.drafters
+        # Drafters with a draft length of 0 never draft here (calibration found plain decoding faster).
+        self.draft_lengths = {route: k for route, k in assistant.draft_lengths.items() if k > 0}
+        self.drafters = {route: assistant.drafters[route] for route in self.draft_lengths}
         self.caches = {route: LazyCatchUpCache() for route in self.drafters}
-        self.draft_lengths = assistant.draft_lengths
         self.eager = assistant.catch_up == "eager"  # baseline: every drafter absorbs every verified position
         self.policy = assistant.policy.for_generation()
         self.stats = stats
         # Capture only the layers the drafters read, unless the user asked for all hidden states anyway.
-        layers = True if generation_config.output_hidden_states else assistant.feature_layers
-        self.model_kwargs_overrides = {"output_hidden_states": layers}
+        layers = sorted({i for d in self.drafters.values() for i in d.feature_layers})
+        self.model_kwargs_overrides = {"output_hidden_states": True if generation_config.output_hidden_states
+                                       else layers or False}
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor is not None and len(logits_processor) else None
         self.max_length = generation_config.max_length
@@ -77,8 +79,8 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
 
     def update_candidate_strategy(self, input_ids, scores, num_matches):
         now = self.clock()
-        # The distribution that produced the newest verified token: the router's entropy signal.
-        self.entropy, self.top1 = entropy_and_top1(scores[0, int(num_matches)])
+        if self.draft_lengths:  # the distribution that produced the newest verified token: the router's entropy signal
+            self.entropy, self.top1 = entropy_and_top1(scores[0, int(num_matches)])
         if self.round is None:  # the prompt prefill
             self.stats.prefill_s = now - self.started
             return
@@ -93,6 +95,8 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
 
     def _queue_verified(self, input_ids, model_outputs) -> None:
         """Queue the positions verified since the last round: the first `new` of the verify window."""
+        if not self.drafters:  # no drafter drafts on this machine: nothing needs target features
+            return
         new = input_ids.shape[1] - 1 - self.num_verified
         hidden_states = model_outputs.hidden_states
         window = next(h for h in hidden_states if h is not None).shape[1]
@@ -110,7 +114,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
     def _choose(self, length_so_far: int) -> tuple[str, int]:
         """The policy's route and its draft length, cut so no candidate goes beyond max_length."""
         budget = self.max_length - length_so_far - 1
-        if budget <= 0:
+        if budget <= 0 or not self.draft_lengths:
             return TARGET, 0
         lengths = {route: min(budget, k) for route, k in self.draft_lengths.items()}
         self.features = self.routing.features(self.entropy, self.top1, length_so_far - self.prompt_length)

@@ -20,7 +20,7 @@ LENGTHS = (1, 2, 4, 6, 8, 12, 15)
 
 @dataclass
 class LatencyModel:
-    verify_s: dict[int, float]  # drafts k -> target forward over k+1 tokens
+    verify_s: dict[int, float]  # drafts k -> target forward over k+1 tokens (k = 0: a plain decoding step)
     draft_s: dict[str, dict[int, float]]  # route -> drafts k -> drafting time
 
     def round_seconds(self, route: str, length: int) -> float:
@@ -60,7 +60,8 @@ class LatencyModel:
             cache.crop(-(k + 1))
 
         verify_s = {k: median_time(lambda: verify(k)) for k in lengths}
-        draft_s = {route: _draft_seconds(drafter, prompt, out.hidden_states, lengths, median_time)
+        drafts = [k for k in lengths if k > 0]
+        draft_s = {route: _draft_seconds(drafter, prompt, out.hidden_states, drafts, median_time)
                    for route, drafter in drafters.items()}
         return cls(verify_s, draft_s)
 

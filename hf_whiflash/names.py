@@ -8,6 +8,7 @@ ROUTES = (EAGLE, DFLASH)
 TARGET = "target"  # a round without drafts: the length budget left no room for any
 POLICY_FOLDER = "policy"  # a trained router inside a WhiFlash folder
 SETTINGS_FILE = "whiflash_config.json"  # draft lengths and routing policy of a WhiFlash folder
+ACCEPTANCE_FILE = "acceptance.json"  # in a drafter folder: its mean tokens per round at each draft length
 
 # Sampling mode of the command line, the benchmark and the demo.
 SAMPLING = {"temperature": 0.7, "top_p": 0.9}

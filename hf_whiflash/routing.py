@@ -52,6 +52,13 @@ class Policy:
         """The settings whiflash_config.json stores for this policy."""
         raise NotImplementedError
 
+    # Policies that score routes with modelled round costs set this and take the assistant's costs, measured
+    # on the machine it runs on, through use_costs.
+    needs_costs = False
+
+    def use_costs(self, latency: LatencyModel) -> None:
+        """Score rounds with `latency` (this machine's calibrated round costs)."""
+
 
 class EntropyPolicy(Policy):
     """Pick the route with the best expected tokens per unit of round cost, per entropy regime.
@@ -190,12 +197,17 @@ class NeuralPolicy(Policy, nn.Module):
     Trained by recipes/train_router.py on hindsight labels.
     """
 
+    needs_costs = True
+
     def __init__(self, latency: dict, hidden: int = 32, latency_weight: float = 1.0):
         super().__init__()
-        self.latency = LatencyModel.from_dict(latency)
+        self.latency = LatencyModel.from_dict(latency)  # until use_costs: the training machine's
         self.hidden, self.latency_weight = hidden, latency_weight
         self.net = nn.Sequential(nn.Linear(len(FEATURE_NAMES), hidden), nn.SiLU(), nn.Linear(hidden, hidden),
                                  nn.SiLU(), nn.Linear(hidden, len(ROUTES)))
+
+    def use_costs(self, latency: LatencyModel) -> None:
+        self.latency = latency
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[N, features] -> expected accepted drafts [N, routes] (ROUTES order), non-negative."""

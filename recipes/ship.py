@@ -5,7 +5,8 @@
 
 The drafters are stored in bfloat16 (half the size; attach() casts them to the target's dtype), each
 in its Hub layout, next to whiflash_config.json (draft lengths and the entropy policy's defaults).
-`recipes/train_router.py --install` later adds the neural router to the same folder.
+`recipes/train_router.py --install` later adds the neural router to the same folder, and
+`recipes/profile_acceptance.py` the acceptance profiles from which each machine picks its draft lengths.
 """
 
 import argparse
@@ -25,7 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eagle3", required=True, help="trained EAGLE-3 folder")
     parser.add_argument("--dflash", required=True, help="trained DFlash folder")
-    parser.add_argument("--eagle-steps", type=int, default=6, help="EAGLE-3 chain length per round (default 6)")
+    parser.add_argument("--eagle-steps", type=int, help="EAGLE-3 chain length per round, fixed for every machine "
+                                                        "(default: each machine picks its own, see profile_acceptance.py)")
+    parser.add_argument("--block-size", type=int, help="DFlash block size, fixed for every machine (default: as above)")
     parser.add_argument("--out", required=True, help="WhiFlash folder to write (replaced as a whole)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -36,7 +39,7 @@ def main() -> None:
         dflash = DFlashDrafter.from_pretrained(args.dflash, dtype=torch.bfloat16)
         eagle.save_pretrained(tmp / EAGLE)
         dflash.save_pretrained(tmp / DFLASH)
-        write_settings(tmp, args.eagle_steps, dflash.block_size, EntropyPolicy())
+        write_settings(tmp, args.eagle_steps, args.block_size, EntropyPolicy())
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

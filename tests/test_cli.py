@@ -49,6 +49,8 @@ def test_bench_writes_json_markdown_and_plots(tiny, tmp_path, capsys):
     assert systems["plain"]["overall"]["speedup"] == pytest.approx(1.0)
     assert set(systems["eagle3"]["overall"]["route_share"]) == {"eagle3"}
     assert len(result["runs"]) == 2 * 4 * 5  # modes x prompts x systems
+    assert all(systems[s]["overall"]["identical"] == 1.0 for s in systems)  # fp32 greedy: every output as plain's
+    assert result["summary"]["sampling"]["eagle3"]["overall"]["identical"] is None
     assert (out / "speedup.png").stat().st_size > 1000 and (out / "trace.png").stat().st_size > 1000
     table = (out / "bench.md").read_text()
     assert "| whiflash-entropy |" in table and "Command: `whiflash bench" in table

@@ -27,7 +27,9 @@ def app_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    # Fixed draft lengths: the machine's calibrated ones may turn drafting off, and this test checks drafted tokens.
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "WHIFLASH_EAGLE_STEPS": "2", "WHIFLASH_BLOCK_SIZE": "8"}
     server = subprocess.Popen([sys.executable, str(REPO / "demo" / "app.py")], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -72,7 +72,8 @@ def test_hindsight_predicts_the_trained_drafters_on_the_real_target(target, toke
     from hf_whiflash.targets import shipped_drafters
     from helpers import chat_ids
 
-    assistant = WhiFlashAssistant.from_pretrained(target, shipped_drafters(DEFAULT_TARGET), routes=(route,))
+    assistant = WhiFlashAssistant.from_pretrained(target, shipped_drafters(DEFAULT_TARGET), routes=(route,),
+                                                  eagle_steps=2, dflash_block_size=16)  # fixed: drafting must happen
     for prompt in ("Write a Python function that merges two sorted lists.", "What is 15% of 240?"):
         ids = chat_ids(tokenizer, prompt)
         out = target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=assistant)

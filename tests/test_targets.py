@@ -222,3 +222,13 @@ def test_damaged_folder_that_cannot_be_removed_names_the_folder_to_delete(tiny_g
     with pytest.raises(OSError, match=re.escape(f"{folder} is damaged (config.json is missing) and could not be "
                                                 "removed") + ".*Delete that folder"):
         targets.resolve_target(DEFAULT_TARGET)
+
+
+def test_dtype_names_and_auto_resolve_and_unknown_ones_are_refused():
+    from hf_whiflash.targets import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) is torch.float32 and resolve_dtype(torch.bfloat16, cpu) is torch.bfloat16
+    assert resolve_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown dtype 'float8'.*'auto' or one of"):
+        resolve_dtype("float8", cpu)

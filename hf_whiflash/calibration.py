@@ -1,0 +1,104 @@
+"""Round costs measured on the user's machine, once, and the draft lengths they make best.
+
+The best draft length depends on the machine as much as on the drafter. With SmolLM2-135M on CPU, one
+2-core AMD EPYC verified 3 tokens at twice the cost of 1 (and 4 tokens for less than 3: the LM head's
+small matmuls), while an Intel Xeon with AMX verified 16 tokens for 1.3x the cost of 1. So the costs
+that the draft-length choice and the neural router use are measured where the code runs: the target's
+verify forward for every candidate count and each drafter's `draft` for every length (a few seconds),
+cached on disk under a key of everything they depend on (device model, threads, dtype, torch and
+transformers versions, the weights of the target and the drafters).
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+from .checkpoint import write_text_atomically
+from .latency import LatencyModel
+from .names import DFLASH, EAGLE
+from .targets import cpu_info
+
+LENGTHS = range(0, 16)  # drafts per round measured (0: the 1-token forward of plain decoding)
+
+
+def device_name(device: torch.device) -> str:
+    """The processor that runs the model: GPU name, or CPU model and the instruction set torch uses there."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_info('model name') or 'unknown CPU'} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A cheap digest of a module's weights: names, shapes, dtypes and ~256 strided values per tensor."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
+        digest.update(f"{name}{list(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def calibration_key(assistant) -> dict:
+    target = assistant.target
+    return {"device": device_name(target.device), "threads": torch.get_num_threads(),
+            "dtype": str(next(target.parameters()).dtype), "torch": torch.__version__,
+            "transformers": transformers.__version__, "target": fingerprint(target),
+            "drafters": {route: fingerprint(d) for route, d in assistant.drafters.items()},
+            "lengths": list(LENGTHS)}
+
+
+def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:
+    """The assistant's round costs on this machine: from `cache_dir` when measured before under the same key,
+    else measured now and written there (atomically: a killed write leaves no half file)."""
+    key = calibration_key(assistant)
+    path = Path(cache_dir) / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
+    if not refresh and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved["key"] == key:
+                return LatencyModel.from_dict(saved["latency"])
+        except (ValueError, KeyError):
+            pass  # unreadable: measured again and replaced
+    latency = LatencyModel.measure(assistant, lengths=LENGTHS, repeats=5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps({"key": key, "latency": latency.to_dict()}, indent=1))
+    return latency
+
+
+def best_length(latency: LatencyModel, route: str, tokens_per_round: dict[int, float]) -> int:
+    """The draft length with the most expected tokens per second of round cost, or 0 (do not draft) when
+    no length beats plain decoding's one token per 1-token forward."""
+    rate = {k: tokens / latency.round_seconds(route, k) for k, tokens in tokens_per_round.items() if k > 0}
+    best = max(rate, key=rate.get)
+    return best if rate[best] > 1 / latency.verify_s[0] else 0
+
+
+def describe(assistant) -> str:
+    """The assistant's draft lengths in one line, with the expected rates behind the calibrated ones."""
+    names = {EAGLE: "EAGLE-3 chain {k}", DFLASH: "DFlash block {b}"}
+    parts = []
+    for route, k in assistant.draft_lengths.items():
+        text = names[route].format(k=k, b=k + 1) if k else f"{route}: no drafting (plain decoding is faster here)"
+        if route in assistant.calibrated and k:
+            tokens = assistant.drafters[route].tokens_per_round[k]
+            text += (f" (calibrated: {tokens:.2f} tokens/round, "
+                     f"{tokens / assistant.latency.round_seconds(route, k):.1f} tok/s expected)")
+        parts.append(text)
+    if assistant.latency is not None:
+        parts.append(f"plain decoding {1 / assistant.latency.verify_s[0]:.1f} tok/s expected")
+    return "; ".join(parts)
+
+
+def latency_table(latency: LatencyModel) -> str:
+    """The calibrated costs as a Markdown table (ms): verify by candidate count, drafting by draft length."""
+    routes = list(latency.draft_s)
+    lines = ["| drafts k | verify k+1 tokens | " + " | ".join(f"{r} draft" for r in routes) + " |",
+             "|---" * (2 + len(routes)) + "|"]
+    for k in sorted(latency.verify_s):
+        drafts = " | ".join(f"{1e3 * latency.draft_s[r][k]:.1f}" if k in latency.draft_s[r] else "–" for r in routes)
+        lines.append(f"| {k} | {1e3 * latency.verify_s[k]:.1f} | {drafts} |")
+    return "\n".join(lines)

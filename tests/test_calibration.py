@@ -1,0 +1,106 @@
+"""Calibration: round costs measured once per machine and cached, and the draft lengths they make best."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
+from hf_whiflash.calibration import best_length, calibrated_latency
+from hf_whiflash.latency import LatencyModel
+from hf_whiflash.names import DFLASH, EAGLE, TARGET
+
+PROMPT = torch.tensor([[3, 8, 4, 9, 12, 5, 7]])
+
+
+@pytest.fixture
+def parts(tiny, tmp_path, monkeypatch):
+    """The tiny target, its drafters with acceptance profiles, a fresh calibration cache, and a count of
+    the measurements taken."""
+    monkeypatch.setenv("HF_WHIFLASH_CACHE", str(tmp_path / "cache"))
+    measured = []
+    real_measure = LatencyModel.measure.__func__
+    monkeypatch.setattr(LatencyModel, "measure", classmethod(
+        lambda cls, *a, **kw: measured.append(1) or real_measure(cls, *a, **kw)))
+    target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    eagle = Eagle3Drafter.from_pretrained(tiny / "drafters" / "eagle3")
+    dflash = DFlashDrafter.from_pretrained(tiny / "drafters" / "dflash")
+    eagle.tokens_per_round = {1: 1.6, 2: 1.9, 3: 2.0}
+    dflash.tokens_per_round = {3: 1.5, 7: 1.6}
+    return target, eagle, dflash, measured, tmp_path / "cache" / "calibration"
+
+
+def test_costs_are_measured_once_then_reused_and_remeasured_when_the_key_changes(parts):
+    target, eagle, dflash, measured, cache = parts
+    first = WhiFlashAssistant(target, eagle, dflash)
+    assert len(measured) == 1 and len(list(cache.glob("*.json"))) == 1
+    second = WhiFlashAssistant(target, eagle, dflash)
+    assert len(measured) == 1 and second.latency == first.latency  # from the cache
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        WhiFlashAssistant(target, eagle, dflash)  # another thread count: other costs
+    finally:
+        torch.set_num_threads(threads)
+    assert len(measured) == 2
+    with torch.no_grad():
+        eagle.fc.weight.mul_(1.5)  # other drafter weights: measured again
+    WhiFlashAssistant(target, eagle, dflash)
+    assert len(measured) == 3 and len(list(cache.glob("*.json"))) == 3
+
+
+def test_a_torn_cache_file_is_measured_again_and_a_killed_write_keeps_the_old_one(parts, monkeypatch):
+    target, eagle, dflash, measured, cache = parts
+    assistant = WhiFlashAssistant(target, eagle, dflash)
+    (path,) = cache.glob("*.json")
+    path.write_text(path.read_text()[:40])  # what a non-atomic writer killed midway would leave
+    calibrated_latency(assistant, cache)
+    assert len(measured) == 2 and json.loads(path.read_text())["latency"]
+    good = path.read_text()
+
+    def killed(self, text, *args, **kwargs):  # dies halfway through writing the replacement
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(path), "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        calibrated_latency(assistant, cache, refresh=True)
+    monkeypatch.undo()
+    assert path.read_text() == good and [p.name for p in cache.iterdir()] == [path.name]
+
+
+def test_the_length_with_most_tokens_per_second_wins_and_none_when_plain_is_faster():
+    costs = {"verify_s": {0: 0.050, 1: 0.100, 2: 0.105, 3: 0.060}, "draft_s": {EAGLE: {1: 0.01, 2: 0.02, 3: 0.03}}}
+    latency = LatencyModel.from_dict(costs)
+    profile = {1: 1.5, 2: 1.8, 3: 1.9}
+    assert best_length(latency, EAGLE, profile) == 3  # a 4-token verify cheaper than 2 or 3 tokens (seen on CPUs)
+    assert best_length(latency, EAGLE, {1: 1.5, 2: 1.8}) == 0  # 1.8 / 0.125 s < 1 / 0.05 s: plain is faster
+
+
+def test_calibrated_lengths_are_chosen_and_saved_for_the_next_machine_to_choose(parts, tmp_path):
+    target, eagle, dflash, _, _ = parts
+    assistant = WhiFlashAssistant(target, eagle, dflash)
+    latency = assistant.latency
+    expected = {route: best_length(latency, route, d.tokens_per_round) for route, d in assistant.drafters.items()}
+    assert assistant.calibrated == expected == assistant.draft_lengths
+    pinned = WhiFlashAssistant(target, eagle, dflash, eagle_steps=2)
+    assert pinned.draft_lengths[EAGLE] == 2 and EAGLE not in pinned.calibrated
+    settings = json.loads((assistant.save_pretrained(tmp_path / "folder") / "whiflash_config.json").read_text())
+    assert settings["eagle_steps"] is None and settings["dflash_block_size"] is None
+    loaded = WhiFlashAssistant.from_pretrained(target, tmp_path / "folder")
+    assert loaded.drafters[EAGLE].tokens_per_round == eagle.tokens_per_round
+    assert loaded.draft_lengths == assistant.draft_lengths
+
+
+def test_a_machine_where_no_draft_pays_generates_plainly_and_identically(parts, monkeypatch):
+    """Drafting lengths of 0 everywhere: every round is the target's own, output unchanged."""
+    target, eagle, dflash, _, _ = parts
+    slow = LatencyModel.from_dict({"verify_s": {0: 0.01, 15: 1.0}, "draft_s": {EAGLE: {1: 1.0}, DFLASH: {1: 1.0}}})
+    monkeypatch.setattr("hf_whiflash.assistant.calibrated_latency", lambda *a, **kw: slow)
+    assistant = WhiFlashAssistant(target, eagle, dflash)
+    assert assistant.draft_lengths == {EAGLE: 0, DFLASH: 0}
+    out = target.generate(PROMPT, max_new_tokens=20, do_sample=False, assistant_model=assistant)
+    assert torch.equal(out, target.generate(PROMPT, max_new_tokens=20, do_sample=False))
+    assert {r.route for r in assistant.stats.rounds} == {TARGET} and len(assistant.stats.rounds) == 19
