@@ -74,9 +74,12 @@ def test_a_torn_cache_file_is_measured_again_and_a_killed_write_keeps_the_old_on
 def test_the_length_with_most_tokens_per_second_wins_and_none_when_plain_is_faster():
     costs = {"verify_s": {0: 0.050, 1: 0.100, 2: 0.105, 3: 0.060}, "draft_s": {EAGLE: {1: 0.01, 2: 0.02, 3: 0.03}}}
     latency = LatencyModel.from_dict(costs)
-    profile = {1: 1.5, 2: 1.8, 3: 1.9}
+    profile = {1: 1.5, 2: 1.8, 3: 2.2}
     assert best_length(latency, EAGLE, profile) == 3  # a 4-token verify cheaper than 2 or 3 tokens (seen on CPUs)
     assert best_length(latency, EAGLE, {1: 1.5, 2: 1.8}) == 0  # 1.8 / 0.125 s < 1 / 0.05 s: plain is faster
+    round_s, plain_rate = 0.06 + 0.03, 1 / 0.05
+    assert best_length(latency, EAGLE, {3: round_s * plain_rate * 1.05}) == 0  # +5% promised: within the margin
+    assert best_length(latency, EAGLE, {3: round_s * plain_rate * 1.15}) == 3
 
 
 def test_calibrated_lengths_are_chosen_and_saved_for_the_next_machine_to_choose(parts, tmp_path):
