@@ -269,8 +269,9 @@ def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list
 
 class RunLog:
     """A bench's output folder as it fills: `request.json` (the settings the runs belong to), `runs.jsonl`
-    (one finished run per line, appended and flushed at once) and `trace.json`. Opening it checks, before
-    any model loads, that the folder is writable and holds no runs of other settings."""
+    (one finished run per line, appended and flushed at once) and `trace.json`; bench.json once finished.
+    Opening it checks, before any model loads, that the folder is writable and holds no unfinished runs
+    of other settings; an unfinished bench of the same settings resumes, a finished one is measured again."""
 
     def __init__(self, out: Path, request: dict):
         self.out = Path(out)
@@ -282,6 +283,10 @@ class RunLog:
         except OSError as error:
             raise ValueError(f"cannot write bench results to {self.out} ({error.strerror}): pass a writable --out") \
                 from None
+        if (self.out / "bench.json").is_file():  # a finished bench: running it again means measuring again
+            print(f"note: {self.out} holds a finished bench; measuring again replaces it", file=sys.stderr)
+            for name in ("runs.jsonl", "trace.json", "request.json", "bench.json"):
+                (self.out / name).unlink(missing_ok=True)
         request_path = self.out / "request.json"
         if request_path.is_file() and json.loads(request_path.read_text()) != request:
             raise ValueError(f"{self.out} holds bench runs of other settings (see {request_path}): pass another --out, "

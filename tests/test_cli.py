@@ -154,6 +154,7 @@ def test_bench_checks_out_first_keeps_every_finished_run_and_resumes(tiny, tmp_p
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 4 * 2  # prompts x systems, each on its own line as it finished
     (out / "runs.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # killed while appending run 6
+    (out / "bench.json").unlink()  # ... so the bench never finished
     ran = []
     real_run_one = bench.run_one
     monkeypatch.setattr(bench, "run_one", lambda *a, **kw: ran.append(a[2]) or real_run_one(*a, **kw))
@@ -162,5 +163,10 @@ def test_bench_checks_out_first_keeps_every_finished_run_and_resumes(tiny, tmp_p
     result = json.loads((out / "bench.json").read_text())
     assert sorted((r["prompt_id"], r["system"]) for r in result["runs"]) == sorted(
         (f"{c}-0", s) for c in ("code", "tool", "math", "chat") for s in ("plain", "eagle3"))
+    (out / "bench.json").unlink()
     assert main(command[:-2] + ["--max-new-tokens", "6", "--out", str(out)]) == 2
     assert "holds bench runs of other settings" in capsys.readouterr().err
+    ran.clear()
+    assert main(command) == 0 and not ran  # not finished (no bench.json), nothing missing: nothing runs
+    assert main(command) == 0 and len(ran) == 8  # a finished bench run again is measured again
+    assert "measuring again replaces it" in capsys.readouterr().err
