@@ -57,6 +57,9 @@ class WhiFlashAssistant(nn.Module):
             raise ValueError(f"catch_up must be 'lazy' or 'eager', got {catch_up!r}")
         if (eagle_steps is not None and eagle_steps < 1) or (dflash_block_size is not None and dflash_block_size < 2):
             raise ValueError("eagle_steps must be >= 1 and dflash_block_size >= 2")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a hf_whiflash.Policy (choose(features, lengths), optionally observe and "
+                            f"for_generation), got {type(policy).__name__}: subclass Policy")
         check_transformers_internals()
         object.__setattr__(self, "target", target)  # not a submodule: the assistant never saves or moves it
         self.eagle3 = eagle3.attach(target) if eagle3 is not None else None
@@ -72,6 +75,7 @@ class WhiFlashAssistant(nn.Module):
         install_generator_hook()
 
     def _set_draft_lengths(self, eagle_steps: int | None, dflash_block_size: int | None) -> None:
+        """Lengths given win; unset ones are calibrated for drafters with an acceptance profile, else defaulted."""
         unset = {EAGLE: eagle_steps is None, DFLASH: dflash_block_size is None}
         profiles = {route: d.tokens_per_round for route, d in self.drafters.items() if unset[route] and d.tokens_per_round}
         if profiles or self.policy.needs_costs:

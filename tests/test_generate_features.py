@@ -183,6 +183,8 @@ def test_constructor_rejects_bad_options(target):
         WhiFlashAssistant(target, eagle, catch_up="sometimes")
     with pytest.raises(ValueError, match="eagle_steps"):
         WhiFlashAssistant(target, eagle, eagle_steps=0)
+    with pytest.raises(TypeError, match="policy must be a hf_whiflash.Policy.*subclass Policy"):
+        WhiFlashAssistant(target, eagle, policy=object())
 
 
 def test_transformers_internals_are_pinned(monkeypatch):
