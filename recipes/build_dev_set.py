@@ -6,6 +6,7 @@ Code, math and chat prompts are written here by hand; tool-call prompts are BFCL
 by a fixed stride and excluded from training data by id (see recipes/data.py).
 """
 
+import argparse
 import json
 from pathlib import Path
 
@@ -102,4 +103,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

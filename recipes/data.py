@@ -11,12 +11,12 @@ Output folder (`out` in the config):
                         (and cuts off a last line torn by a kill mid-append, see jsonl.py).
 """
 
+import argparse
 import ast
 import hashlib
 import json
 import random
 import re
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -158,4 +158,6 @@ def main(config_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config (see recipes/configs/data_smollm2.yaml)")
+    main(parser.parse_args().config)

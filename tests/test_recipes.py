@@ -228,3 +228,18 @@ def test_a_sample_line_torn_by_a_kill_is_dropped_and_generated_again(tiny, tmp_p
     with pytest.raises(ValueError) as err:
         read_samples(tmp_path, max_len=64)
     assert str(err.value).startswith(f"{path}, line 2: not valid JSON") and "delete that line" in str(err.value)
+
+
+def test_every_recipe_explains_itself_with_help_and_writes_nothing():
+    """`--help` on each runnable recipe prints its usage and exits 0, leaving the repository untouched
+    (build_dev_set.py --help once rewrote the tracked dev set; data.py --help crashed)."""
+    repo = Path(__file__).resolve().parents[1]
+    scripts = ["build_dev_set.py", "data.py", "evaluate.py", "profile_acceptance.py", "ship.py", "train_dflash.py",
+               "train_eagle3.py", "train_router.py", "tune_entropy.py"]
+    dev_set = (repo / "hf_whiflash" / "data" / "dev_set.jsonl").stat().st_mtime_ns
+    runs = {s: subprocess.Popen([sys.executable, str(repo / "recipes" / s), "--help"], cwd=repo / "recipes",
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for s in scripts}
+    for script, run in runs.items():
+        out = run.communicate(timeout=120)[0]
+        assert run.returncode == 0 and "usage:" in out, f"{script} --help: {out[-500:]}"
+    assert (repo / "hf_whiflash" / "data" / "dev_set.jsonl").stat().st_mtime_ns == dev_set
