@@ -145,8 +145,7 @@ class DFlashDrafter(HubMixin, nn.Module):
             mask_token_id = next(i for i in (getattr(tc, "mask_token_id", None), tc.pad_token_id,
                                              _first(tc.eos_token_id)) if i is not None)
         raw = {
-            "architectures": ["DFlashDraftModel"],
-            "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+            "architectures": ["DFlashDraftModel"],  # no auto_map: we ship no remote-code module for it
             "model_type": "qwen3",
             **drafter_fields(tc, intermediate_size),
             "num_hidden_layers": num_layers,

