@@ -72,8 +72,19 @@ PACKAGED_TARGETS = {
 }
 
 
+# Hub ids of the models our packaged targets were made from: the shipped drafters were trained on the packaged
+# (GGUF-dequantised) weights, which differ slightly from the originals.
+HUB_ORIGINALS = {"HuggingFaceTB/SmolLM2-135M-Instruct": DEFAULT_TARGET}
+
+
 def shipped_drafters(target_name: str) -> Path | None:
-    """The WhiFlash folder (eagle3/, dflash/, whiflash_config.json) shipped in the package for a packaged target."""
+    """The WhiFlash folder (eagle3/, dflash/, whiflash_config.json) shipped in the package for a packaged target,
+    or for the Hub original it was made from (with a note: the weights differ)."""
+    if target_name in HUB_ORIGINALS:
+        print(f"note: the drafters shipped for {target_name} were trained on {HUB_ORIGINALS[target_name]!r}, its "
+              "Q4_1 GGUF dequantised to fp32 (the default target); their acceptance was measured on those weights, "
+              "not on the original ones.", file=sys.stderr)
+        target_name = HUB_ORIGINALS[target_name]
     if target_name not in PACKAGED_TARGETS:
         return None
     folder = Path(__file__).parent / "checkpoints" / target_name

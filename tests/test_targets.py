@@ -232,3 +232,11 @@ def test_dtype_names_and_auto_resolve_and_unknown_ones_are_refused():
     assert resolve_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="unknown dtype 'float8'.*'auto' or one of"):
         resolve_dtype("float8", cpu)
+
+
+def test_the_hub_original_of_the_default_target_gets_the_shipped_drafters_with_a_note(capsys):
+    from hf_whiflash.targets import shipped_drafters
+
+    assert shipped_drafters("HuggingFaceTB/SmolLM2-135M-Instruct") == shipped_drafters(DEFAULT_TARGET) is not None
+    assert "Q4_1 GGUF dequantised" in capsys.readouterr().err
+    assert shipped_drafters("someone/other-model") is None
