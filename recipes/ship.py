@@ -24,21 +24,22 @@ from hf_whiflash.routing import EntropyPolicy
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eagle3", required=True, help="trained EAGLE-3 folder")
-    parser.add_argument("--dflash", required=True, help="trained DFlash folder")
+    parser.add_argument("--eagle3", help="trained EAGLE-3 folder")
+    parser.add_argument("--dflash", help="trained DFlash folder")
     parser.add_argument("--eagle-steps", type=int, help="EAGLE-3 chain length per round, fixed for every machine "
                                                         "(default: each machine picks its own, see profile_acceptance.py)")
     parser.add_argument("--block-size", type=int, help="DFlash block size, fixed for every machine (default: as above)")
     parser.add_argument("--out", required=True, help="WhiFlash folder to write (replaced as a whole)")
     args = parser.parse_args()
+    if not (args.eagle3 or args.dflash):
+        parser.error("give at least one drafter: --eagle3 FOLDER and/or --dflash FOLDER")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))  # never a half folder
     try:
-        eagle = Eagle3Drafter.from_pretrained(args.eagle3, dtype=torch.bfloat16)
-        dflash = DFlashDrafter.from_pretrained(args.dflash, dtype=torch.bfloat16)
-        eagle.save_pretrained(tmp / EAGLE)
-        dflash.save_pretrained(tmp / DFLASH)
+        for route, cls, source in ((EAGLE, Eagle3Drafter, args.eagle3), (DFLASH, DFlashDrafter, args.dflash)):
+            if source:
+                cls.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(tmp / route)
         write_settings(tmp, args.eagle_steps, args.block_size, EntropyPolicy())
         if out.exists():
             shutil.rmtree(out)

@@ -243,3 +243,21 @@ def test_every_recipe_explains_itself_with_help_and_writes_nothing():
         out = run.communicate(timeout=120)[0]
         assert run.returncode == 0 and "usage:" in out, f"{script} --help: {out[-500:]}"
     assert (repo / "hf_whiflash" / "data" / "dev_set.jsonl").stat().st_mtime_ns == dev_set
+
+
+def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_whiflash import WhiFlashAssistant
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "shipped"
+    run = subprocess.run([sys.executable, str(repo / "recipes" / "ship.py"), "--dflash", str(tiny / "drafters" / "dflash"),
+                          "--out", str(out)], cwd=repo / "recipes", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["dflash", "whiflash_config.json"]
+    target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    assistant = WhiFlashAssistant.from_pretrained(target, out)
+    assert set(assistant.drafters) == {"dflash"} and assistant.dflash.fc.weight.dtype == torch.float32
+    assert subprocess.run([sys.executable, str(repo / "recipes" / "ship.py"), "--out", str(out)], cwd=repo / "recipes",
+                          capture_output=True, text=True, timeout=120).returncode == 2
