@@ -46,7 +46,8 @@ if DRAFTERS is not None and (Path(DRAFTERS) / POLICY_FOLDER).is_dir():
 
 target, tokenizer = load_target(TARGET, dtype=os.environ.get("WHIFLASH_DTYPE", "float32"))  # plain runs in it too
 # Draft lengths: chosen for this machine unless set (e.g. to show drafting where calibration turns it off).
-LENGTHS = {"eagle_steps": os.environ.get("WHIFLASH_EAGLE_STEPS"), "dflash_block_size": os.environ.get("WHIFLASH_BLOCK_SIZE")}
+LENGTHS = {"eagle_steps": os.environ.get("WHIFLASH_EAGLE_STEPS"),
+           "dflash_block_size": os.environ.get("WHIFLASH_BLOCK_SIZE")}
 assistants = {label: build_assistant(target, TARGET, mode, DRAFTERS, policy,
                                      **{k: int(v) for k, v in LENGTHS.items() if v})
               for label, (mode, policy) in MODES.items()}
@@ -137,7 +138,8 @@ def stream(assistant, ids, settings: dict):
     plain_start = time.perf_counter()
     plain = target.generate(ids, **settings)
     plain_seconds = time.perf_counter() - plain_start
-    yield "".join(parts), stats_markdown(streamer.stats, count, seconds, (plain.shape[1] - ids.shape[1], plain_seconds)) \
+    plain_run = (plain.shape[1] - ids.shape[1], plain_seconds)
+    yield "".join(parts), stats_markdown(streamer.stats, count, seconds, plain_run) \
         + f"  \ndraft lengths: {describe(assistant)}"
 
 

@@ -77,14 +77,16 @@ class WhiFlashAssistant(nn.Module):
     def _set_draft_lengths(self, eagle_steps: int | None, dflash_block_size: int | None) -> None:
         """Lengths given win; unset ones are calibrated for drafters with an acceptance profile, else defaulted."""
         unset = {EAGLE: eagle_steps is None, DFLASH: dflash_block_size is None}
-        profiles = {route: d.tokens_per_round for route, d in self.drafters.items() if unset[route] and d.tokens_per_round}
+        profiles = {route: d.tokens_per_round for route, d in self.drafters.items()
+                    if unset[route] and d.tokens_per_round}
         if profiles or self.policy.needs_costs:
             self.latency = calibrated_latency(self, cache_root() / "calibration")
             self.policy.use_costs(self.latency)
         self.calibrated = {route: best_length(self.latency, route, profile) for route, profile in profiles.items()}
         self.eagle_steps = self.calibrated.get(EAGLE, eagle_steps or 6)  # 0: no EAGLE-3 drafting here
         block = self.dflash.block_size if self.dflash is not None else None
-        self.dflash_block_size = self.calibrated[DFLASH] + 1 if DFLASH in self.calibrated else dflash_block_size or block
+        calibrated_block = self.calibrated[DFLASH] + 1 if DFLASH in self.calibrated else None
+        self.dflash_block_size = calibrated_block or dflash_block_size or block
 
     @property
     def drafters(self) -> dict[str, nn.Module]:

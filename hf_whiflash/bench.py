@@ -143,7 +143,8 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
     makers = {
         "plain": lambda: {},
         "prompt-lookup": lambda: {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
-        "assisted": lambda: {"assistant_model": load_target(assistant_name, dtype=target.dtype, device=target.device)[0]},
+        "assisted": lambda: {"assistant_model": load_target(assistant_name, dtype=target.dtype,
+                                                            device=target.device)[0]},
         "eagle3": lambda: assistant((EAGLE,)),
         "dflash": lambda: assistant((DFLASH,)),
         "whiflash-entropy": lambda: assistant(ROUTES, EntropyPolicy()),
@@ -367,7 +368,8 @@ def summarize(runs: list[Run]) -> dict:
 
 def markdown(summary: dict, meta: dict) -> str:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; {meta.get('dtype', 'torch.float32')}; {meta['date']}; "
+    lines = [f"Command: `{meta['command']}`  ",
+             f"Machine: {meta['machine']}; {meta.get('dtype', 'torch.float32')}; {meta['date']}; "
              f"{meta['duration_s'] / 60:.1f} min  "]
     lines += [f"{name}: {text}  " for name, text in meta.get("draft_lengths", {}).items()] + [""]
     for mode, systems in summary.items():

@@ -46,7 +46,8 @@ def main() -> None:
     target, tokenizer = load_target(args.target)
     prompts = load_prompts("dev", None)
     Path(args.references).parent.mkdir(parents=True, exist_ok=True)
-    refs = [references(target, tokenizer, prompts, args.max_new_tokens, Path(args.references))[p["id"]] for p in prompts]
+    cached = references(target, tokenizer, prompts, args.max_new_tokens, Path(args.references))
+    refs = [cached[p["id"]] for p in prompts]
     sequences = [(torch.tensor([r["ids"]]), r["prompt_length"]) for r in refs]
     budgets = [len(r["ids"]) - r["prompt_length"] - 1 for r in refs]  # the prefill produced the first new token
     if (folder / EAGLE).is_dir():

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--eagle3", help="trained EAGLE-3 folder")
     parser.add_argument("--dflash", help="trained DFlash folder")
     parser.add_argument("--eagle-steps", type=int, help="EAGLE-3 chain length per round, fixed for every machine "
-                                                        "(default: each machine picks its own, see profile_acceptance.py)")
+                        "(default: each machine picks its own, see profile_acceptance.py)")
     parser.add_argument("--block-size", type=int, help="DFlash block size, fixed for every machine (default: as above)")
     parser.add_argument("--out", required=True, help="WhiFlash folder to write (replaced as a whole)")
     args = parser.parse_args()

@@ -252,12 +252,13 @@ def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "shipped"
-    run = subprocess.run([sys.executable, str(repo / "recipes" / "ship.py"), "--dflash", str(tiny / "drafters" / "dflash"),
-                          "--out", str(out)], cwd=repo / "recipes", capture_output=True, text=True, timeout=120)
+    ship = [sys.executable, str(repo / "recipes" / "ship.py")]
+    run = subprocess.run(ship + ["--dflash", str(tiny / "drafters" / "dflash"), "--out", str(out)], cwd=repo / "recipes",
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["dflash", "whiflash_config.json"]
     target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
     assistant = WhiFlashAssistant.from_pretrained(target, out)
     assert set(assistant.drafters) == {"dflash"} and assistant.dflash.fc.weight.dtype == torch.float32
-    assert subprocess.run([sys.executable, str(repo / "recipes" / "ship.py"), "--out", str(out)], cwd=repo / "recipes",
-                          capture_output=True, text=True, timeout=120).returncode == 2
+    assert subprocess.run(ship + ["--out", str(out)], cwd=repo / "recipes", capture_output=True, text=True,
+                          timeout=120).returncode == 2
