@@ -3,7 +3,7 @@
 Each round the target verifies some positions; both drafters need their K/V eventually, but only
 the chosen drafter needs them now. So every verified position is queued (token ids + target
 features) in each drafter's cache, and a drafter absorbs its whole queue in one batched
-K/V-only pass (see `absorb` on the drafters) the next time it is chosen. Keys and values of
+K/V-only pass (the drafters' `catch_up`) the next time it is chosen. Keys and values of
 positions a drafter only drafted are dropped after the round: accepted positions come back
 through the queue with the target's own features, which is what the drafters were trained on.
 """
