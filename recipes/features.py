@@ -33,6 +33,17 @@ def read_samples(data_dir: Path, max_len: int) -> list[dict]:
     return [s for s in samples if s["response_start"] < len(s["input_ids"]) - 1]
 
 
+def store_layers(target, needed, extra) -> list[int]:
+    """The hidden_states indices a feature store keeps: what this recipe reads plus `extra_feature_layers` (what the
+    other recipe reads, so both share one store), each checked against this target's depth."""
+    depth = target.config.get_text_config().num_hidden_layers
+    outside = sorted(i for i in extra if not 0 <= i <= depth)
+    if outside:
+        raise ValueError(f"extra_feature_layers {outside} are outside this target's hidden_states 0..{depth} "
+                         f"({depth} layers): list the layers the other recipe reads for this target, or drop the key")
+    return sorted(set(needed) | set(extra))
+
+
 def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: int, batch_tokens: int = 4096):
     """Compute (or reuse) a feature store with at least `layers`; returns its folder."""
     from accelerate import PartialState

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from features import FeatureStore, build_store
+from features import FeatureStore, build_store, store_layers
 from trainer import recipe_config, train
 
 from hf_whiflash import DFlashDrafter, load_target
@@ -73,7 +73,7 @@ def main() -> None:
     drafter = DFlashDrafter.for_target(target, num_layers=config["num_layers"], block_size=config["block_size"],
                                        mask_token_id=config["mask_token_id"],
                                        intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0))
-    layers = sorted(set(drafter.feature_layers) | set(config.get("extra_feature_layers", [])))
+    layers = store_layers(target, drafter.feature_layers, config.get("extra_feature_layers", []))
     store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
     store = FeatureStore(store_dir, drafter.feature_layers, config["max_samples"], config.get("seed", 0))
     objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"])

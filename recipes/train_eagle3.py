@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from features import FeatureStore, build_store
+from features import FeatureStore, build_store, store_layers
 from trainer import recipe_config, train
 
 from hf_whiflash import Eagle3Drafter, load_target
@@ -94,7 +94,7 @@ def main() -> None:
     drafter = Eagle3Drafter.for_target(target, draft_vocab_size=config["draft_vocab_size"],
                                        intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0))
     final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
-    layers = sorted(set(drafter.feature_layers) | {final_layer} | set(config.get("extra_feature_layers", [])))
+    layers = store_layers(target, [*drafter.feature_layers, final_layer], config.get("extra_feature_layers", []))
     store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
     store = FeatureStore(store_dir, sorted(set(drafter.feature_layers) | {final_layer}), config["max_samples"],
                          config.get("seed", 0))

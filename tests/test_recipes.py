@@ -253,8 +253,8 @@ def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "shipped"
     ship = [sys.executable, str(repo / "recipes" / "ship.py")]
-    run = subprocess.run(ship + ["--dflash", str(tiny / "drafters" / "dflash"), "--out", str(out)], cwd=repo / "recipes",
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(ship + ["--dflash", str(tiny / "drafters" / "dflash"), "--out", str(out)],
+                         cwd=repo / "recipes", capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["dflash", "whiflash_config.json"]
     target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
@@ -262,3 +262,17 @@ def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
     assert set(assistant.drafters) == {"dflash"} and assistant.dflash.fc.weight.dtype == torch.float32
     assert subprocess.run(ship + ["--out", str(out)], cwd=repo / "recipes", capture_output=True, text=True,
                           timeout=120).returncode == 2
+
+
+def test_extra_feature_layers_beyond_the_target_are_a_clear_error(tiny, monkeypatch):
+    """The SmolLM2 configs' extra_feature_layers [2, 15, 27, 28, 30] once made a shallower target fail with an
+    IndexError deep in feature extraction."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from features import store_layers
+
+    target = AutoModelForCausalLM.from_pretrained(tiny / "target")  # 6 layers: hidden_states 0..6
+    assert store_layers(target, [2, 6], [3, 5]) == [2, 3, 5, 6]
+    with pytest.raises(ValueError, match=r"extra_feature_layers \[15, 27\] are outside .* hidden_states 0..6"):
+        store_layers(target, [2, 6], [2, 15, 27])
