@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from .calibration import best_length, calibrated_latency
+from .checkpoint import write_text_atomically
 from .dflash import DFlashDrafter
 from .eagle3 import Eagle3Drafter
 from .generator import WhiFlashCandidateGenerator
@@ -29,7 +30,7 @@ from .targets import cache_root, shipped_drafters, text_config
 def write_settings(folder: Path, eagle_steps: int, dflash_block_size: int | None, policy: Policy) -> None:
     """whiflash_config.json: the draft lengths and the routing policy of a WhiFlash folder."""
     settings = {"eagle_steps": eagle_steps, "dflash_block_size": dflash_block_size, "policy": policy.to_dict()}
-    (Path(folder) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    write_text_atomically(Path(folder) / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
 
 
 class WhiFlashAssistant(nn.Module):

@@ -54,7 +54,8 @@ def main() -> None:
     rng, out = random.Random(config.get("seed", 0)), Path(config["out"])
     torch.manual_seed(config.get("seed", 0))
     target, _ = load_target(config["target"])
-    assistant = WhiFlashAssistant.from_pretrained(target, config["drafters"])
+    assistant = WhiFlashAssistant.from_pretrained(target, config["drafters"], eagle_steps=config["eagle_steps"],
+                                                  dflash_block_size=config["dflash_block_size"])
     lengths = assistant.draft_lengths
     latency = LatencyModel.measure(assistant)
     print("latency (s):", json.dumps(latency.to_dict()))

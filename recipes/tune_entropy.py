@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--drafters", required=True, help="WhiFlash folder with eagle3/ and dflash/")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--eagle-steps", type=int, default=2, help="EAGLE-3 chain length of the policies (default 2)")
+    parser.add_argument("--block-size", type=int, default=16, help="DFlash block size of the policies (default 16)")
     parser.add_argument("--max-chain", type=int, default=6,
                         help="also replay EAGLE-3-only with every chain length up to this (default 6)")
     parser.add_argument("--dflash-blocks", type=int, nargs="*", default=[4, 8],
@@ -78,7 +80,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     target, tokenizer = load_target(args.target)
-    assistant = WhiFlashAssistant.from_pretrained(target, args.drafters, routes=ROUTES)
+    # Fixed lengths: calibration may switch a drafter off on this machine, and the replay needs both drafting.
+    assistant = WhiFlashAssistant.from_pretrained(target, args.drafters, routes=ROUTES, eagle_steps=args.eagle_steps,
+                                                  dflash_block_size=args.block_size)
     lengths = assistant.draft_lengths
     longest_chain = max(args.max_chain, lengths[EAGLE])  # tables hold every chain length up to this
     latency = LatencyModel.measure(assistant)
