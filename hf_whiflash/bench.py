@@ -8,7 +8,6 @@ time as % of round time and peak extra memory (weights the system adds to the ta
 growth while generating). Writes bench.json, bench.md, speedup.png, trace.png.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -192,15 +191,21 @@ def tokens_per_cost(stats, latency) -> float | None:
     return sum(r.accepted + 1 for r in rounds) / cost if cost else None
 
 
+def system_generate(target, ids, extra: dict, **kwargs):
+    """target.generate() as a system runs it: with its extra kwargs, or (plain-packed) inside its packed weights."""
+    if "kernels" in extra:
+        with extra["kernels"].active():
+            return target.generate(ids, **kwargs)
+    return target.generate(ids, **kwargs, **extra)
+
+
 def run_one(target, ids, system: str, extra: dict, mode: str, max_new_tokens: int, seed: int, prompt,
             latency=None, repeat: int = 0) -> Run:
     torch.manual_seed(seed)
     clock = Clock(target.device)
-    kwargs = {k: v for k, v in extra.items() if k != "kernels"}
-    kernels = extra["kernels"].active() if "kernels" in extra else contextlib.nullcontext()
-    with PeakMemory(target.device) as memory, kernels:
+    with PeakMemory(target.device) as memory:
         start = clock()
-        out = target.generate(ids, max_new_tokens=max_new_tokens, **MODES[mode], **kwargs)
+        out = system_generate(target, ids, extra, max_new_tokens=max_new_tokens, **MODES[mode])
         seconds = clock() - start
     run = Run(prompt["id"], prompt["category"], system, mode, out.shape[1] - ids.shape[1], seconds,
               added_weights_mb(target, extra) + memory.peak_mb, repeat,
@@ -237,7 +242,7 @@ def warm_up(target, ids, systems: dict, modes: list[str], max_new_tokens: int, l
                 continue
             if name == "oracle":
                 prepare_oracle(target, extra["assistant_model"], ids, max_new_tokens, latency)
-            target.generate(ids, max_new_tokens=max_new_tokens, **MODES[mode], **extra)
+            system_generate(target, ids, extra, max_new_tokens=max_new_tokens, **MODES[mode])
 
 
 def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list[str], max_new_tokens: int,
