@@ -6,13 +6,14 @@ verify 2 tokens for 1.7x the cost of one and 16 tokens for 2.1x (59 / 102 / 123 
 gap speculation has to pay for. With each weight packed once into oneDNN's blocked layout the same
 forwards cost 59 / 65 / 92 ms. So while a WhiFlash generation runs, every plain `nn.Linear` of the
 target and the drafters computes from a packed copy of its weight, where a probe on this machine says
-the packed call is faster. The copies cost the weights' memory once more; they are kept with the
-assistant and repacked when a weight changes in place (its version counter moves) or is replaced.
+the packed call is faster. The copies cost the weights' memory once more; they live as long as the
+layers do and are repacked when a weight changes in place (its version counter moves) or is replaced.
 """
 
 import functools
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -61,14 +62,16 @@ def packing_pays(in_features: int, out_features: int, dtype: torch.dtype, thread
 
 class PackedLinears:
     """Packed weight copies for every plain float32/bfloat16 `nn.Linear` on CPU of some modules, used by
-    their forward inside `active()` (with autograd on, or on other devices, `linear` runs as usual).
+    their forward inside `active()` (with autograd on, or for inputs on another device, `linear` runs as usual).
+    Copies are shared by everything that packs the same layer (several assistants on one target hold one
+    copy) and live as long as the layer does.
 
     `enabled`: True / False, or None to pack where `packing_pays` for the largest such weight."""
 
     def __init__(self, modules: list[nn.Module], enabled: bool | None = None):
         self.linears = [m for module in modules for m in module.modules()
                         if type(m) is nn.Linear and m.weight.device.type == "cpu"
-                        and m.weight.dtype in (torch.float32, torch.bfloat16) and "forward" not in vars(m)]
+                        and m.weight.dtype in (torch.float32, torch.bfloat16)]
         if enabled and not all(packing_supported(m.weight.dtype) for m in self.linears):
             raise ValueError("pack_weights=True: this torch build or CPU cannot pack these weights for oneDNN "
                              "(bfloat16 needs AVX512-BW/VL/DQ); pass pack_weights=None to pack only where it works")
@@ -76,46 +79,63 @@ class PackedLinears:
             largest = max(self.linears, key=lambda m: m.weight.numel()).weight
             enabled = packing_pays(largest.shape[1], largest.shape[0], largest.dtype, torch.get_num_threads())
         self.enabled = bool(enabled and self.linears)
-        self._packed: dict[nn.Linear, tuple[torch.Tensor, int, torch.Tensor]] = {}  # weight, version, packed
-        self._lock = threading.Lock()
-        self._users = 0  # generations running inside active(), across threads
 
     @property
     def packed_mb(self) -> float:
-        """Memory the packed copies hold (MB)."""
-        return sum(p.numel() * p.element_size() for _, _, p in self._packed.values()) / 2**20
-
-    def _packed_weight(self, linear: nn.Linear) -> torch.Tensor:
-        weight = linear.weight
-        held = self._packed.get(linear)
-        if held is None or held[0] is not weight or held[1] != weight._version:
-            held = (weight, weight._version, _pack(weight))
-            self._packed[linear] = held
-        return held[2]
+        """Memory the packed copies of these layers hold (MB)."""
+        held = [_PACKED[m][2] for m in self.linears if m in _PACKED]
+        return sum(p.numel() * p.element_size() for p in held) / 2**20
 
     @contextmanager
     def active(self):
         if not self.enabled:
             yield
             return
-        with self._lock:
-            if self._users == 0:
-                for linear in self.linears:
-                    linear.forward = _forward_with(linear, self._packed_weight(linear))
-            self._users += 1
+        with _LOCK:
+            swapped = [m for m in self.linears if m.weight.device.type == "cpu"]  # not moved since
+            for linear in swapped:
+                _use(linear)
         try:
             yield
         finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    for linear in self.linears:
-                        del linear.forward  # back to nn.Linear.forward
+            with _LOCK:
+                for linear in swapped:
+                    _release(linear)
+
+
+# Per layer, across every PackedLinears and thread (under _LOCK): its packed copy (weight, version, packed)
+# and how many generations are using it with the forward it had before (restored when the last one ends).
+_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+_USERS: "weakref.WeakKeyDictionary[nn.Linear, list]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _use(linear: nn.Linear) -> None:
+    if linear in _USERS:
+        _USERS[linear][0] += 1
+        return
+    weight, held = linear.weight, _PACKED.get(linear)
+    if held is None or held[0] is not weight or held[1] != weight._version:  # new, replaced or changed in place
+        held = _PACKED[linear] = (weight, weight._version, _pack(weight))
+    _USERS[linear] = [1, vars(linear).get("forward")]
+    linear.forward = _forward_with(linear, held[2])
+
+
+def _release(linear: nn.Linear) -> None:
+    users = _USERS[linear]
+    users[0] -= 1
+    if users[0] == 0:
+        del _USERS[linear]
+        if users[1] is None:
+            del linear.forward  # back to nn.Linear.forward
+        else:
+            linear.forward = users[1]
 
 
 def _forward_with(linear: nn.Linear, packed: torch.Tensor):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and linear.weight.requires_grad or x.dtype != packed.dtype:
+        stock = (torch.is_grad_enabled() and linear.weight.requires_grad) or x.dtype != packed.dtype
+        if stock or x.device.type != "cpu":  # autograd, or inputs on another device
             return nn.functional.linear(x, linear.weight, linear.bias)
         return _packed_linear(x, packed, linear.bias)
 

@@ -139,6 +139,7 @@ def main(config_path: str) -> None:
     from accelerate import PartialState
 
     from hf_whiflash import load_target
+    from hf_whiflash.kernels import PackedLinears
 
     config = yaml.safe_load(Path(config_path).read_text())
     state = PartialState()
@@ -147,14 +148,17 @@ def main(config_path: str) -> None:
     model, tokenizer = load_target(config["target"], device=state.device)
     tokenizer.padding_side = "left"  # batched generation with a decoder-only model
     prompts_path = out / "prompts.jsonl"
+    packed = PackedLinears([model])  # batched decoding is few-row matmuls: packed weights where they pay
     if state.is_main_process and not prompts_path.exists():
-        prompts = build_prompts(config, model, tokenizer)
+        with packed.active():
+            prompts = build_prompts(config, model, tokenizer)
         tmp = prompts_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
         tmp.rename(prompts_path)  # complete or absent: a rerun never reads half a prompt list
     state.wait_for_everyone()
     prompts = [json.loads(line) for line in prompts_path.open()]
-    generate_responses(config, model, tokenizer, prompts, out, state.process_index, state.num_processes)
+    with packed.active():
+        generate_responses(config, model, tokenizer, prompts, out, state.process_index, state.num_processes)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class TTTObjective(nn.Module):
         with torch.no_grad():  # P[:, s]: the target's distribution of token s+1 over the draft vocabulary,
             needed = nn.functional.pad(learnable[:, 1:], (0, 1))  # only where token s+1 earns loss
             target_p = ids.new_zeros(*ids.shape, self.draft_head.shape[0], dtype=torch.float)  # [B, T, Vd]
-            target_p[needed] = (batch["hidden"][self.final_layer][needed] @ self.draft_head.T).softmax(-1)
+            target_p[needed] = (batch["hidden"][self.final_layer][needed] @ self.draft_head.T).float().softmax(-1)
         features = torch.cat([batch["hidden"][i] for i in self.drafter.feature_layers], dim=-1)
         hidden = self.drafter.project(features[:, :T - 1])  # pairs (feature t, token t+1), t < T-1
         # Anchors t whose first draft (token t+2) is learnable draft all steps; every other position only

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -38,6 +39,38 @@ def recipe_config(doc: str, example: str) -> tuple[argparse.Namespace, dict]:
             parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(config)}")
         config[key] = yaml.safe_load(value)
     return args, config
+
+
+def autocast_pays() -> bool:
+    """Whether bf16 autocast beats float32 on this machine for a training-shaped matmul, forward and backward
+    ([4096, 576] @ [576, 1536], ~1 s). On CUDA it does. On CPUs it varies: ~7x faster on an Intel Xeon with AMX;
+    on an AMD EPYC whole training steps ran 14-28x slower (recipes/throughput.py, BENCHMARKS.md)."""
+    if torch.cuda.is_available():
+        return True
+    x = torch.randn(4096, 576, requires_grad=True)
+    w = torch.randn(1536, 576, requires_grad=True)
+
+    def seconds(bf16: bool) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = torch.nn.functional.linear(x, w)
+            y.float().sum().backward()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return seconds(True) < 0.8 * seconds(False)
+
+
+def mixed_precision(config: dict) -> str:
+    """accelerate's mixed_precision for the config's `precision`: float32, bfloat16 (autocast; fp32 weights and
+    optimizer) or auto (bfloat16 where autocast_pays)."""
+    precision = config.get("precision", "auto")
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision: {precision!r}; use auto, float32 or bfloat16")
+    bf16 = precision == "bfloat16" or (precision == "auto" and autocast_pays())
+    return "bf16" if bf16 else "no"
 
 
 def seed_everything(seed: int) -> None:
@@ -102,7 +135,9 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore
         torch.set_num_threads(config["threads"])
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(gradient_accumulation_steps=config.get("grad_accum", 1))
+    precision = mixed_precision(config)
+    accelerator = Accelerator(gradient_accumulation_steps=config.get("grad_accum", 1), mixed_precision=precision)
+    accelerator.print(f"precision: {'bf16 autocast' if precision == 'bf16' else 'float32'}")
     seed_everything(config.get("seed", 0))
     loader = DataLoader(store, batch_size=config["batch_size"], shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(config.get("seed", 0)))

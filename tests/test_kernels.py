@@ -49,12 +49,22 @@ def test_autograd_falls_back_to_linear():
     assert model[0].weight.grad is not None
 
 
+@torch.no_grad()
 def test_nested_and_disabled_contexts():
     model, x = layers(), torch.randn(2, 64)
     packed = PackedLinears([model], enabled=True)
-    with packed.active(), packed.active():
-        pass
+    with packed.active():
+        with packed.active():  # e.g. a second thread's generation
+            model(x)
+        assert all("forward" in vars(m) for m in packed.linears)  # the outer generation still runs packed
     assert not any("forward" in vars(m) for m in packed.linears)
+    other = PackedLinears([model], enabled=True)  # e.g. a second assistant on the same target, in another thread
+    with packed.active():
+        with other.active():
+            torch.testing.assert_close(model(x), layers()(x), rtol=1e-5, atol=1e-5)
+        assert all("forward" in vars(m) for m in packed.linears)
+    assert not any("forward" in vars(m) for m in packed.linears)
+    assert packed.packed_mb == other.packed_mb > 0  # one shared copy per layer
     off = PackedLinears([model], enabled=False)
     with off.active():
         assert not any("forward" in vars(m) for m in off.linears)
