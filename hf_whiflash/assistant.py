@@ -48,13 +48,17 @@ class WhiFlashAssistant(nn.Module):
     `pack_weights`: on CPU, WhiFlash generations compute the Linear layers of the target and the drafters
     from weight copies packed for oneDNN (kernels.py: verifying several tokens then costs little more than
     one); None packs where a probe on this machine says it is faster, False saves the copies' memory.
+    `dynamic_lengths=True`: each round's draft is cut where the drafter's own confidence says verifying
+    more would lower the expected tokens per second of this machine's round costs (calibration.DraftCut);
+    the lengths above become caps (calibrated ones: the longest profiled chain, the drafter's block).
     After a generate(), `stats` holds that generation's GenerationStats (per thread: generations in
     other threads, even with this same assistant, keep their own).
     """
 
     def __init__(self, target, eagle3: Eagle3Drafter | None = None, dflash: DFlashDrafter | None = None,
                  policy: Policy | None = None, *, eagle_steps: int | None = None,
-                 dflash_block_size: int | None = None, catch_up: str = "lazy", pack_weights: bool | None = None):
+                 dflash_block_size: int | None = None, catch_up: str = "lazy", pack_weights: bool | None = None,
+                 dynamic_lengths: bool = False):
         super().__init__()
         if eagle3 is None and dflash is None:
             raise ValueError("WhiFlashAssistant needs at least one drafter: pass eagle3=..., dflash=... or both.")
@@ -71,6 +75,7 @@ class WhiFlashAssistant(nn.Module):
         self.dflash = dflash.attach(target) if dflash is not None else None
         self.policy = policy if policy is not None else EntropyPolicy()
         self.catch_up = catch_up
+        self.dynamic_lengths = dynamic_lengths
         self.kernels = PackedLinears([target, *self.drafters.values()], pack_weights)
         self.latency = None  # this machine's round costs, when the lengths or the policy need them
         self.calibrated: dict[str, int] = {}  # route -> draft length chosen by calibration
@@ -85,10 +90,12 @@ class WhiFlashAssistant(nn.Module):
         unset = {EAGLE: eagle_steps is None, DFLASH: dflash_block_size is None}
         profiles = {route: d.tokens_per_round for route, d in self.drafters.items()
                     if unset[route] and d.tokens_per_round}
-        if profiles or self.policy.needs_costs:
+        if profiles or self.policy.needs_costs or self.dynamic_lengths:  # the per-round cut weighs costs too
             self.latency = calibrated_latency(self, cache_root() / "calibration")
             self.policy.use_costs(self.latency)
         self.calibrated = {route: best_length(self.latency, route, profile) for route, profile in profiles.items()}
+        if self.dynamic_lengths:  # a drafter that pays here drafts up to its longest profiled length, cut per round
+            self.calibrated = {route: max(profiles[route]) if k else 0 for route, k in self.calibrated.items()}
         self.eagle_steps = self.calibrated.get(EAGLE, eagle_steps or 6)  # 0: no EAGLE-3 drafting here
         block = self.dflash.block_size if self.dflash is not None else None
         calibrated_block = self.calibrated[DFLASH] + 1 if DFLASH in self.calibrated else None

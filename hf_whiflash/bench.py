@@ -115,11 +115,31 @@ SYSTEMS = ("plain", "plain-packed", "prompt-lookup", "assisted", "eagle3", "dfla
 NEEDS_DRAFTERS = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle"}
 
 
+# A WhiFlash system's draft length setting after "@": eagle3@3 (a fixed chain of 3), dflash@7 (block of 7 drafts),
+# whiflash-entropy@dynamic (lengths cut per round by confidence, DraftCut); without one, calibrated lengths.
+FIXED_LENGTH = {"eagle3": "eagle_steps", "dflash": "dflash_block_size"}
+DYNAMIC = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural"}
+
+
+def split_system(name: str) -> tuple[str, dict]:
+    """'eagle3@3' -> ('eagle3', {'eagle_steps': 3}); the WhiFlashAssistant settings a system name asks for."""
+    base, _, setting = name.partition("@")
+    if not setting:
+        return base, {}
+    if setting == "dynamic" and base in DYNAMIC:
+        return base, {"dynamic_lengths": True}
+    if setting.isdigit() and int(setting) > 0 and base in FIXED_LENGTH:
+        return base, {FIXED_LENGTH[base]: int(setting) + (base == "dflash")}  # a block = last token + drafts
+    raise ValueError(f"system {name!r}: after '@' use a draft count (eagle3@3, dflash@7) or 'dynamic' "
+                     f"({', '.join(sorted(DYNAMIC))})")
+
+
 def check_systems(systems: list[str], drafters_folder, assistant_name: str | None = None) -> None:
     """Raise ValueError, before any model loads, for systems that do not exist or lack what they need."""
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if split_system(s)[0] not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    systems = [split_system(s)[0] for s in systems]
     if "assisted" in systems and assistant_name is None:
         raise ValueError("the 'assisted' system needs --assistant MODEL: a smaller model with the target's tokenizer")
     if drafters_folder is None and NEEDS_DRAFTERS & set(systems):
@@ -144,23 +164,25 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
     check_systems(systems, drafters_folder, assistant_name)
     folder = Path(drafters_folder) if drafters_folder is not None else None
 
-    def assistant(routes, policy=None):
-        return {"assistant_model": WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy)}
+    def assistant(routes, settings: dict, policy=None):
+        return {"assistant_model": WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy,
+                                                                     **settings)}
 
-    makers = {
-        "plain": lambda: {},
-        "plain-packed": lambda: {"kernels": PackedLinears([target])},
-        "prompt-lookup": lambda: {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
-        "assisted": lambda: {"assistant_model": load_target(assistant_name, dtype=target.dtype,
-                                                            device=target.device)[0]},
-        "eagle3": lambda: assistant((EAGLE,)),
-        "dflash": lambda: assistant((DFLASH,)),
-        "whiflash-entropy": lambda: assistant(ROUTES, EntropyPolicy()),
-        "whiflash-neural": lambda: assistant(ROUTES, NeuralPolicy.from_pretrained(folder / POLICY_FOLDER)),
+    makers = {  # base system name -> (its WhiFlashAssistant settings from split_system -> generate() kwargs)
+        "plain": lambda _: {},
+        "plain-packed": lambda _: {"kernels": PackedLinears([target])},
+        "prompt-lookup": lambda _: {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 2},
+        "assisted": lambda _: {"assistant_model": load_target(assistant_name, dtype=target.dtype,
+                                                              device=target.device)[0]},
+        "eagle3": lambda settings: assistant((EAGLE,), settings),
+        "dflash": lambda settings: assistant((DFLASH,), settings),
+        "whiflash-entropy": lambda settings: assistant(ROUTES, settings, EntropyPolicy()),
+        "whiflash-neural": lambda settings: assistant(ROUTES, settings,
+                                                      NeuralPolicy.from_pretrained(folder / POLICY_FOLDER)),
         # Routes with an OracleRouter made for each prompt by prepare_oracle (a plain policy until then).
-        "oracle": lambda: assistant(ROUTES, EntropyPolicy()),
+        "oracle": lambda settings: assistant(ROUTES, settings, EntropyPolicy()),
     }
-    return {name: makers[name]() for name in systems}
+    return {name: makers[base](settings) for name, (base, settings) in ((n, split_system(n)) for n in systems)}
 
 
 def whiflash_assistant(extra: dict):

@@ -11,6 +11,7 @@ transformers versions, the weights of the target and the drafters).
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -84,13 +85,52 @@ def best_length(latency: LatencyModel, route: str, tokens_per_round: dict[int, f
     return best if rate[best] > MARGIN / latency.verify_s[0] else 0
 
 
+class DraftCut:
+    """Per-round draft length from the drafter's own confidence, lossless by construction (it only decides how
+    many drafts go to verification). With c_j the drafter's probability of its j-th draft, the chance that
+    drafts 1..j are all accepted is taken as P_j = c_1 * ... * c_j, so k drafts promise E_k = 1 + P_1 + ... + P_k
+    tokens for this machine's calibrated cost of the round. An EAGLE-3 chain stops once one more step (assumed
+    as confident as the last) would lower E / cost; a DFlash block, drafted whole, keeps the k with the best
+    E_k / cost. `max_length` caps both."""
+
+    def __init__(self, latency: LatencyModel, route: str, max_length: int):
+        self.max_length = max_length
+        self.per_step = route == EAGLE  # an EAGLE-3 chain pays per step; a DFlash block is paid whole
+        self.verify = [latency.verify_seconds(k) for k in range(max_length + 1)]  # by drafts k
+        self.draft = [latency.draft_seconds(route, k) if k else 0.0 for k in range(max_length + 1)]
+
+    def _cost(self, k: int, drafted: int) -> float:
+        return self.verify[k] + self.draft[k if self.per_step else drafted]
+
+    def more(self, confidences: list[float]) -> bool:
+        """After a chain's drafts with these confidences: whether to draft one more."""
+        k = len(confidences)
+        if k >= self.max_length:
+            return False
+        reach = math.prod(confidences)
+        expected = 1 + sum(math.prod(confidences[:j]) for j in range(1, k + 1))
+        return (expected + reach * confidences[-1]) / self._cost(k + 1, k + 1) > expected / self._cost(k, k)
+
+    def keep(self, confidences: list[float]) -> int:
+        """Of a block's drafts with these confidences: how many to verify (at least one)."""
+        n, expected, best, best_rate = len(confidences), 1.0, 1, 0.0
+        for k in range(1, n + 1):
+            expected += math.prod(confidences[:k])
+            rate = expected / self._cost(k, n)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+
 def describe(assistant) -> str:
     """The assistant's draft lengths in one line, with the expected rates behind the calibrated ones."""
     names = {EAGLE: "EAGLE-3 chain {k}", DFLASH: "DFlash block {b}"}
     parts = []
     for route, k in assistant.draft_lengths.items():
         text = names[route].format(k=k, b=k + 1) if k else f"{route}: no drafting (plain decoding is faster here)"
-        if route in assistant.calibrated and k:
+        if k and assistant.dynamic_lengths:
+            text = f"{text} at most, cut per round by confidence"
+        elif route in assistant.calibrated and k:
             tokens = assistant.drafters[route].tokens_per_round[k]
             text += (f" (calibrated: {tokens:.2f} tokens/round, "
                      f"{tokens / assistant.latency.round_seconds(route, k):.1f} tok/s expected)")

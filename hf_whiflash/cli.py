@@ -196,7 +196,10 @@ def parser() -> argparse.ArgumentParser:
                    help="systems to compare: plain, prompt-lookup, assisted (needs --assistant), eagle3, dflash, "
                         "whiflash-entropy, "
                         "whiflash-neural (needs a trained router in the drafters folder), oracle (hindsight "
-                        "routing, greedy only; for measurement) (default: %(default)s)")
+                        "routing, greedy only; for measurement), plain-packed (plain decoding with WhiFlash's packed "
+                        "weights). A draft length after '@' fixes it (eagle3@3: chain of 3; dflash@7: 7 drafts a "
+                        "block); '@dynamic' cuts each round's draft by confidence (eagle3, dflash, whiflash-*) "
+                        "(default: %(default)s)")
     b.add_argument("--modes", nargs="+", choices=["greedy", "sampling"], default=["greedy", "sampling"],
                    help=f"decoding modes (sampling: temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']})")
     b.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default 128)")

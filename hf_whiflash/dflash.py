@@ -220,20 +220,29 @@ class DFlashDrafter(HubMixin, nn.Module):
         self.absorb(features, cache)
         return features.shape[1]
 
-    def draft(self, cache, length: int, pick=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One block [newest verified token, MASK x length] in one pass -> draft ids [1, length], and with
-        `pick` the processed logits they were picked from [1, length, V] (see Eagle3Drafter.draft)."""
+    def draft(self, cache, length: int, pick=None, cut=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block [newest verified token, MASK x length] in one pass -> draft ids [1, n], and with `pick` the
+        processed logits they were picked from [1, n, V] (see Eagle3Drafter.draft). n = length, or with a `cut`
+        (calibration.DraftCut) the prefix of the block that its confidences say is worth verifying."""
         self.catch_up(cache)
         hidden = self(self.block_ids(cache.newest_ids, length + 1), cache=cache)  # [1, length+1, H]
         logits = self.logits(hidden[:, 1:])  # [1, length, V]
+        rows = None
         if pick is None:
-            return logits.argmax(-1), None
-        tokens, rows = [], []
-        for j in range(length):  # processors (penalties, top-p, ...) depend on the drafted prefix
-            token, row = pick(logits[:, j], tokens)
-            tokens.append(token)
-            rows.append(row)
-        return torch.cat(tokens, dim=1), torch.stack(rows, dim=1)
+            tokens = logits.argmax(-1)  # [1, length]
+        else:
+            picked, processed = [], []
+            for j in range(length):  # processors (penalties, top-p, ...) depend on the drafted prefix
+                token, row = pick(logits[:, j], picked)
+                picked.append(token)
+                processed.append(row)
+            tokens, rows = torch.cat(picked, dim=1), torch.stack(processed, dim=1)  # [1, length], [1, length, V]
+            logits = rows  # confidences below: of the distributions the drafts were picked from
+        if cut is None:
+            return tokens, rows
+        confidences = logits.float().softmax(-1).gather(-1, tokens[..., None])[0, :, 0].tolist()
+        keep = cut.keep(confidences)
+        return tokens[:, :keep], rows[:, :keep] if rows is not None else None
 
     def forward(self, block_ids: torch.Tensor, features: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Draft one block. block_ids [B, Tb] = [last verified token, MASK...]; context = `cache` (if given)

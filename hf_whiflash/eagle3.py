@@ -278,9 +278,10 @@ class Eagle3Drafter(HubMixin, nn.Module):
         self.absorb(next_ids, self.project(features), cache)
         return next_ids.shape[1]
 
-    def draft(self, cache, length: int, pick=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A chain of `length` steps after the verified pairs queued in `cache` (one, after catch_up) ->
-        draft ids [1, length], and with `pick` the processed logits they were picked from [1, length, V].
+    def draft(self, cache, length: int, pick=None, cut=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A chain of up to `length` steps after the verified pairs queued in `cache` (one, after catch_up) ->
+        draft ids [1, n], and with `pick` the processed logits they were picked from [1, n, V]. n = length,
+        or with a `cut` (calibration.DraftCut) fewer, where the head's own confidence says stopping pays.
 
         Without `pick` each step takes the draft vocabulary's argmax; `pick(logits [1, V], drafted ids)`
         processes target-vocabulary logits and picks a token (sampling, logits processors). The verified
@@ -290,16 +291,22 @@ class Eagle3Drafter(HubMixin, nn.Module):
         next_ids, features = cache.take_pending()  # [1, n], [1, n, 3*Ht]
         context = cache.get_seq_length() + next_ids.shape[1]
         hidden = self.project(features)
-        tokens, rows = [], []
+        tokens, rows, confidences = [], [], []
         for _ in range(length):
             logits, hidden = self(next_ids, hidden, cache)
             logits, hidden = logits[:, -1], hidden[:, -1:]  # [1, draft_vocab], [1, 1, H]: the newest position
             if pick is None:
-                next_ids = self.to_target_ids(logits.argmax(-1, keepdim=True))
+                draft_id = logits.argmax(-1, keepdim=True)  # [1, 1]
+                next_ids = self.to_target_ids(draft_id)
             else:
                 next_ids, row = pick(self.target_logits(logits), tokens)
                 rows.append(row)
+                logits, draft_id = row, next_ids
             tokens.append(next_ids)
+            if cut is not None:
+                confidences.append(logits.float().softmax(-1).gather(-1, draft_id).item())
+                if not cut.more(confidences):
+                    break
         cache.truncate(context)
         return torch.cat(tokens, dim=1), torch.stack(rows, dim=1) if rows else None
 

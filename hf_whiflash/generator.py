@@ -12,6 +12,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .cache import LazyCatchUpCache
+from .calibration import DraftCut
 from .names import TARGET
 from .routing import RoutingState, entropy_and_top1
 from .stats import Clock, GenerationStats, Round
@@ -27,6 +28,9 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         self.draft_lengths = {route: k for route, k in assistant.draft_lengths.items() if k > 0}
         self.drafters = {route: assistant.drafters[route] for route in self.draft_lengths}
         self.caches = {route: LazyCatchUpCache() for route in self.drafters}
+        # With dynamic lengths, each round's draft length is cut by the drafter's confidence (draft_lengths: the cap).
+        self.cuts = {route: DraftCut(assistant.latency, route, k) for route, k in self.draft_lengths.items()
+                     if assistant.dynamic_lengths}
         self.eager = assistant.catch_up == "eager"  # baseline: every drafter absorbs every verified position
         self.policy = assistant.policy.for_generation()
         self.stats = stats
@@ -67,7 +71,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
                 drafter, cache = self.drafters[route], self.caches[route]
                 with self.clock.adds_to(round_, "catch_up_s"):
                     round_.caught_up += drafter.catch_up(cache)
-                draft_ids, draft_logits = drafter.draft(cache, length, self._picker(input_ids))
+                draft_ids, draft_logits = drafter.draft(cache, length, self._picker(input_ids), self.cuts.get(route))
                 draft_ids, draft_logits = self._cut_at_stop_strings(input_ids, draft_ids, draft_logits)
             if self.eager:
                 with self.clock.adds_to(round_, "catch_up_s"):

@@ -24,7 +24,13 @@ class LatencyModel:
     draft_s: dict[str, dict[int, float]]  # route -> drafts k -> drafting time
 
     def round_seconds(self, route: str, length: int) -> float:
-        return _interpolate(self.draft_s[route], length) + _interpolate(self.verify_s, length)
+        return self.draft_seconds(route, length) + self.verify_seconds(length)
+
+    def verify_seconds(self, length: int) -> float:
+        return _interpolate(self.verify_s, length)
+
+    def draft_seconds(self, route: str, length: int) -> float:
+        return _interpolate(self.draft_s[route], length)
 
     def to_dict(self) -> dict:
         return {"verify_s": self.verify_s, "draft_s": self.draft_s}

@@ -7,9 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
-from hf_whiflash.calibration import best_length, calibrated_latency
+from hf_whiflash.calibration import DraftCut, best_length, calibrated_latency
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.names import DFLASH, EAGLE, TARGET
+
+from helpers import chat_ids, make_assistant
 
 PROMPT = torch.tensor([[3, 8, 4, 9, 12, 5, 7]])
 
@@ -107,3 +109,38 @@ def test_a_machine_where_no_draft_pays_generates_plainly_and_identically(parts, 
     out = target.generate(PROMPT, max_new_tokens=20, do_sample=False, assistant_model=assistant)
     assert torch.equal(out, target.generate(PROMPT, max_new_tokens=20, do_sample=False))
     assert {r.route for r in assistant.stats.rounds} == {TARGET} and len(assistant.stats.rounds) == 19
+
+
+def flat_costs() -> LatencyModel:
+    """Verify 10 ms + 1 ms per extra token, EAGLE-3 steps 2 ms each, a DFlash block 5 ms whatever its size."""
+    return LatencyModel({k: 0.010 + 0.001 * k for k in range(16)},
+                        {EAGLE: {k: 0.002 * k for k in range(1, 16)}, DFLASH: {k: 0.005 for k in range(1, 16)}})
+
+
+def test_a_confident_chain_goes_on_and_a_doubtful_one_stops():
+    cut = DraftCut(flat_costs(), EAGLE, max_length=8)
+    assert cut.more([0.95]) and cut.more([0.95, 0.9])
+    assert not cut.more([0.2])  # one more step would cost more than the 4% chance it adds
+    assert not cut.more([0.99] * 8)  # the cap
+    assert cut.more([0.9, 0.9, 0.9]) and not cut.more([0.9, 0.9, 0.05])
+
+
+def test_a_block_is_cut_where_expected_tokens_per_second_peak():
+    cut = DraftCut(flat_costs(), DFLASH, max_length=15)
+    assert cut.keep([0.9] * 15) == 12  # a 13th adds 0.9^13 = 0.25 tokens for 1 ms: 7.71 / 28 ms < 7.46 / 27 ms
+    assert cut.keep([0.9, 0.9, 0.1, 0.9, 0.9]) == 2  # after a doubtful third, the rest is almost surely rejected
+    assert cut.keep([0.01] * 5) == 1  # at least one draft
+
+
+@pytest.mark.parametrize("mode", ["eagle3", "whiflash"])
+def test_dynamic_lengths_never_change_greedy_output(target, tokenizer, mode):
+    assistant = make_assistant(target, mode, "trained", dynamic_lengths=True, eagle_steps=8)
+    assert assistant.dynamic_lengths
+    drafted = set()
+    for prompt in ("Write a Python function that checks whether a number is prime.",
+                   "What is the capital of France? Answer in one sentence."):
+        ids = chat_ids(tokenizer, prompt)
+        plain = target.generate(ids, max_new_tokens=48, do_sample=False)
+        assert torch.equal(target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=assistant), plain)
+        drafted |= {r.drafted for r in assistant.stats.rounds if r.route == EAGLE}
+    assert len(drafted) > 1 and max(drafted) <= 8  # lengths vary per round, within the cap
