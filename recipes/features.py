@@ -49,6 +49,7 @@ def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: 
     from accelerate import PartialState
 
     from hf_whiflash import load_target
+    from hf_whiflash.kernels import PackedLinears
 
     folder = Path(folder)
     index_path = folder / "index.json"
@@ -79,7 +80,7 @@ def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: 
             current = []
         current.append(i)
     batches += [current] if current else []
-    with torch.no_grad():
+    with torch.no_grad(), PackedLinears([model]).active():  # packed weights where they pay (x1.11 on one EPYC)
         for batch in tqdm(batches, desc=f"target features (rank {state.process_index})"):
             length = max(len(samples[i]["input_ids"]) for i in batch)
             ids = torch.zeros(len(batch), length, dtype=torch.long)
