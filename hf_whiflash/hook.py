@@ -50,7 +50,7 @@ def install_generator_hook() -> None:
     GenerationMixin._assisted_decoding = _assisted_decoding
 
 
-# What `_assisted_decoding` must still do for WhiFlash to work unchanged (transformers 5.23).
+# What `_assisted_decoding` must still do for WhiFlash to work unchanged (transformers 5.23 and 5.24).
 ASSISTED_DECODING_NEEDS = {
     "self._get_candidate_generator(": "the candidate generator comes from _get_candidate_generator",
     "assistant_model=assistant_model,": "the assistant is passed as the keyword assistant_model",
@@ -83,6 +83,13 @@ def check_transformers_internals() -> None:
             f"({'; '.join(missing)}). Install a tested release (transformers{tested_transformers()}) or update "
             "hf_whiflash/hook.py."
         )
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` from transformers 5.24, `past_key_values`
+    before (5.24 still accepts the old name, with a deprecation warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def transformers_is_tested() -> bool:

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import LazyCatchUpCache
+from .hook import cache_keyword
 from .stats import Clock
 
 LENGTHS = (1, 2, 4, 6, 8, 12, 15)
@@ -55,7 +56,8 @@ class LatencyModel:
         prompt = torch.randint(0, vocab, (1, context), device=target.device,
                                generator=torch.Generator(target.device).manual_seed(0))  # [1, context]
         cache = DynamicCache()
-        out = target(prompt, past_key_values=cache, output_hidden_states=assistant.feature_layers)
+        cache_kwarg = cache_keyword(type(target))
+        out = target(prompt, **{cache_kwarg: cache}, output_hidden_states=assistant.feature_layers)
         clock = Clock(target.device)
 
         def median_time(run, reset=lambda: None) -> float:
@@ -69,7 +71,7 @@ class LatencyModel:
 
         def verify(k) -> float:
             start = clock()
-            target(prompt[:, :k + 1], past_key_values=cache)
+            target(prompt[:, :k + 1], **{cache_kwarg: cache})
             seconds = clock() - start
             cache.crop(-(k + 1))
             return seconds

@@ -15,7 +15,7 @@ SAMPLING = {"temperature": 0.7, "top_p": 0.9}
 
 
 def tested_transformers() -> str:
-    """The transformers range this release is tested with, as pyproject.toml declares it (e.g. '>=5.23.0,<5.24');
+    """The transformers range this release is tested with, as pyproject.toml declares it (e.g. '>=5.23.0,<5.25');
     'unknown' when hf_whiflash runs from a copied folder without package metadata (a Space)."""
     try:
         requirements = metadata.requires("hf-whiflash") or []
