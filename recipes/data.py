@@ -4,7 +4,8 @@
     accelerate launch recipes/data.py recipes/configs/data_smollm2.yaml # one shard per process
 
 Output folder (`out` in the config):
-  prompts.jsonl         {"id", "source", "category", "messages"}: deduplicated, dev-set ids excluded
+  prompts.jsonl         {"id", "source", "category", "messages"}: deduplicated, dev-set ids excluded; raising
+                        a source's count in the config and rerunning grows it (and generates only the new ones)
   samples.{rank}.jsonl  {"id", "source", "category", "input_ids", "response_start"}: the chat-templated
                         prompt plus the target's greedy response as token ids; the loss covers
                         input_ids[response_start:]. Appended batch by batch; a rerun skips done ids
@@ -92,17 +93,29 @@ def tool_prompts(count: int, seed: int) -> list[dict]:
             for it in items[:count]]
 
 
-def build_prompts(config: dict, model, tokenizer) -> list[dict]:
-    sources, seed = config["sources"], config.get("seed", 0)
-    rows = (self_synthesised(model, tokenizer, sources.get("self_synthesis", 0), config["batch_size"], seed)
-            + code_prompts(sources.get("code", 0), seed) + tool_prompts(sources.get("tool", 0), seed))
-    unique, seen = [], set()
+def unique_rows(rows: list[dict], seen: set[str]) -> list[dict]:
+    """Rows whose messages are not in `seen` (which they join), each with an id."""
+    unique = []
     for row in rows:
         key = hashlib.sha1(json.dumps(row["messages"], sort_keys=True).encode()).hexdigest()
         if key not in seen:
             seen.add(key)
             unique.append({"id": row.get("id", f"{row['source']}-{key[:12]}"), **row})
     return unique
+
+
+def grow_prompts(config: dict, model, tokenizer, pool: list[dict], self_chunk: int = 512) -> list[dict]:
+    """The prompts the config asks for beyond those in `pool` (at most `self_chunk` self-synthesised ones a
+    call): raising a source's count grows the pool. Code and tool prompts are prefixes of one seeded order;
+    self-synthesis continues with a new seed."""
+    sources, seed = config["sources"], config.get("seed", 0)
+    have = {source: sum(row["source"] == source for row in pool) for source in ("self", "code", "bfcl_live")}
+    self_count = min(self_chunk, sources.get("self_synthesis", 0) - have["self"])
+    rows = self_synthesised(model, tokenizer, self_count, config["batch_size"], seed + have["self"]) \
+        if self_count > 0 else []
+    rows += code_prompts(sources.get("code", 0), seed) + tool_prompts(sources.get("tool", 0), seed)
+    seen = {hashlib.sha1(json.dumps(row["messages"], sort_keys=True).encode()).hexdigest() for row in pool}
+    return unique_rows(rows, seen)
 
 
 def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out: Path, rank: int, world: int):
@@ -113,7 +126,12 @@ def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out:
         done = {row["id"] for row in read_rows(path)}
     todo = [p for i, p in enumerate(prompts) if i % world == rank and p["id"] not in done]
     batch_size, max_new = config["batch_size"], config["max_new_tokens"]
-    todo.sort(key=lambda p: len(json.dumps(p["messages"])))  # similar lengths batch with little padding
+    # Shuffled (a run cut short still covers every source), then sorted by length within windows of 16 batches
+    # (similar lengths batch with little padding).
+    random.Random(config.get("seed", 0)).shuffle(todo)
+    window = 16 * batch_size
+    todo = [p for lo in range(0, len(todo), window)
+            for p in sorted(todo[lo:lo + window], key=lambda p: len(json.dumps(p["messages"])))]
     with path.open("ab") as f, tqdm(total=len(todo), desc=f"responses (rank {rank})") as bar:
         for lo in range(0, len(todo), batch_size):
             batch = todo[lo:lo + batch_size]
@@ -145,16 +163,24 @@ def main(config_path: str) -> None:
     state = PartialState()
     out = (REPO / config["out"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_target(config["target"], device=state.device)
+    # bfloat16 where this machine computes it natively and faster ("auto"): 1.4x the tokens/s of packed
+    # float32 at batch 64 on an AMD EPYC with AVX512-BF16 (BENCHMARKS.md). Its greedy responses are the
+    # target's own in the dtype users of such a machine run it in.
+    model, tokenizer = load_target(config["target"], dtype=config.get("dtype", "float32"), device=state.device)
     tokenizer.padding_side = "left"  # batched generation with a decoder-only model
     prompts_path = out / "prompts.jsonl"
     packed = PackedLinears([model])  # batched decoding is few-row matmuls: packed weights where they pay
-    if state.is_main_process and not prompts_path.exists():
+    pool = [json.loads(line) for line in prompts_path.open()] if prompts_path.exists() else []
+    while state.is_main_process:  # chunk by chunk: a kill loses at most one chunk of self-synthesis
         with packed.active():
-            prompts = build_prompts(config, model, tokenizer)
+            new = grow_prompts(config, model, tokenizer, pool)
+        if not new:
+            break
+        pool += new
         tmp = prompts_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in pool))
         tmp.rename(prompts_path)  # complete or absent: a rerun never reads half a prompt list
+        print(f"{prompts_path}: {len(pool)} prompts (+{len(new)})")
     state.wait_for_everyone()
     prompts = [json.loads(line) for line in prompts_path.open()]
     with packed.active():
