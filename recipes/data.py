@@ -155,6 +155,7 @@ def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out:
 
 def main(config_path: str) -> None:
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
     from hf_whiflash import load_target
     from hf_whiflash.kernels import PackedLinears
@@ -170,21 +171,26 @@ def main(config_path: str) -> None:
     tokenizer.padding_side = "left"  # batched generation with a decoder-only model
     prompts_path = out / "prompts.jsonl"
     packed = PackedLinears([model])  # batched decoding is few-row matmuls: packed weights where they pay
-    pool = [json.loads(line) for line in prompts_path.open()] if prompts_path.exists() else []
-    while state.is_main_process:  # chunk by chunk: a kill loses at most one chunk of self-synthesis
+    # Responses for the pool so far, then one more chunk of prompts, and so on: a run cut short has responses
+    # for most of what it made (self-synthesis is the slow source).
+    while True:
+        pool = [json.loads(line) for line in prompts_path.open()] if prompts_path.exists() else []
         with packed.active():
-            new = grow_prompts(config, model, tokenizer, pool)
-        if not new:
+            generate_responses(config, model, tokenizer, pool, out, state.process_index, state.num_processes)
+        new = []
+        if state.is_main_process:
+            with packed.active():
+                new = grow_prompts(config, model, tokenizer, pool)
+            if new:
+                tmp = prompts_path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(p) + "\n" for p in pool + new))
+                tmp.rename(prompts_path)  # complete or absent: a rerun never reads half a prompt list
+                print(f"{prompts_path}: {len(pool) + len(new)} prompts (+{len(new)})")
+        grown = bool(new)
+        if state.num_processes > 1:  # every rank learns whether the pool grew (and waits until it is written)
+            grown = broadcast_object_list([grown])[0]
+        if not grown:
             break
-        pool += new
-        tmp = prompts_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in pool))
-        tmp.rename(prompts_path)  # complete or absent: a rerun never reads half a prompt list
-        print(f"{prompts_path}: {len(pool)} prompts (+{len(new)})")
-    state.wait_for_everyone()
-    prompts = [json.loads(line) for line in prompts_path.open()]
-    with packed.active():
-        generate_responses(config, model, tokenizer, prompts, out, state.process_index, state.num_processes)
 
 
 if __name__ == "__main__":
