@@ -5,7 +5,8 @@ A store folder holds:
                    "response_start"}]}
   tokens.i32      every sample's token ids back to back (int32)
   layer_{i}.f16   hidden_states[i] for every token, [N, H] float16 (i = HF hidden_states index)
-Built into a temporary sibling and renamed into place, so an interrupted build never looks complete.
+Built into a temporary sibling and renamed into place, so an interrupted build never looks complete; layers
+added to a store later are written beside it and renamed in before the index lists them.
 With `accelerate launch`, each process computes its share of the samples.
 """
 
@@ -35,7 +36,8 @@ def read_samples(data_dir: Path, max_len: int) -> list[dict]:
 
 def store_layers(target, needed, extra) -> list[int]:
     """The hidden_states indices a feature store keeps: what this recipe reads plus `extra_feature_layers` (what the
-    other recipe reads, so both share one store), each checked against this target's depth."""
+    other recipe reads, computed in the same pass; without it the other recipe adds its layers later, in a second
+    pass over the data), each checked against this target's depth."""
     depth = target.config.get_text_config().num_hidden_layers
     outside = sorted(i for i in extra if not 0 <= i <= depth)
     if outside:
@@ -45,32 +47,66 @@ def store_layers(target, needed, extra) -> list[int]:
 
 
 def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: int, batch_tokens: int = 4096):
-    """Compute (or reuse) a feature store with at least `layers`; returns its folder."""
+    """Compute (or reuse) a feature store of the data's samples with at least `layers`; returns its folder.
+    A store of the same samples gains the layers it lacks (written beside it, renamed in, then the index);
+    a store of other samples (the data grew, max_len changed) is rebuilt whole, keeping its layers."""
     from accelerate import PartialState
 
-    from hf_whiflash import load_target
-    from hf_whiflash.kernels import PackedLinears
-
     folder = Path(folder)
+    samples = read_samples(data_dir, max_len)
     index_path = folder / "index.json"
-    if index_path.exists() and set(layers) <= set(json.loads(index_path.read_text())["layers"]):
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    same_samples = index is not None and [(s["id"], s["length"]) for s in index["samples"]] == \
+        [(s["id"], len(s["input_ids"])) for s in samples]
+    if same_samples and set(layers) <= set(index["layers"]):
         return folder
     state = PartialState()
-    samples = read_samples(data_dir, max_len)
     offsets = np.cumsum([0] + [len(s["input_ids"]) for s in samples])
-    model, _ = load_target(target_name, device=state.device)
-    hidden = model.config.get_text_config().hidden_size
+    if same_samples:  # add the missing layers in place
+        missing = sorted(set(layers) - set(index["layers"]))
+        write_layers(target_name, samples, offsets, folder, missing, ".partial", batch_tokens, state)
+        if state.is_main_process:
+            for layer in missing:
+                (folder / f"layer_{layer}.f16.partial").rename(folder / f"layer_{layer}.f16")
+            index["layers"] = sorted(set(index["layers"]) | set(missing))
+            (folder / "index.json.tmp").write_text(json.dumps(index))
+            (folder / "index.json.tmp").rename(index_path)
+        state.wait_for_everyone()
+        return folder
+    layers = sorted(set(layers) | set(index["layers"] if index else []))
     tmp = folder.with_name(folder.name + ".partial")
     if state.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np.memmap(tmp / "tokens.i32", np.int32, "w+", shape=(int(offsets[-1]),))[:] = np.concatenate(
             [s["input_ids"] for s in samples])
-        for layer in layers:
-            np.memmap(tmp / f"layer_{layer}.f16", np.float16, "w+", shape=(int(offsets[-1]), hidden)).flush()
+    hidden = write_layers(target_name, samples, offsets, tmp, layers, "", batch_tokens, state)
+    if state.is_main_process:
+        index = {"target": target_name, "layers": layers, "hidden_size": hidden,
+                 "samples": [{"id": s["id"], "category": s["category"], "offset": int(o), "length": len(s["input_ids"]),
+                              "response_start": s["response_start"]} for s, o in zip(samples, offsets)]}
+        (tmp / "index.json").write_text(json.dumps(index))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
     state.wait_for_everyone()
-    stores = {layer: np.memmap(tmp / f"layer_{layer}.f16", np.float16, "r+", shape=(int(offsets[-1]), hidden))
-              for layer in layers}
+    return folder
+
+
+def write_layers(target_name: str, samples: list[dict], offsets, folder: Path, layers: list[int], suffix: str,
+                 batch_tokens: int, state) -> int:
+    """The target's hidden_states[layer] for every token of every sample, into folder/layer_{layer}.f16{suffix}
+    ([N, H] float16; returns H); with `accelerate launch` each process computes its share of the samples."""
+    from hf_whiflash import load_target
+    from hf_whiflash.kernels import PackedLinears
+
+    model, _ = load_target(target_name, device=state.device)
+    hidden = model.config.get_text_config().hidden_size
+    paths = {layer: folder / f"layer_{layer}.f16{suffix}" for layer in layers}
+    if state.is_main_process:
+        for path in paths.values():
+            np.memmap(path, np.float16, "w+", shape=(int(offsets[-1]), hidden)).flush()
+    state.wait_for_everyone()
+    stores = {layer: np.memmap(path, np.float16, "r+", shape=(int(offsets[-1]), hidden)) for layer, path in paths.items()}
     mine = list(range(state.process_index, len(samples), state.num_processes))
     mine.sort(key=lambda i: len(samples[i]["input_ids"]))  # batches of similar length, little padding
     batches, current = [], []
@@ -81,7 +117,7 @@ def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: 
         current.append(i)
     batches += [current] if current else []
     with torch.no_grad(), PackedLinears([model]).active():  # packed weights where they pay (x1.11 on one EPYC)
-        for batch in tqdm(batches, desc=f"target features (rank {state.process_index})"):
+        for batch in tqdm(batches, desc=f"target features {layers} (rank {state.process_index})"):
             length = max(len(samples[i]["input_ids"]) for i in batch)
             ids = torch.zeros(len(batch), length, dtype=torch.long)
             for row, i in enumerate(batch):  # right padding: causal attention keeps real tokens exact
@@ -95,15 +131,7 @@ def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: 
     for store in stores.values():
         store.flush()
     state.wait_for_everyone()
-    if state.is_main_process:
-        index = {"target": target_name, "layers": sorted(layers), "hidden_size": hidden,
-                 "samples": [{"id": s["id"], "category": s["category"], "offset": int(o), "length": len(s["input_ids"]),
-                              "response_start": s["response_start"]} for s, o in zip(samples, offsets)]}
-        (tmp / "index.json").write_text(json.dumps(index))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    state.wait_for_everyone()
-    return folder
+    return hidden
 
 
 class FeatureStore(Dataset):

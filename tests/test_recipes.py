@@ -276,3 +276,36 @@ def test_extra_feature_layers_beyond_the_target_are_a_clear_error(tiny, monkeypa
     assert store_layers(target, [2, 6], [3, 5]) == [2, 3, 5, 6]
     with pytest.raises(ValueError, match=r"extra_feature_layers \[15, 27\] are outside .* hidden_states 0..6"):
         store_layers(target, [2, 6], [2, 15, 27])
+
+
+def test_feature_store_gains_missing_layers_and_is_rebuilt_when_the_data_grows(tiny_data, target, monkeypatch):
+    """A second recipe reading other layers adds them to the same store (the layers there are not recomputed);
+    samples added to the data make the store stale, so it is rebuilt with every layer it had."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from features import FeatureStore, build_store, read_samples
+
+    tmp, rows = tiny_data
+    rows = sorted(rows, key=lambda r: -len(r["input_ids"]))  # the shortest last: max_len keeps it
+    data = tmp / "grown_data"
+    data.mkdir()
+    (data / "samples.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    folder = tmp / "grown_store"
+    build_store("SmolLM2-135M-Instruct", data, folder, [2], max_len=64)
+    first = (folder / "layer_2.f16").stat().st_mtime_ns
+    build_store("SmolLM2-135M-Instruct", data, folder, [2, 28], max_len=64)
+    index = json.loads((folder / "index.json").read_text())
+    assert index["layers"] == [2, 28] and (folder / "layer_2.f16").stat().st_mtime_ns == first
+    assert not list(folder.glob("*.partial"))
+    before = len(index["samples"])
+    sample = FeatureStore(folder, [2, 28])[0]
+    with torch.no_grad():
+        hidden = target(sample["input_ids"][None], output_hidden_states=True).hidden_states
+    for layer in (2, 28):
+        assert np.allclose(sample["hidden"][layer].float(), hidden[layer][0].half().float(), atol=2e-2, rtol=1e-2)
+
+    (data / "samples.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_store("SmolLM2-135M-Instruct", data, folder, [2], max_len=64)
+    index = json.loads((folder / "index.json").read_text())
+    assert index["layers"] == [2, 28] and len(index["samples"]) == len(read_samples(data, 64)) == before + 1
