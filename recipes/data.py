@@ -162,7 +162,7 @@ def main(config_path: str) -> None:
 
     config = yaml.safe_load(Path(config_path).read_text())
     state = PartialState()
-    out = (REPO / config["out"]).resolve()
+    out = Path(config["out"]).resolve()  # relative to the working directory, as in the trainers
     out.mkdir(parents=True, exist_ok=True)
     # bfloat16 where this machine computes it natively and faster ("auto"): 1.4x the tokens/s of packed
     # float32 at batch 64 on an AMD EPYC with AVX512-BF16 (BENCHMARKS.md). Its greedy responses are the

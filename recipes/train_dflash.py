@@ -8,6 +8,9 @@ Per sequence, `anchors_per_sequence` random anchors a in the response; each bloc
 own block, non-causally), and its position k predicts the token at a+k with loss weight
 exp(-(k-1)/gamma). The target's embedding and LM head are shared and frozen. Output: `out`/final
 in the DFlash Hub layout (DFlashDrafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
+
+`mask_token_id: auto` picks the MASK id (see mask_token): the tokenizer's own mask token, else a special token
+the training data never contains (for SmolLM2: 16, <empty_output>), else the highest id it never contains.
 """
 
 import math
@@ -15,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from features import FeatureStore, build_store, store_layers
+from features import FeatureStore, build_store, read_samples, store_layers
 from trainer import recipe_config, train
 
 from hf_whiflash import DFlashDrafter, load_target
@@ -66,12 +69,34 @@ class BlockObjective(nn.Module):
         return (loss * weighted).sum() / weighted.sum().clamp(min=1e-6), metrics
 
 
+def mask_token(tokenizer, vocab_size: int, samples: list[dict]) -> int:
+    """An id for the MASK positions of a block that never stands for real text: a MASK that also occurs in the
+    context would be ambiguous to the drafter (it reads both through the target's one embedding)."""
+    if tokenizer.mask_token_id is not None:
+        return tokenizer.mask_token_id
+    used = set().union(*(s["input_ids"] for s in samples))
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    unused_specials = sorted(i for i in specials if i not in used and i < vocab_size)
+    if unused_specials:
+        return unused_specials[-1]
+    unused = sorted(set(range(vocab_size)) - used)
+    if not unused:
+        raise ValueError("mask_token_id: auto found no token id the training data leaves unused; set mask_token_id "
+                         "to a rarely used special token of this tokenizer")
+    return unused[-1]
+
+
 def main() -> None:
     args, config = recipe_config(__doc__, "recipes/configs/dflash_smollm2.yaml")
-    target, _ = load_target(config["target"])
+    target, tokenizer = load_target(config["target"])
     target.requires_grad_(False)  # embedding and LM head are shared with the drafter, frozen
+    mask_token_id = config["mask_token_id"]
+    if mask_token_id == "auto":
+        vocab_size = target.config.get_text_config().vocab_size
+        mask_token_id = mask_token(tokenizer, vocab_size, read_samples(config["data"], config["max_len"]))
+        print(f"mask_token_id: auto -> {mask_token_id} ({tokenizer.convert_ids_to_tokens(mask_token_id)!r})")
     drafter = DFlashDrafter.for_target(target, num_layers=config["num_layers"], block_size=config["block_size"],
-                                       mask_token_id=config["mask_token_id"],
+                                       mask_token_id=mask_token_id,
                                        intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0))
     layers = store_layers(target, drafter.feature_layers, config.get("extra_feature_layers", []))
     store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])

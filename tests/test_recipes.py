@@ -309,3 +309,19 @@ def test_feature_store_gains_missing_layers_and_is_rebuilt_when_the_data_grows(t
     build_store("SmolLM2-135M-Instruct", data, folder, [2], max_len=64)
     index = json.loads((folder / "index.json").read_text())
     assert index["layers"] == [2, 28] and len(index["samples"]) == len(read_samples(data, 64)) == before + 1
+
+
+def test_dflash_mask_token_auto_picks_an_id_the_data_never_contains(tiny_data, tokenizer, monkeypatch):
+    """mask_token_id: auto (the recipes' default): SmolLM2 has no mask token, so the highest special token the
+    data leaves unused (16, <empty_output>); without unused special tokens, the highest unused id."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from train_dflash import mask_token
+
+    _, rows = tiny_data
+    assert mask_token(tokenizer, 49152, rows) == 16
+    assert mask_token(tokenizer, 49152, rows + [{"input_ids": [15, 16]}]) == 14
+    every_special = [{"input_ids": list(range(17))}]
+    assert mask_token(tokenizer, 49152, rows + every_special) == max(set(range(49152)) - {t for r in rows for t in
+                                                                                         r["input_ids"]})
+    with pytest.raises(ValueError, match="no token id the training data leaves unused"):
+        mask_token(tokenizer, 20, [{"input_ids": list(range(20))}])
