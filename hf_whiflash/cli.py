@@ -9,9 +9,18 @@ import torch
 
 from .names import DFLASH, EAGLE, SAMPLING, TARGET
 
-ANSI = {EAGLE: "\033[34m", DFLASH: "\033[33m", TARGET: "\033[90m", "correction": "\033[4;90m"}
-LEGEND = f"{ANSI[EAGLE]}EAGLE-3 draft\033[0m  {ANSI[DFLASH]}DFlash draft\033[0m  {ANSI[TARGET]}target\033[0m  " \
-         f"{ANSI['correction']}target corrected a draft\033[0m"
+STYLES = {EAGLE: "blue", DFLASH: "yellow", TARGET: "bright_black", "correction": "underline bright_black"}
+LEGEND = [("EAGLE-3 draft", STYLES[EAGLE]), ("DFlash draft", STYLES[DFLASH]), ("target", STYLES[TARGET]),
+          ("target corrected a draft", STYLES["correction"])]
+
+
+def terminal(color: str):
+    """A rich console for --color: auto lets rich decide (a terminal; NO_COLOR and TERM=dumb respected),
+    always forces colours, never prints plain text."""
+    from rich.console import Console
+
+    return Console(force_terminal=True if color == "always" else None,
+                   color_system=None if color == "never" else "auto", highlight=False, soft_wrap=True)
 
 
 DTYPE_HELP = ("target dtype, drafters follow it (default float32). bfloat16, or auto (bfloat16 on CUDA and on CPUs "
@@ -20,16 +29,18 @@ DTYPE_HELP = ("target dtype, drafters follow it (default float32). bfloat16, or 
               "one-token decoding, so a near-tie can flip")
 
 
-def terminal_streamer(assistant, tokenizer, colour: bool):
+def terminal_streamer(assistant, tokenizer, console):
     """Print each round's tokens as they are verified, coloured by who proposed them."""
+    from rich.text import Text
+
     from .streaming import ProvenanceStreamer, TokenTexts
 
     texts = TokenTexts(tokenizer)
 
     def show(tokens, sources):
-        for text, source in zip(texts.add(tokens), sources):
-            sys.stdout.write(f"{ANSI[source]}{text}\033[0m" if colour else text)
-        sys.stdout.flush()
+        console.print(Text.assemble(*((text, STYLES[source]) for text, source in zip(texts.add(tokens), sources))),
+                      end="", markup=False)
+        console.file.flush()
 
     return ProvenanceStreamer(assistant, show)
 
@@ -58,15 +69,18 @@ def cmd_generate(args) -> int:
         out = target.generate(**inputs, **settings, **extra)
         return out, time.perf_counter() - start
 
-    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    console = terminal(args.color)
     # Untimed warm-up of both ways: the first generate() pays one-off costs (kernel selection, allocations).
     target.generate(**inputs, max_new_tokens=8, do_sample=args.sample, assistant_model=assistant)
     target.generate(**inputs, max_new_tokens=8, do_sample=args.sample)
-    out, seconds = timed(assistant_model=assistant, streamer=terminal_streamer(assistant, tokenizer, colour))
+    out, seconds = timed(assistant_model=assistant, streamer=terminal_streamer(assistant, tokenizer, console))
     new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     summary = assistant.stats.summary()
-    if colour:
-        print(f"\n{LEGEND}", end="")
+    if console.color_system is not None:
+        from rich.text import Text
+
+        console.print()
+        console.print(Text("  ").join(Text(text, style) for text, style in LEGEND), end="")
     print(f"\n--- WhiFlash ({args.mode}): {new_tokens} tokens in {seconds:.2f} s = {new_tokens / seconds:.1f} tok/s")
     per_route = ", ".join(f"{r} {summary['rounds_per_route'][r]} rounds, acceptance {a:.2f}"
                           for r, a in summary["acceptance_length_per_route"].items())

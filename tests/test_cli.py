@@ -38,6 +38,18 @@ def test_generate_streams_and_compares_with_plain_generate(tiny, capsys):
     assert "identical output: yes" in out
 
 
+@pytest.mark.parametrize("color", ["always", "never"])
+def test_generate_colours_tokens_by_who_proposed_them_only_when_asked(tiny, capsys, color):
+    code = main(["generate", "what is one plus one", "--target", str(tiny / "target"), "--drafters",
+                 str(tiny / "drafters"), "--max-new-tokens", "6", "--no-compare", "--color", color])
+    out = capsys.readouterr().out
+    assert code == 0 and "--- WhiFlash (whiflash): 6 tokens" in out
+    if color == "always":
+        assert "\x1b[" in out and "target corrected a draft" in out  # styled text and the legend
+    else:
+        assert "\x1b[" not in out and "target corrected a draft" not in out
+
+
 def test_bench_writes_json_markdown_and_plots(tiny, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"),
