@@ -272,7 +272,7 @@ class HubMixin:
 
     def push_to_hub(self, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,
                     commit_message: str = "Upload drafter") -> str:
-        """Save into a temporary folder (plus README.md if a model card is given) and upload it."""
+        """Save into a temporary folder (plus `model_card`, the card's markdown, as README.md) and upload it."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
@@ -280,5 +280,5 @@ class HubMixin:
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             if model_card is not None:
-                Path(tmp, "README.md").write_text(Path(model_card).read_text())
+                Path(tmp, "README.md").write_text(model_card)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message).commit_url

@@ -14,10 +14,12 @@ the training data never contains (for SmolLM2: 16, <empty_output>), else the hig
 """
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from cards import drafter_card
 from features import FeatureStore, build_store, read_samples, store_layers
 from trainer import recipe_config, train
 
@@ -105,7 +107,8 @@ def main() -> None:
     final = train(config, objective, drafter, store)
     print(f"saved DFlash drafter to {final}")
     if args.push_to_hub:
-        print(drafter.push_to_hub(args.push_to_hub, model_card=config.get("model_card")))
+        card = drafter_card(Path(config["out"]), repo_id=args.push_to_hub)  # from this run's own figures
+        print(drafter.push_to_hub(args.push_to_hub, model_card=str(card)))
 
 
 if __name__ == "__main__":

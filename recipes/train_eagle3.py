@@ -10,11 +10,13 @@ renormalised over the draft vocabulary, on response tokens only. The draft vocab
 Hub layout (Eagle3Drafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
 """
 
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from cards import drafter_card
 from features import FeatureStore, build_store, store_layers
 from trainer import recipe_config, train
 
@@ -104,7 +106,8 @@ def main() -> None:
     final = train(config, objective, drafter, store)
     print(f"saved EAGLE-3 head to {final}")
     if args.push_to_hub:
-        print(drafter.push_to_hub(args.push_to_hub, model_card=config.get("model_card")))
+        card = drafter_card(Path(config["out"]), repo_id=args.push_to_hub)  # from this run's own figures
+        print(drafter.push_to_hub(args.push_to_hub, model_card=str(card)))
 
 
 if __name__ == "__main__":

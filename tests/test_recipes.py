@@ -84,6 +84,28 @@ def test_recipe_trains_resumes_and_exports_a_drafter(tiny_data, target, tokenize
     out_ids = target.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant)
     assert torch.equal(out_ids, target.generate(ids, max_new_tokens=12, do_sample=False))
     assert sum(r.drafted for r in assistant.stats.rounds) > 0
+    check_card(out, kind, tmp)
+
+
+def check_card(run: Path, kind: str, tmp: Path) -> None:
+    """The card cards.py writes for a run (what --push-to-hub uploads) carries that run's own figures."""
+    from huggingface_hub import ModelCard
+
+    acceptance = tmp / f"acceptance-{kind}.json"
+    measured = {"code": 1.5, "tool": 1.75, "math": 1.25, "chat": 1.125, "overall": 1.4}
+    acceptance.write_text(json.dumps({"settings": {"eagle_steps": 3, "block_size": 8},
+                                      "results": [{"route": kind, "folder": str(run / "final"),
+                                                   "acceptance_length": measured}]}))
+    card_path = tmp / f"card-{kind}.md"
+    subprocess.run([sys.executable, str(REPO / "recipes" / "cards.py"), str(run), "--acceptance", str(acceptance),
+                    "--repo-id", f"me/{kind}-tiny", "--out", str(card_path)], cwd=REPO, check=True, timeout=120)
+    card = ModelCard.load(card_path)
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and kind in card.data.tags
+    assert {r.dataset_config: r.metric_value for r in card.data.eval_results} == {k: round(v, 2) for k, v in
+                                                                                  measured.items()}
+    last_loss = losses(run)[-1]
+    assert f"| training samples | {json.loads((run / 'run.json').read_text())['train_samples']} |" in card.text
+    assert f"| last logged loss | {round(last_loss, 4)} |" in card.text and "me/" + kind + "-tiny" in card.text
 
 
 def test_ttt_anchor_subsampling_keeps_learnable_positions(monkeypatch):
