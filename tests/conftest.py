@@ -3,12 +3,12 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant, load_target
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.routing import NeuralPolicy
+from helpers import WORDS, word_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +29,6 @@ def tokenizer(smollm2):
     return smollm2[1]
 
 
-WORDS = ["<unk>", "<pad>", "<eos>"] + "write a function that adds two numbers call the tool with json what is " \
-        "one plus hello tell me story sum of".split()
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny Llama target folder with a word-level chat tokenizer, and random drafters for it."""
@@ -43,11 +39,7 @@ def tiny(tmp_path_factory):
                          pad_token_id=1, bos_token_id=None, eos_token_id=None, initializer_range=0.2)
     model = LlamaForCausalLM(config)
     model.save_pretrained(root / "target")
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, "<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    fast.save_pretrained(root / "target")
+    word_tokenizer().save_pretrained(root / "target")
     # seeds whose random drafters get some drafts accepted on this target (a 26-word vocabulary)
     assistant = WhiFlashAssistant(model, Eagle3Drafter.for_target(model, seed=11),
                                   DFlashDrafter.for_target(model, seed=2), eagle_steps=3, dflash_block_size=4)

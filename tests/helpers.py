@@ -12,6 +12,22 @@ from hf_whiflash.targets import shipped_drafters
 PROMPTS = [json.loads(line) for line in (Path(__file__).parent / "data" / "lossless_prompts.jsonl").open()]
 
 
+WORDS = ["<unk>", "<pad>", "<eos>"] + "write a function that adds two numbers call the tool with json what is " \
+        "one plus hello tell me story sum of".split()
+
+
+def word_tokenizer(words: list[str] = WORDS):
+    """A word-level chat tokenizer over `words` (<unk> for the rest) for tiny test targets."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
+
+
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True)["input_ids"]

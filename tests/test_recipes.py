@@ -347,3 +347,30 @@ def test_dflash_mask_token_auto_picks_an_id_the_data_never_contains(tiny_data, t
                                                                                          r["input_ids"]})
     with pytest.raises(ValueError, match="no token id the training data leaves unused"):
         mask_token(tokenizer, 20, [{"input_ids": list(range(20))}])
+
+
+def test_recipes_train_drafters_for_another_architecture(tmp_path):
+    """data -> both trainers -> a WhiFlash folder for a 5-layer Qwen2 target with its own tokenizer: nothing in
+    the configs is SmolLM2-specific (layers come from the target's config, the mask token from the data)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from helpers import word_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path / "qwen2-tiny"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 pad_token_id=1, bos_token_id=None, eos_token_id=2)).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    run("data.py", config_in(tmp_path, "data_tiny.yaml", target=str(folder)))
+    for script, name in (("train_eagle3.py", "eagle3_tiny.yaml"), ("train_dflash.py", "dflash_tiny.yaml")):
+        log = run(script, config_in(tmp_path, name, target=str(folder), draft_vocab_size=32, max_steps=4))
+    assert "mask_token_id: auto -> " in log
+    target = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assistant = WhiFlashAssistant(target, eagle3=Eagle3Drafter.from_pretrained(tmp_path / "runs_eagle3-tiny" / "final"),
+                                  dflash=DFlashDrafter.from_pretrained(tmp_path / "runs_dflash-tiny" / "final"),
+                                  eagle_steps=3, dflash_block_size=4)
+    ids = chat_ids(word_tokenizer(), "write a function that adds two numbers")
+    out = target.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant)
+    assert torch.equal(out, target.generate(ids, max_new_tokens=12, do_sample=False))
+    assert sum(r.drafted for r in assistant.stats.rounds) > 0
