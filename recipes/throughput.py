@@ -6,7 +6,8 @@ Stages, each in tokens per second: the target's batched greedy generation (data.
 states (the features both trainers read), and one optimizer step of each drafter recipe at its
 shipped config (train_eagle3.py, train_dflash.py). Each stage runs in float32 and under
 `torch.autocast("cpu", torch.bfloat16)` (fp32 weights and optimizer), and the target's stages also
-with its Linear weights packed for oneDNN (hf_whiflash/kernels.py), medians of `--repeats`, with the
+with its Linear weights packed for oneDNN (hf_whiflash/kernels.py) and in bf16 weights (what data.py's
+`dtype: auto` loads where the CPU has native bf16), medians of `--repeats`, with the
 CPU model and thread count next to the figures. The trainers' `precision: auto` makes the bf16 choice
 per machine with a probe (trainer.autocast_pays); data.py and features.py pack where it pays.
 """
@@ -91,7 +92,7 @@ def main() -> None:
     eagle_obj = TTTObjective(eagle, target.get_output_embeddings().weight, final, eagle_cfg["ttt_steps"],
                              eagle_cfg["ttt_decay"], eagle_cfg["anchors_per_sequence"])
     dflash = DFlashDrafter.for_target(target, num_layers=dflash_cfg["num_layers"], block_size=dflash_cfg["block_size"],
-                                      mask_token_id=dflash_cfg["mask_token_id"],
+                                      mask_token_id=None,  # the config's "auto" needs the data; timing does not
                                       intermediate_size=dflash_cfg["intermediate_size"], seed=0)
     dflash_obj = BlockObjective(dflash, dflash_cfg["anchors_per_sequence"], dflash_cfg["gamma"])
     layers = sorted(set(eagle.feature_layers) | {final} | set(dflash.feature_layers))
@@ -104,14 +105,14 @@ def main() -> None:
                            return_tensors="pt", padding=True)
     feature_ids = torch.randint(0, target.config.vocab_size, (4096 // length, length))  # build_store's batch_tokens
 
-    def generate(bf16: bool):
+    def generate(bf16: bool, model=target):
         with torch.no_grad(), precision(bf16):
-            target.generate(**gen_inputs, max_new_tokens=gen_new, min_new_tokens=gen_new, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)
+            model.generate(**gen_inputs, max_new_tokens=gen_new, min_new_tokens=gen_new, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
 
-    def features(bf16: bool):
+    def features(bf16: bool, model=target):
         with torch.no_grad(), precision(bf16):
-            target(feature_ids, output_hidden_states=True)
+            model(feature_ids, output_hidden_states=True)
 
     stages = {
         "generation": (lambda bf16: median_seconds(lambda: generate(bf16), args.repeats), gen_batch * gen_new),
@@ -123,6 +124,9 @@ def main() -> None:
     }
     rows = {}
     packed = PackedLinears([target], enabled=True)
+    target_bf16, _ = load_target(args.target, dtype=torch.bfloat16)  # bf16 weights: data.py's dtype "auto" on such CPUs
+    in_bf16 = {"generation": lambda: median_seconds(lambda: generate(False, target_bf16), args.repeats),
+               "features": lambda: median_seconds(lambda: features(False, target_bf16), args.repeats)}
     print(f"{cpu_info('model name') or 'unknown CPU'}, {args.threads} threads; tokens/s (median of {args.repeats})")
     for name, (seconds, tokens) in stages.items():
         fp32, bf16 = tokens / seconds(False), tokens / seconds(True)
@@ -133,7 +137,9 @@ def main() -> None:
             with packed.active():
                 fp32_packed = tokens / seconds(False)
             rows[name] |= {"fp32_packed_tokens_per_s": round(fp32_packed, 1), "packed_factor": round(fp32_packed / fp32, 2)}
-            line += f"   fp32 packed {fp32_packed:8.1f} (x{fp32_packed / fp32:.2f})"
+            bf16_weights = tokens / in_bf16[name]()
+            rows[name] |= {"bf16_weights_tokens_per_s": round(bf16_weights, 1)}
+            line += f"   fp32 packed {fp32_packed:8.1f} (x{fp32_packed / fp32:.2f})   bf16 weights {bf16_weights:8.1f}"
         print(line)
     result = {"cpu": cpu_info("model name"), "threads": args.threads, "torch": torch.__version__,
               "sample_length": length, "stages": rows}
