@@ -7,7 +7,6 @@ hook.py is how transformers gets to it).
 """
 
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from .calibration import best_length, calibrated_latency
-from .checkpoint import write_text_atomically
+from .checkpoint import push_folder, resolve_folder, write_text_atomically
 from .dflash import DFlashDrafter
 from .eagle3 import Eagle3Drafter
 from .generator import WhiFlashCandidateGenerator
@@ -139,12 +138,20 @@ class WhiFlashAssistant(nn.Module):
                        None if DFLASH in self.calibrated else self.dflash_block_size, self.policy)
         return folder
 
+    def push_to_hub(self, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,
+                    commit_message: str = "Upload WhiFlash assistant") -> str:
+        """Upload the folder save_pretrained writes; `from_pretrained(target, repo_id)` loads it back."""
+        return push_folder(self.save_pretrained, repo_id, token=token, private=private, model_card=model_card,
+                           commit_message=commit_message)
+
     @classmethod
-    def from_pretrained(cls, target, folder, *, routes: tuple[str, ...] | None = None, policy: Policy | None = None,
+    def from_pretrained(cls, target, folder_or_hub_id, *, routes: tuple[str, ...] | None = None,
+                        policy: Policy | None = None, revision: str | None = None, token=None,
                         **overrides) -> "WhiFlashAssistant":
-        """Load a WhiFlash folder: `eagle3/` and/or `dflash/` (Hub-format drafters) and `whiflash_config.json`
-        (draft lengths and the routing policy). `routes` picks drafters (default: every one the folder has)."""
-        folder = Path(folder)
+        """Load a WhiFlash folder, local or a Hub repo: `eagle3/` and/or `dflash/` (Hub-format drafters) and
+        `whiflash_config.json` (draft lengths and the routing policy). `routes` picks drafters (default: every
+        one the folder has)."""
+        folder = resolve_folder(folder_or_hub_id, revision, token)
         present = tuple(route for route in ROUTES if (folder / route).is_dir())
         missing = [route for route in routes or () if route not in present]
         if not present or missing:
@@ -191,16 +198,15 @@ MODE_ROUTES = {"whiflash": ROUTES, EAGLE: (EAGLE,), DFLASH: (DFLASH,)}  # the dr
 
 def build_assistant(target, target_name: str, mode: str = "whiflash", drafters: str | None = None,
                     policy: Policy | None = None, **overrides) -> WhiFlashAssistant:
-    """WhiFlashAssistant from the `drafters` folder, else the drafters shipped for the target, else untrained
-    ones (with a note: they give no speedup). `mode` picks the drafters (MODE_ROUTES); `policy` the router
+    """WhiFlashAssistant from the `drafters` folder or Hub repo, else the drafters shipped for the target, else an
+    error saying how to train them. `mode` picks the drafters (MODE_ROUTES); `policy` the router
     (default: the folder's own, or the entropy policy); `overrides`: eagle_steps, dflash_block_size."""
     routes = MODE_ROUTES[mode]
     overrides = {k: v for k, v in overrides.items() if v}
     folder = drafters or shipped_drafters(target_name)
-    if folder is not None:
-        return WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy, **overrides)
-    print(f"note: no trained drafters for {target_name!r} (pass --drafters FOLDER); using untrained drafters, "
-          "so expect no speedup.", file=sys.stderr)
-    eagle = Eagle3Drafter.for_target(target, seed=0) if EAGLE in routes else None
-    dflash = DFlashDrafter.for_target(target, seed=0) if DFLASH in routes else None
-    return WhiFlashAssistant(target, eagle, dflash, policy, **overrides)
+    if folder is None:
+        raise FileNotFoundError(
+            f"no trained drafters for {target_name!r}: pass --drafters FOLDER (a WhiFlash folder or Hub repo), or "
+            "train them for this target with the recipes: recipes/README.md walks through data, both drafters and "
+            "the router (a few hours on a 2-core CPU for a 135M target).")
+    return WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=policy, **overrides)

@@ -103,6 +103,20 @@ def resolve_folder(path_or_hub_id: str | os.PathLike, revision: str | None = Non
         ) from exc
 
 
+def push_folder(save, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,
+                commit_message: str) -> str:
+    """Upload what `save(folder)` writes (plus `model_card` as README.md) to a Hub repo; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(tmp)
+        if model_card is not None:
+            Path(tmp, "README.md").write_text(model_card)
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message).commit_url
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
@@ -273,12 +287,5 @@ class HubMixin:
     def push_to_hub(self, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,
                     commit_message: str = "Upload drafter") -> str:
         """Save into a temporary folder (plus `model_card`, the card's markdown, as README.md) and upload it."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            if model_card is not None:
-                Path(tmp, "README.md").write_text(model_card)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message).commit_url
+        return push_folder(self.save_pretrained, repo_id, token=token, private=private, model_card=model_card,
+                           commit_message=commit_message)

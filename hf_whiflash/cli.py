@@ -243,7 +243,13 @@ def main(argv=None) -> int:
     args.command_line = "whiflash " + " ".join(sys.argv[1:] if argv is None else argv)
     if getattr(args, "max_new_tokens", 1) < 1:
         parser().error("--max-new-tokens must be at least 1")
-    return args.run(args)
+    from .checkpoint import CheckpointError
+
+    try:
+        return args.run(args)
+    except (FileNotFoundError, CheckpointError) as error:  # what to install, train or pass: the message says
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

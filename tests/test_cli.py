@@ -68,6 +68,13 @@ def test_bench_writes_json_markdown_and_plots(tiny, tmp_path, capsys):
     assert "| whiflash-entropy |" in table and "Command: `whiflash bench" in table
 
 
+def test_generate_for_a_target_without_drafters_says_how_to_train_them(tiny, capsys):
+    """Once it ran untrained drafters with a note, which only showed WhiFlash being slow."""
+    assert main(["generate", "hi", "--target", str(tiny / "target")]) == 2
+    err = capsys.readouterr().err
+    assert "no trained drafters for" in err and "recipes/README.md" in err and "--drafters" in err
+
+
 def test_bench_without_drafters_says_how_to_fix(tiny, capsys):
     assert main(["bench", "--target", str(tiny / "target")]) == 2
     assert "pass --drafters FOLDER" in capsys.readouterr().err

@@ -260,3 +260,46 @@ def test_non_finite_weights_are_refused_naming_file_and_tensors(tmp_path, fmt, b
     message = str(err.value)
     assert message.startswith(prefix)
     assert set(message[len(prefix):].split(". ")[0].split(", ")) == {"midlayer.mlp.up_proj.weight", "norm.weight"}
+
+
+def test_assistant_folder_round_trips_through_the_hub(tiny, tmp_path, monkeypatch):
+    """push_to_hub uploads what save_pretrained writes; from_pretrained(target, repo_id) fetches it back (a fake
+    Hub in a folder: no network here)."""
+    import shutil
+    from pathlib import Path
+
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    from hf_whiflash import WhiFlashAssistant
+
+    hub = tmp_path / "hub"
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            (hub / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            shutil.copytree(folder_path, hub / repo_id, dirs_exist_ok=True)
+            return type("Commit", (), {"commit_url": f"https://hf.co/{repo_id}/commit/1"})()
+
+    def fake_snapshot_download(repo_id, revision=None, token=None, allow_patterns=None):
+        assert "*.safetensors" in allow_patterns and "*.json" in allow_patterns
+        return str(hub / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    original = WhiFlashAssistant.from_pretrained(target, tiny / "drafters")
+    assert original.push_to_hub("me/whiflash-tiny", model_card="# card\n").endswith("/commit/1")
+    assert (hub / "me/whiflash-tiny" / "README.md").read_text() == "# card\n"
+    loaded = WhiFlashAssistant.from_pretrained(target, "me/whiflash-tiny")
+    assert not Path("me/whiflash-tiny").exists() and set(loaded.drafters) == set(original.drafters)
+    for route, drafter in original.drafters.items():
+        for key, tensor in drafter.state_dict().items():
+            assert torch.equal(loaded.drafters[route].state_dict()[key], tensor), (route, key)
+    assert type(loaded.policy) is type(original.policy)
+    assert (loaded.eagle_steps, loaded.dflash_block_size) == (original.eagle_steps, original.dflash_block_size)
