@@ -10,10 +10,15 @@ Output folder (`out` in the config):
                         prompt plus the target's greedy response as token ids; the loss covers
                         input_ids[response_start:]. Appended batch by batch; a rerun skips done ids
                         (and cuts off a last line torn by a kill mid-append, see jsonl.py).
+
+With `archive` in the config (a folder in the repository), `--archive` writes both files there gzipped, to
+commit; a run on a machine whose `out` lacks them starts from the archive, so the pool keeps growing across
+machines whose runs/ folder does not survive.
 """
 
 import argparse
 import ast
+import gzip
 import hashlib
 import json
 import random
@@ -153,7 +158,30 @@ def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out:
             bar.update(len(batch))
 
 
-def main(config_path: str) -> None:
+def archive_files(out: Path, archive: Path) -> None:
+    """out/prompts.jsonl and out/samples.*.jsonl -> archive/*.jsonl.gz (each written whole, then renamed)."""
+    archive.mkdir(parents=True, exist_ok=True)
+    for path in [out / "prompts.jsonl", *sorted(out.glob("samples.*.jsonl"))]:
+        data = path.read_bytes()  # whole lines only: a run may be appending right now
+        tmp = archive / f".{path.name}.gz.tmp"
+        with tmp.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:  # mtime 0: same bytes
+            f.write(data[: data.rfind(b"\n") + 1])
+        tmp.rename(archive / f"{path.name}.gz")
+        print(f"{archive / path.name}.gz: {path.stat().st_size / 2**20:.1f} MB of jsonl")
+
+
+def restore_files(archive: Path, out: Path) -> None:
+    """archive/*.jsonl.gz -> out/*.jsonl where out lacks them (a fresh machine)."""
+    for packed in sorted(archive.glob("*.jsonl.gz")):
+        path = out / packed.name.removesuffix(".gz")
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(gzip.decompress(packed.read_bytes()))
+            tmp.rename(path)
+            print(f"{path}: restored from {packed}")
+
+
+def main(config_path: str, archive_only: bool = False) -> None:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -164,6 +192,14 @@ def main(config_path: str) -> None:
     state = PartialState()
     out = Path(config["out"]).resolve()  # relative to the working directory, as in the trainers
     out.mkdir(parents=True, exist_ok=True)
+    archive = Path(config["archive"]) if config.get("archive") else None
+    if archive_only:
+        if archive is None:
+            raise SystemExit(f"{config_path} names no archive folder: add `archive: FOLDER` to it")
+        return archive_files(out, archive)
+    if archive is not None and state.is_main_process:
+        restore_files(archive, out)
+    state.wait_for_everyone()
     # bfloat16 where this machine computes it natively and faster ("auto"): 1.4x the tokens/s of packed
     # float32 at batch 64 on an AMD EPYC with AVX512-BF16 (BENCHMARKS.md). Its greedy responses are the
     # target's own in the dtype users of such a machine run it in.
@@ -196,4 +232,7 @@ def main(config_path: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config (see recipes/configs/data_smollm2.yaml)")
-    main(parser.parse_args().config)
+    parser.add_argument("--archive", action="store_true", help="write the data so far into the config's archive "
+                        "folder (gzipped, to commit) and exit")
+    args = parser.parse_args()
+    main(args.config, args.archive)

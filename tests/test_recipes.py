@@ -50,6 +50,21 @@ def tiny_data(tmp_path_factory):
     return tmp, rows
 
 
+def test_data_is_archived_and_a_fresh_machine_starts_from_the_archive(tiny_data):
+    """runs/ does not survive between machines: `--archive` writes the data to commit, and a run whose out folder
+    lacks it restores it and generates nothing again."""
+    tmp, rows = tiny_data
+    archive = tmp / "archive"
+    config = config_in(tmp, "data_tiny.yaml", archive=str(archive))
+    run("data.py", config, "--archive")
+    assert sorted(p.name for p in archive.iterdir()) == ["prompts.jsonl.gz", "samples.0.jsonl.gz"]
+    fresh = config_in(tmp, "data_tiny.yaml", archive=str(archive), out=str(tmp / "fresh_out"))
+    log = run("data.py", fresh)
+    assert log.count("restored from") == 2
+    restored = [json.loads(line) for line in (tmp / "fresh_out" / "samples.0.jsonl").open()]
+    assert restored == rows
+
+
 def test_data_covers_every_source_without_dev_prompts(tiny_data):
     tmp, rows = tiny_data
     assert {r["source"] for r in rows} == {"self", "code", "bfcl_live"}
