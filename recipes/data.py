@@ -24,6 +24,7 @@ import json
 import random
 import re
 import sysconfig
+import time
 from pathlib import Path
 
 import torch
@@ -123,7 +124,8 @@ def grow_prompts(config: dict, model, tokenizer, pool: list[dict], self_chunk: i
     return unique_rows(rows, seen)
 
 
-def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out: Path, rank: int, world: int):
+def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out: Path, rank: int, world: int,
+                       deadline: float = float("inf")):
     path = out / f"samples.{rank}.jsonl"
     done = set()
     if path.exists():  # a rerun: skip the ids already done
@@ -139,6 +141,8 @@ def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out:
             for p in sorted(todo[lo:lo + window], key=lambda p: len(json.dumps(p["messages"])))]
     with path.open("ab") as f, tqdm(total=len(todo), desc=f"responses (rank {rank})") as bar:
         for lo in range(0, len(todo), batch_size):
+            if time.monotonic() > deadline:
+                break
             batch = todo[lo:lo + batch_size]
             texts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
                      for p in batch]
@@ -181,7 +185,7 @@ def restore_files(archive: Path, out: Path) -> None:
             print(f"{path}: restored from {packed}")
 
 
-def main(config_path: str, archive_only: bool = False) -> None:
+def main(config_path: str, archive_only: bool = False, max_minutes: float | None = None) -> None:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -209,12 +213,14 @@ def main(config_path: str, archive_only: bool = False) -> None:
     packed = PackedLinears([model])  # batched decoding is few-row matmuls: packed weights where they pay
     # Responses for the pool so far, then one more chunk of prompts, and so on: a run cut short has responses
     # for most of what it made (self-synthesis is the slow source).
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else float("inf")
     while True:
         pool = [json.loads(line) for line in prompts_path.open()] if prompts_path.exists() else []
         with packed.active():
-            generate_responses(config, model, tokenizer, pool, out, state.process_index, state.num_processes)
+            generate_responses(config, model, tokenizer, pool, out, state.process_index, state.num_processes,
+                               deadline)
         new = []
-        if state.is_main_process:
+        if state.is_main_process and time.monotonic() < deadline:
             with packed.active():
                 new = grow_prompts(config, model, tokenizer, pool)
             if new:
@@ -234,5 +240,7 @@ if __name__ == "__main__":
     parser.add_argument("config", help="YAML config (see recipes/configs/data_smollm2.yaml)")
     parser.add_argument("--archive", action="store_true", help="write the data so far into the config's archive "
                         "folder (gzipped, to commit) and exit")
+    parser.add_argument("--max-minutes", type=float, help="stop generating after this many minutes (between "
+                        "batches; 0: only restore the archive); a rerun goes on where it stopped")
     args = parser.parse_args()
-    main(args.config, args.archive)
+    main(args.config, args.archive, args.max_minutes)

@@ -21,7 +21,7 @@ from torch import nn
 
 from cards import drafter_card
 from features import FeatureStore, build_store, read_samples, store_layers
-from trainer import recipe_config, train
+from trainer import recipe_config, starting_drafter, train
 
 from hf_whiflash import DFlashDrafter, load_target
 
@@ -93,13 +93,17 @@ def main() -> None:
     target, tokenizer = load_target(config["target"])
     target.requires_grad_(False)  # embedding and LM head are shared with the drafter, frozen
     mask_token_id = config["mask_token_id"]
-    if mask_token_id == "auto":
+    if mask_token_id == "auto" and not config.get("init_from"):
         vocab_size = target.config.get_text_config().vocab_size
         mask_token_id = mask_token(tokenizer, vocab_size, read_samples(config["data"], config["max_len"]))
         print(f"mask_token_id: auto -> {mask_token_id} ({tokenizer.convert_ids_to_tokens(mask_token_id)!r})")
-    drafter = DFlashDrafter.for_target(target, num_layers=config["num_layers"], block_size=config["block_size"],
-                                       mask_token_id=mask_token_id,
-                                       intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0))
+    drafter = starting_drafter(
+        config, DFlashDrafter, target,
+        lambda: DFlashDrafter.for_target(target, num_layers=config["num_layers"], block_size=config["block_size"],
+                                         mask_token_id=mask_token_id, intermediate_size=config.get("intermediate_size"),
+                                         seed=config.get("seed", 0)),
+        lambda d: {"num_layers": d.config.num_hidden_layers, "block_size": d.config.block_size,
+                   "intermediate_size": d.config.intermediate_size})
     layers = store_layers(target, drafter.feature_layers, config.get("extra_feature_layers", []))
     store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
     store = FeatureStore(store_dir, drafter.feature_layers, config["max_samples"], config.get("seed", 0))

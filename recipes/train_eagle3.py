@@ -18,7 +18,7 @@ from torch import nn
 
 from cards import drafter_card
 from features import FeatureStore, build_store, store_layers
-from trainer import recipe_config, train
+from trainer import recipe_config, starting_drafter, train
 
 from hf_whiflash import Eagle3Drafter, load_target
 
@@ -93,14 +93,18 @@ def main() -> None:
     torch.manual_seed(config.get("seed", 0))
     target, _ = load_target(config["target"])
     target.requires_grad_(False)
-    drafter = Eagle3Drafter.for_target(target, draft_vocab_size=config["draft_vocab_size"],
-                                       intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0))
+    drafter = starting_drafter(
+        config, Eagle3Drafter, target,
+        lambda: Eagle3Drafter.for_target(target, draft_vocab_size=config["draft_vocab_size"],
+                                         intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0)),
+        lambda d: {"draft_vocab_size": d.config.draft_vocab_size, "intermediate_size": d.config.intermediate_size})
     final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
     layers = store_layers(target, [*drafter.feature_layers, final_layer], config.get("extra_feature_layers", []))
     store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
     store = FeatureStore(store_dir, sorted(set(drafter.feature_layers) | {final_layer}), config["max_samples"],
                          config.get("seed", 0))
-    drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
+    if not config.get("init_from"):  # a trained drafter keeps the vocabulary its head was trained for
+        drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
     objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],
                              config["ttt_decay"], config.get("anchors_per_sequence"))
     final = train(config, objective, drafter, store)

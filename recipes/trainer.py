@@ -63,6 +63,22 @@ def autocast_pays() -> bool:
     return seconds(True) < 0.8 * seconds(False)
 
 
+def starting_drafter(config: dict, cls, target, fresh, must_match: dict):
+    """The drafter a run starts from: `init_from` (a trained drafter folder, e.g. the shipped one, to train it
+    further on more data) or `fresh()`. Checkpoints of the run itself take over when it resumes (train()).
+    `must_match`: config keys the starting drafter's own config must agree with (name -> its value there)."""
+    if not config.get("init_from"):
+        return fresh()
+    drafter = cls.from_pretrained(config["init_from"], dtype=torch.float32).attach(target)
+    clashes = [f"{key}: {config[key]} in the config, {value} in {config['init_from']}"
+               for key, value in must_match(drafter).items() if config.get(key) != value]
+    if clashes:
+        raise ValueError(f"init_from {config['init_from']} does not fit this config ({'; '.join(clashes)}): "
+                         "set those keys to the drafter's values, or drop init_from to start from scratch")
+    print(f"starting from {config['init_from']}")
+    return drafter
+
+
 def mixed_precision(config: dict) -> str:
     """accelerate's mixed_precision for the config's `precision`: float32, bfloat16 (autocast; fp32 weights and
     optimizer) or auto (bfloat16 where autocast_pays)."""

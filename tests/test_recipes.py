@@ -389,3 +389,27 @@ def test_recipes_train_drafters_for_another_architecture(tmp_path):
     out = target.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant)
     assert torch.equal(out, target.generate(ids, max_new_tokens=12, do_sample=False))
     assert sum(r.drafted for r in assistant.stats.rounds) > 0
+
+
+@pytest.mark.parametrize("script,config_name,kind,shape", [
+    ("train_eagle3.py", "eagle3_tiny.yaml", "eagle3", {"draft_vocab_size": 8192, "intermediate_size": 1536}),
+    ("train_dflash.py", "dflash_tiny.yaml", "dflash", {"num_layers": 3, "block_size": 16, "intermediate_size": 1536})])
+def test_recipe_starts_from_a_trained_drafter(tiny_data, script, config_name, kind, shape):
+    """init_from (the SmolLM2 configs: the shipped drafters) continues training a drafter instead of starting from
+    scratch; a config that contradicts the drafter's own shape is a clear error, not a silent reshape."""
+    tmp, _ = tiny_data
+    shipped = REPO / "hf_whiflash" / "checkpoints" / "SmolLM2-135M-Instruct" / kind
+    done = launch(script, config_in(tmp, config_name, init_from=str(shipped), out=str(tmp / f"init-{kind}")))
+    assert done.returncode != 0 and "does not fit this config" in done.stderr
+    log = run(script, config_in(tmp, config_name, init_from=str(shipped), out=str(tmp / f"init-{kind}"), max_steps=2,
+                                **shape))
+    assert f"starting from {shipped}" in log
+    start = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter}[kind].from_pretrained(shipped, dtype=torch.float32)
+    trained = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter}[kind].from_pretrained(tmp / f"init-{kind}" / "final")
+    assert trained.config.to_dict() == start.config.to_dict()
+    if kind == "eagle3":
+        assert torch.equal(trained.d2t, start.d2t)  # the head keeps the vocabulary it was trained for
+    moved = [k for k, v in trained.state_dict().items() if v.is_floating_point() and not torch.equal(v, start.state_dict()[k])]
+    changed = sum((v.float() - start.state_dict()[k].float()).abs().max().item() for k, v in trained.state_dict().items()
+                  if v.is_floating_point())
+    assert moved and changed < 1.0  # two small steps away from the shipped weights, not a fresh init
