@@ -71,7 +71,8 @@ def drafter_card(run: Path, acceptance: Path | None = None, repo_id: str | None 
         evaluated = (f"Greedy acceptance length on the WhiFlash dev set ({length}; tokens per round, "
                      f"`recipes/evaluate.py`):\n\n{figures}")
     else:
-        evaluated = "Not evaluated on the dev set yet: run `recipes/evaluate.py` and rebuild this card with `--acceptance`."
+        evaluated = ("Not evaluated on the dev set yet: run `recipes/evaluate.py` and rebuild this card with "
+                     "`--acceptance`.")
     content = f"""---
 {data.to_yaml()}
 ---

@@ -106,7 +106,8 @@ def write_layers(target_name: str, samples: list[dict], offsets, folder: Path, l
         for path in paths.values():
             np.memmap(path, np.float16, "w+", shape=(int(offsets[-1]), hidden)).flush()
     state.wait_for_everyone()
-    stores = {layer: np.memmap(path, np.float16, "r+", shape=(int(offsets[-1]), hidden)) for layer, path in paths.items()}
+    stores = {layer: np.memmap(path, np.float16, "r+", shape=(int(offsets[-1]), hidden))
+              for layer, path in paths.items()}
     mine = list(range(state.process_index, len(samples), state.num_processes))
     mine.sort(key=lambda i: len(samples[i]["input_ids"]))  # batches of similar length, little padding
     batches, current = [], []
