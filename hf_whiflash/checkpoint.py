@@ -85,6 +85,8 @@ def resolve_folder(path_or_hub_id: str | os.PathLike, revision: str | None = Non
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights.")
+    if path.is_absolute() or str(path_or_hub_id).startswith((".", "~")) or len(path.parts) > 2:
+        raise FileNotFoundError(f"{path} does not exist (and is no Hub repo id, which looks like 'namespace/name')")
     from huggingface_hub import snapshot_download
 
     try:

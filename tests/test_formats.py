@@ -226,7 +226,7 @@ def test_unsupported_and_incomplete_configs_are_rejected(tmp_path):
         DFlashDrafter.from_pretrained(write_checkpoint(tmp_path / "m", no_mask, dflash_weights(torch.float32)))
     with pytest.raises(CheckpointError, match="no config.json"):
         DFlashDrafter.from_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="not a local folder"):
+    with pytest.raises(FileNotFoundError, match="does-not-exist does not exist"):  # a path, not a Hub id: no download
         DFlashDrafter.from_pretrained(tmp_path / "does-not-exist")
 
 

@@ -230,8 +230,11 @@ def test_whiflash_folder_round_trip_and_errors(target, tmp_path):
     WhiFlashAssistant(target, dflash=dflash).save_pretrained(tmp_path / "dflash-only")
     with pytest.raises(FileNotFoundError, match="has no eagle3/ drafter folder"):
         WhiFlashAssistant.from_pretrained(target, tmp_path / "dflash-only", routes=("eagle3",))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="a WhiFlash folder holds eagle3/ and/or dflash/"):
         WhiFlashAssistant.from_pretrained(target, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="missing does not exist .*no Hub repo id"):
+        WhiFlashAssistant.from_pretrained(target, tmp_path / "missing")
 
 
 # --- one assistant, several callers ------------------------------------------------------------------
