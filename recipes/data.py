@@ -166,6 +166,8 @@ def archive_files(out: Path, archive: Path) -> None:
     """out/prompts.jsonl and out/samples.*.jsonl -> archive/*.jsonl.gz (each written whole, then renamed)."""
     archive.mkdir(parents=True, exist_ok=True)
     for path in [out / "prompts.jsonl", *sorted(out.glob("samples.*.jsonl"))]:
+        if not path.exists():
+            raise SystemExit(f"{path} does not exist: nothing to archive yet (run data.py first)")
         data = path.read_bytes()  # whole lines only: a run may be appending right now
         tmp = archive / f".{path.name}.gz.tmp"
         with tmp.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:  # mtime 0: same bytes
@@ -204,9 +206,10 @@ def main(config_path: str, archive_only: bool = False, max_minutes: float | None
     if archive is not None and state.is_main_process:
         restore_files(archive, out)
     state.wait_for_everyone()
-    # bfloat16 where this machine computes it natively and faster ("auto"): 1.4x the tokens/s of packed
-    # float32 at batch 64 on an AMD EPYC with AVX512-BF16 (BENCHMARKS.md). Its greedy responses are the
-    # target's own in the dtype users of such a machine run it in.
+    # bfloat16 where this machine computes it natively and faster ("auto"): 1.3x the tokens/s of packed
+    # float32 at batch 64 on an AMD EPYC with AVX512-BF16 (BENCHMARKS.md). Its greedy responses follow the
+    # float32 target's up to rounding (a near-tie can flip): text from the same distribution, which is what
+    # the drafters learn; their features and labels are then computed in float32 (features.py).
     model, tokenizer = load_target(config["target"], dtype=config.get("dtype", "float32"), device=state.device)
     tokenizer.padding_side = "left"  # batched generation with a decoder-only model
     prompts_path = out / "prompts.jsonl"
