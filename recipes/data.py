@@ -124,6 +124,23 @@ def grow_prompts(config: dict, model, tokenizer, pool: list[dict], self_chunk: i
     return unique_rows(rows, seen)
 
 
+def token_budget_batches(todo: list[dict], length: dict[str, int], batch_size: int, budget: int, max_new: int):
+    """Consecutive prompts in batches of at most `batch_size` whose padded size (rows x (longest prompt + max_new))
+    stays within `budget` tokens: long prompts (BFCL function lists run to thousands of tokens) go in smaller
+    batches, since the KV cache a batch grows and copies every step scales with that size (at batch 64 one such
+    batch ran for over 15 minutes)."""
+    batch, longest = [], 0
+    for p in todo:
+        need = length[p["id"]] + max_new
+        if batch and (len(batch) == batch_size or max(longest, need) * (len(batch) + 1) > budget):
+            yield batch
+            batch, longest = [], 0
+        batch.append(p)
+        longest = max(longest, need)
+    if batch:
+        yield batch
+
+
 def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out: Path, rank: int, world: int,
                        deadline: float = float("inf")):
     path = out / f"samples.{rank}.jsonl"
@@ -132,21 +149,26 @@ def generate_responses(config: dict, model, tokenizer, prompts: list[dict], out:
         cut_torn_tail(path)
         done = {row["id"] for row in read_rows(path)}
     todo = [p for i, p in enumerate(prompts) if i % world == rank and p["id"] not in done]
+    if not todo:
+        return
     batch_size, max_new = config["batch_size"], config["max_new_tokens"]
     # Shuffled (a run cut short still covers every source), then sorted by length within windows of 16 batches
     # (similar lengths batch with little padding).
     random.Random(config.get("seed", 0)).shuffle(todo)
+    texts = {p["id"]: tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
+             for p in todo}
+    tokenized = tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
+    length = {i: len(ids) for i, ids in zip(texts, tokenized)}
     window = 16 * batch_size
     todo = [p for lo in range(0, len(todo), window)
-            for p in sorted(todo[lo:lo + window], key=lambda p: len(json.dumps(p["messages"])))]
+            for p in sorted(todo[lo:lo + window], key=lambda p: length[p["id"]])]
     with path.open("ab") as f, tqdm(total=len(todo), desc=f"responses (rank {rank})") as bar:
-        for lo in range(0, len(todo), batch_size):
+        for batch in token_budget_batches(todo, length, batch_size, config.get("batch_tokens", batch_size * 512),
+                                          max_new):
             if time.monotonic() > deadline:
                 break
-            batch = todo[lo:lo + batch_size]
-            texts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
-                     for p in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            enc = tokenizer([texts[p["id"]] for p in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
             out_ids = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
             lines = []

@@ -414,3 +414,19 @@ def test_recipe_starts_from_a_trained_drafter(tiny_data, script, config_name, ki
     moved = [k for k in floats if not torch.equal(after[k], before[k])]
     changed = sum((after[k].float() - before[k].float()).abs().max().item() for k in floats)
     assert moved and changed < 1.0  # two small steps away from the shipped weights, not a fresh init
+
+
+def test_long_prompts_go_in_smaller_batches(monkeypatch):
+    """data.py batches by rows and by padded tokens: a batch of 64 BFCL prompts thousands of tokens long once
+    spent over 15 minutes copying its growing KV cache."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from data import token_budget_batches
+
+    prompts = [{"id": str(i)} for i in range(10)]
+    length = {str(i): n for i, n in enumerate([10, 10, 10, 10, 10, 100, 100, 100, 1000, 1000])}
+    batches = list(token_budget_batches(prompts, length, batch_size=4, budget=600, max_new=50))
+    # rows x (longest + 50) <= 600: four short ones (240), then "4" with "5".."7" would need 4 x 150 = 600: fits;
+    # a 1000-token prompt needs 1050 alone: it still goes, one per batch
+    assert [[p["id"] for p in b] for b in batches] == [["0", "1", "2", "3"], ["4", "5", "6", "7"], ["8"], ["9"]]
+    halves = token_budget_batches(prompts[5:8], length, batch_size=4, budget=400, max_new=50)  # 3 x 150 > 400
+    assert [len(b) for b in halves] == [2, 1]
