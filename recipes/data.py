@@ -99,11 +99,16 @@ def tool_prompts(count: int, seed: int) -> list[dict]:
             for it in items[:count]]
 
 
+def message_key(row: dict) -> str:
+    """A prompt's identity for deduplication: the hash of its messages."""
+    return hashlib.sha1(json.dumps(row["messages"], sort_keys=True).encode()).hexdigest()
+
+
 def unique_rows(rows: list[dict], seen: set[str]) -> list[dict]:
     """Rows whose messages are not in `seen` (which they join), each with an id."""
     unique = []
     for row in rows:
-        key = hashlib.sha1(json.dumps(row["messages"], sort_keys=True).encode()).hexdigest()
+        key = message_key(row)
         if key not in seen:
             seen.add(key)
             unique.append({"id": row.get("id", f"{row['source']}-{key[:12]}"), **row})
@@ -120,7 +125,7 @@ def grow_prompts(config: dict, model, tokenizer, pool: list[dict], self_chunk: i
     rows = self_synthesised(model, tokenizer, self_count, config["batch_size"], seed + have["self"]) \
         if self_count > 0 else []
     rows += code_prompts(sources.get("code", 0), seed) + tool_prompts(sources.get("tool", 0), seed)
-    seen = {hashlib.sha1(json.dumps(row["messages"], sort_keys=True).encode()).hexdigest() for row in pool}
+    seen = {message_key(row) for row in pool}
     return unique_rows(rows, seen)
 
 
