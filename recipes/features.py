@@ -123,7 +123,8 @@ def write_layers(target_name: str, samples: list[dict], offsets, folder: Path, l
             ids = torch.zeros(len(batch), length, dtype=torch.long)
             for row, i in enumerate(batch):  # right padding: causal attention keeps real tokens exact
                 ids[row, : len(samples[i]["input_ids"])] = torch.tensor(samples[i]["input_ids"])
-            out = model(ids.to(state.device), output_hidden_states=layers)
+            # logits_to_keep=1: the LM head (a fifth of SmolLM2's compute) is not needed for hidden states
+            out = model(ids.to(state.device), output_hidden_states=layers, logits_to_keep=1)
             for layer in layers:
                 h = out.hidden_states[layer].to(torch.float16).cpu().numpy()
                 for row, i in enumerate(batch):

@@ -112,7 +112,7 @@ def main() -> None:
 
     def features(bf16: bool, model=target):
         with torch.no_grad(), precision(bf16):
-            model(feature_ids, output_hidden_states=True)
+            model(feature_ids, output_hidden_states=True, logits_to_keep=1)  # as features.py
 
     stages = {
         "generation": (lambda bf16: median_seconds(lambda: generate(bf16), args.repeats), gen_batch * gen_new),
