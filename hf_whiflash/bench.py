@@ -25,7 +25,8 @@ from .names import DFLASH, EAGLE, POLICY_FOLDER, ROUTES, SAMPLING, TARGET
 from .checkpoint import write_text_atomically
 from .stats import Clock
 
-DEV_SET = Path(__file__).parent / "data" / "dev_set.jsonl"
+PROMPT_SETS = {"dev": Path(__file__).parent / "data" / "dev_set.jsonl",  # recipes tune on it
+               "held-out": Path(__file__).parent / "data" / "held_out.jsonl"}  # nothing trains or tunes on it
 CATEGORIES = ("code", "tool", "math", "chat")
 MODES = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, **SAMPLING)}
 
@@ -102,8 +103,8 @@ def added_weights_mb(target, extra: dict) -> float:
 
 
 def load_prompts(source: str, per_category: int | None) -> list[dict]:
-    """`dev` (the packaged dev set) or a jsonl file of {"id", "category", "messages"}."""
-    path = DEV_SET if source == "dev" else Path(source)
+    """`dev`, `held-out` (the packaged prompt sets) or a jsonl file of {"id", "category", "messages"}."""
+    path = PROMPT_SETS.get(source) or Path(source)
     rows = [json.loads(line) for line in path.open()]
     if per_category is not None:
         rows = [r for c in CATEGORIES for r in [r for r in rows if r["category"] == c][:per_category]]

@@ -204,7 +204,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--assistant", help="a smaller model with the target's tokenizer for transformers' own assisted "
                                        "generation (adds the 'assisted' system), e.g. Qwen2.5-Coder-0.5B-Instruct "
                                        "with --target Qwen2.5-Coder-1.5B-Instruct (needs ~9 GB RAM)")
-    b.add_argument("--prompts", default="dev", help="'dev' (packaged dev set) or a jsonl of {id, category, messages}")
+    b.add_argument("--prompts", default="dev", help="'dev' (packaged dev set), 'held-out' (prompts no training or tuning "
+                   "saw) or a jsonl of {id, category, messages}")
     b.add_argument("--per-category", type=int, help="use the first N prompts of each category (default: all)")
     b.add_argument("--systems", nargs="+", default=["plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy"],
                    help="systems to compare: plain, prompt-lookup, assisted (needs --assistant), eagle3, dflash, "

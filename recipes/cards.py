@@ -36,6 +36,19 @@ def dev_acceptance(result: dict, final: Path) -> dict[str, float] | None:
     return rows[-1]["acceptance_length"] if rows else None
 
 
+def engine_note(final: Path) -> str:
+    """What a serving engine must know about the EAGLE-3 head in `final`: which target layers it reads."""
+    ids = (json.loads((final / "config.json").read_text()).get("eagle_config") or {}).get(
+        "eagle_aux_hidden_state_layer_ids")
+    if ids is None:
+        return ("\n`config.json` names no `eagle_aux_hidden_state_layer_ids` on purpose: the head reads the target "
+                "layers vLLM and SGLang pick by default (`hidden_states` 2, L/2, L-3), while engines read the key "
+                "itself differently (vLLM: inputs of layers, SpecForge: outputs).\n")
+    return (f"\n`config.json` lists `eagle_aux_hidden_state_layer_ids` {ids} in the SpecForge convention (outputs "
+            f"of those decoder layers); vLLM reads the key as layer inputs: serve it there with "
+            f"{[i + 1 for i in ids]}.\n")
+
+
 def drafter_card(run: Path, acceptance: Path | None = None, repo_id: str | None = None):
     """The ModelCard of the drafter in `run`/final."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -82,7 +95,7 @@ def drafter_card(run: Path, acceptance: Path | None = None, repo_id: str | None 
 {NAMES[kind]} drafter for `{config["target"]}`, trained with the hf_whiflash recipe
 (`recipes/train_{kind}.py`): it reads the target's hidden states and proposes tokens that the target
 verifies, so output is unchanged and generation faster wherever drafts are accepted.
-
+{engine_note(run / "final") if kind == "eagle3" else ""}
 ```python
 from hf_whiflash import WhiFlashAssistant, {"Eagle3Drafter" if kind == "eagle3" else "DFlashDrafter"}, load_target
 

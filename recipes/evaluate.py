@@ -1,4 +1,5 @@
-"""Greedy acceptance length of drafters on the dev set, per category, without running generation.
+"""Greedy acceptance length of drafters on the dev set (or `--prompts held-out`), per category, without running
+generation.
 
     python recipes/evaluate.py --eagle3 runs/eagle3-smollm2/snapshots/step-* --dflash runs/dflash-smollm2/final \
         --out results/acceptance.json
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, load_target
-from hf_whiflash.bench import CATEGORIES, load_prompts
+from hf_whiflash.bench import CATEGORIES, PROMPT_SETS, load_prompts
 from hf_whiflash.hindsight import acceptance_tables, walk
 
 
@@ -76,14 +77,17 @@ def main() -> None:
     parser.add_argument("--eagle-steps", type=int, default=6, help="EAGLE-3 chain length (default 6)")
     parser.add_argument("--block-size", type=int, default=16, help="DFlash block size (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--per-category", type=int, help="first N dev prompts per category (default: all 20)")
+    parser.add_argument("--prompts", default="dev", help="'dev', 'held-out' (prompts no training or tuning saw) or "
+                                                         "a jsonl of {id, category, messages}")
+    parser.add_argument("--per-category", type=int, help="first N prompts per category (default: all)")
     parser.add_argument("--out", default="results/acceptance.json")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     target, tokenizer = load_target(args.target)
-    prompts = load_prompts("dev", args.per_category)
-    refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / "dev_references.jsonl")
+    prompts = load_prompts(args.prompts, args.per_category)
+    name = args.prompts if args.prompts in PROMPT_SETS else Path(args.prompts).stem
+    refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / f"{name}_references.jsonl")
     settings = {k: v for k, v in vars(args).items() if k not in ("eagle3", "dflash", "out")}
     earlier = json.loads(out.read_text()) if out.exists() else {"settings": None}
     done = {}  # rows of an earlier run with the same settings, for drafters that did not change since

@@ -17,15 +17,17 @@ BFCL_LIVE_FILES = ("BFCL_v4_live_simple.json", "BFCL_v4_live_multiple.json",
 
 
 def bfcl_live_items() -> list[dict]:
-    """BFCL `live_*` items (id, question, function) from the installed bfcl-eval package."""
+    """BFCL `live_*` items (id, question, function), the only BFCL items training and tuning may use."""
+    return bfcl_items(BFCL_LIVE_FILES)  # the other BFCL files are a held-out test set
+
+
+def bfcl_items(files: tuple[str, ...]) -> list[dict]:
+    """The items of these BFCL files (id, question, function) from the installed bfcl-eval package."""
     spec = importlib.util.find_spec("bfcl_eval")
     if spec is None:
         raise FileNotFoundError("tool prompts come from BFCL: pip install --no-deps bfcl-eval==2026.3.23")
     data = Path(spec.origin).parent / "data"
-    items = []
-    for name in BFCL_LIVE_FILES:  # live_* only: the other BFCL files are a held-out test set
-        items += [json.loads(line) for line in (data / name).open()]
-    return items
+    return [json.loads(line) for name in files for line in (data / name).open()]
 
 
 def tool_messages(item: dict) -> list[dict]:

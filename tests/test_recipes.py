@@ -1,5 +1,6 @@
 """The recipes end to end on tiny data: data -> features -> a few training steps -> Hub folder that drafts."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -73,6 +74,20 @@ def test_data_covers_every_source_without_dev_prompts(tiny_data):
     assert all(0 < r["response_start"] < len(r["input_ids"]) for r in rows)
 
 
+def test_held_out_prompts_are_in_no_training_data_and_not_in_the_dev_set():
+    """The held-out set shows whether dev-set acceptance carries over to unseen prompts: no prompt of it may be in the
+    committed training data or in the dev set the recipes tune on, and it covers every category."""
+    from hf_whiflash.bench import CATEGORIES, load_prompts
+
+    held_out, dev = load_prompts("held-out", None), load_prompts("dev", None)
+    assert sorted(r["category"] for r in held_out) == sorted(c for c in CATEGORIES for _ in range(20))
+    with gzip.open(REPO / "datasets" / "smollm2-135m-instruct" / "prompts.jsonl.gz", "rt") as f:
+        trained = [json.loads(line) for line in f]
+    texts = lambda rows: {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"}  # noqa: E731
+    assert not texts(held_out) & (texts(trained) | texts(dev))
+    assert not {r["id"] for r in held_out} & {r["id"] for r in trained + dev}
+
+
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").open()]
 
@@ -121,6 +136,10 @@ def check_card(run: Path, kind: str, tmp: Path) -> None:
     last_loss = losses(run)[-1]
     assert f"| training samples | {json.loads((run / 'run.json').read_text())['train_samples']} |" in card.text
     assert f"| last logged loss | {round(last_loss, 4)} |" in card.text and "me/" + kind + "-tiny" in card.text
+    if kind == "eagle3":  # engines need to know which target layers the head reads
+        aux = (json.loads((run / "final" / "config.json").read_text()).get("eagle_config") or {}).get(
+            "eagle_aux_hidden_state_layer_ids")
+        assert ("names no `eagle_aux_hidden_state_layer_ids`" in card.text) == (aux is None)
 
 
 def test_ttt_anchor_subsampling_keeps_learnable_positions(monkeypatch):
