@@ -292,13 +292,13 @@ def test_every_recipe_explains_itself_with_help_and_writes_nothing():
     repo = Path(__file__).resolve().parents[1]
     scripts = ["build_dev_set.py", "data.py", "evaluate.py", "profile_acceptance.py", "ship.py", "train_dflash.py",
                "train_eagle3.py", "train_router.py", "tune_entropy.py"]
-    dev_set = (repo / "hf_whiflash" / "data" / "dev_set.jsonl").stat().st_mtime_ns
+    prompt_sets = {p: p.stat().st_mtime_ns for p in (repo / "hf_whiflash" / "data").glob("*.jsonl")}
     runs = {s: subprocess.Popen([sys.executable, str(repo / "recipes" / s), "--help"], cwd=repo / "recipes",
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for s in scripts}
     for script, run in runs.items():
         out = run.communicate(timeout=120)[0]
         assert run.returncode == 0 and "usage:" in out, f"{script} --help: {out[-500:]}"
-    assert (repo / "hf_whiflash" / "data" / "dev_set.jsonl").stat().st_mtime_ns == dev_set
+    assert len(prompt_sets) == 2 and all(p.stat().st_mtime_ns == t for p, t in prompt_sets.items())
 
 
 def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
@@ -318,6 +318,20 @@ def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
     assert set(assistant.drafters) == {"dflash"} and assistant.dflash.fc.weight.dtype == torch.float32
     assert subprocess.run(ship + ["--out", str(out)], cwd=repo / "recipes", capture_output=True, text=True,
                           timeout=120).returncode == 2
+    # --update swaps in one retrained drafter and keeps the rest of the folder (here: the DFlash drafter and the
+    # settings someone tuned), dropping only the replaced drafter's stale files
+    settings = (out / "whiflash_config.json").read_text().replace('"eagle_steps": null', '"eagle_steps": 3')
+    assert '"eagle_steps": 3' in settings
+    (out / "whiflash_config.json").write_text(settings)
+    (out / "eagle3").mkdir()
+    (out / "eagle3" / "acceptance.json").write_text("{}")
+    run = subprocess.run(ship + ["--update", "--eagle3", str(tiny / "drafters" / "eagle3"), "--out", str(out)],
+                         cwd=repo / "recipes", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "whiflash_config.json").read_text() == settings and not (out / "eagle3" / "acceptance.json").exists()
+    assistant = WhiFlashAssistant.from_pretrained(target, out)
+    assert set(assistant.drafters) == {"eagle3", "dflash"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["shipped"]  # no partial or old folder left behind
 
 
 def test_extra_feature_layers_beyond_the_target_are_a_clear_error(tiny, monkeypatch):
