@@ -18,6 +18,8 @@ from pathlib import Path
 
 from prompts import bfcl_items, bfcl_live_items, tool_messages
 
+from hf_whiflash.checkpoint import write_text_atomically
+
 OUT = Path(__file__).resolve().parents[1] / "hf_whiflash" / "data" / "dev_set.jsonl"
 HELD_OUT = OUT.with_name("held_out.jsonl")
 TOOL_COUNT, MAX_TOOL_PROMPT_CHARS = 20, 2500
@@ -142,9 +144,10 @@ def spread(items: list, count: int) -> list:
     return items[::len(items) // count][:count]
 
 
-def tool_items(items: list[dict]) -> list[dict]:
+def tool_rows(items: list[dict]) -> list[dict]:
     """TOOL_COUNT of these BFCL items spread evenly, among those with a prompt a CPU prefills quickly."""
-    return spread([it for it in items if len(tool_messages(it)[0]["content"]) <= MAX_TOOL_PROMPT_CHARS], TOOL_COUNT)
+    short = [it for it in items if len(tool_messages(it)[0]["content"]) <= MAX_TOOL_PROMPT_CHARS]
+    return [{"id": it["id"], "category": "tool", "messages": tool_messages(it)} for it in spread(short, TOOL_COUNT)]
 
 
 def humaneval_prompts(count: int) -> list[tuple[str, str]]:
@@ -158,30 +161,28 @@ def humaneval_prompts(count: int) -> list[tuple[str, str]]:
             for p in spread(problems, count)]
 
 
+def numbered(prefix: str, prompts: list[str]) -> list[tuple[str, str]]:
+    return [(f"{prefix}-{i}", p) for i, p in enumerate(prompts)]
+
+
 def user_rows(category: str, prompts: list[tuple[str, str]]) -> list[dict]:
+    """(id, text) pairs as one-turn chats of `category`."""
     return [{"id": i, "category": category, "messages": [{"role": "user", "content": p}]} for i, p in prompts]
 
 
 def write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_name(path.name + ".tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path.with_name(path.name + ".tmp").rename(path)
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
     counts = {c: sum(r["category"] == c for r in rows) for c in ("code", "tool", "math", "chat")}
     print(f"wrote {len(rows)} prompts to {path}: {counts}")
 
 
 def main() -> None:
-    numbered = lambda category, prompts: [(f"{category}-{i}", p) for i, p in enumerate(prompts)]  # noqa: E731
-    dev = [*user_rows("code", numbered("code", CODE)), *user_rows("math", numbered("math", MATH)),
-           *user_rows("chat", numbered("chat", CHAT))]
-    dev += [{"id": it["id"], "category": "tool", "messages": tool_messages(it)} for it in tool_items(bfcl_live_items())]
-    write(OUT, dev)
-    held_out = [*user_rows("code", humaneval_prompts(20)),
-                *user_rows("math", numbered("held-out-math", HELD_OUT_MATH)),
-                *user_rows("chat", numbered("held-out-chat", HELD_OUT_CHAT))]
-    held_out += [{"id": it["id"], "category": "tool", "messages": tool_messages(it)}
-                 for it in tool_items(bfcl_items(BFCL_EVAL_FILES))]
-    write(HELD_OUT, held_out)
+    write(OUT, [*user_rows("code", numbered("code", CODE)), *user_rows("math", numbered("math", MATH)),
+                *user_rows("chat", numbered("chat", CHAT)), *tool_rows(bfcl_live_items())])
+    write(HELD_OUT, [*user_rows("code", humaneval_prompts(20)),
+                     *user_rows("math", numbered("held-out-math", HELD_OUT_MATH)),
+                     *user_rows("chat", numbered("held-out-chat", HELD_OUT_CHAT)),
+                     *tool_rows(bfcl_items(BFCL_EVAL_FILES))])
 
 
 if __name__ == "__main__":

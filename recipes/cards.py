@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from hf_whiflash.eagle3 import Eagle3Config
 from hf_whiflash.names import ROUTES
 from hf_whiflash.targets import HUB_ORIGINALS
 
@@ -38,8 +39,7 @@ def dev_acceptance(result: dict, final: Path) -> dict[str, float] | None:
 
 def engine_note(final: Path) -> str:
     """What a serving engine must know about the EAGLE-3 head in `final`: which target layers it reads."""
-    ids = (json.loads((final / "config.json").read_text()).get("eagle_config") or {}).get(
-        "eagle_aux_hidden_state_layer_ids")
+    ids = Eagle3Config(json.loads((final / "config.json").read_text())).aux_layer_ids
     if ids is None:
         return ("\n`config.json` names no `eagle_aux_hidden_state_layer_ids` on purpose: the head reads the target "
                 "layers vLLM and SGLang pick by default (`hidden_states` 2, L/2, L-3), while engines read the key "
