@@ -5,8 +5,10 @@ A store folder holds:
                    "response_start"}]}
   tokens.i32      every sample's token ids back to back (int32)
   layer_{i}.f16   hidden_states[i] for every token, [N, H] float16 (i = HF hidden_states index)
-Built into a temporary sibling and renamed into place, so an interrupted build never looks complete; layers
-added to a store later are written beside it and renamed in before the index lists them.
+Built into a temporary sibling and renamed into place, so an interrupted build never looks complete. When the
+data grows, only the new samples are computed and appended; layers added later are written beside the others
+and renamed in. index.json is replaced last, so a store is always exactly what its index lists (rows a killed
+append wrote past it are overwritten by the next one).
 With `accelerate launch`, each process computes its share of the samples.
 """
 
@@ -48,32 +50,53 @@ def store_layers(target, needed, extra) -> list[int]:
 
 def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: int, batch_tokens: int = 4096):
     """Compute (or reuse) a feature store of the data's samples with at least `layers`; returns its folder.
-    A store of the same samples gains the layers it lacks (written beside it, renamed in, then the index);
-    a store of other samples (the data grew, max_len changed) is rebuilt whole, keeping its layers."""
+    Samples the data gained are appended (computing only those), then missing layers are added for every
+    sample; a store holding samples the data no longer has (or of another max_len) is rebuilt whole, keeping
+    its layers. index.json is renamed in last: a build killed midway leaves the store as its index says."""
     from accelerate import PartialState
 
     folder = Path(folder)
     samples = read_samples(data_dir, max_len)
     index_path = folder / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else None
-    same_samples = index is not None and [(s["id"], s["length"]) for s in index["samples"]] == \
-        [(s["id"], len(s["input_ids"])) for s in samples]
-    if same_samples and set(layers) <= set(index["layers"]):
-        return folder
+    stored = {(s["id"], s["length"]) for s in index["samples"]} if index else set()
+    grows = index is not None and index["target"] == target_name and \
+        stored <= {(s["id"], len(s["input_ids"])) for s in samples}
+    if not grows:
+        kept = index["layers"] if index else []
+        return rebuild_store(target_name, samples, folder, sorted(set(layers) | set(kept)), batch_tokens)
     state = PartialState()
-    offsets = np.cumsum([0] + [len(s["input_ids"]) for s in samples])
-    if same_samples:  # add the missing layers in place
-        missing = sorted(set(layers) - set(index["layers"]))
-        write_layers(target_name, samples, offsets, folder, missing, ".partial", batch_tokens, state)
+    new = [s for s in samples if (s["id"], len(s["input_ids"])) not in stored]
+    if new:  # the data grew: compute the new samples only, into the ends of the store's files
+        start = sum(s["length"] for s in index["samples"])
+        offsets = start + np.cumsum([0] + [len(s["input_ids"]) for s in new])
+        if state.is_main_process:
+            tokens = np.memmap(resized(folder / "tokens.i32", int(offsets[-1]) * 4), np.int32, "r+")
+            tokens[start:] = np.concatenate([s["input_ids"] for s in new])
+            tokens.flush()
+        write_layers(target_name, new, offsets, folder, index["layers"], "", batch_tokens, state)
+        index["samples"] += sample_entries(new, offsets)
+        write_index(index, folder, state)
+    missing = sorted(set(layers) - set(index["layers"]))
+    if missing:  # a recipe reading other layers: add them beside the others, rename them in, then the index
+        offsets = np.array([s["offset"] for s in index["samples"]] + [sum(s["length"] for s in index["samples"])])
+        tokens = np.memmap(folder / "tokens.i32", np.int32, "r", shape=(int(offsets[-1]),))
+        every = [{**s, "input_ids": tokens[s["offset"]:s["offset"] + s["length"]]} for s in index["samples"]]
+        write_layers(target_name, every, offsets, folder, missing, ".partial", batch_tokens, state)
         if state.is_main_process:
             for layer in missing:
                 (folder / f"layer_{layer}.f16.partial").rename(folder / f"layer_{layer}.f16")
-            index["layers"] = sorted(set(index["layers"]) | set(missing))
-            (folder / "index.json.tmp").write_text(json.dumps(index))
-            (folder / "index.json.tmp").rename(index_path)
-        state.wait_for_everyone()
-        return folder
-    layers = sorted(set(layers) | set(index["layers"] if index else []))
+        index["layers"] = sorted(set(index["layers"]) | set(missing))
+        write_index(index, folder, state)
+    return folder
+
+
+def rebuild_store(target_name: str, samples: list[dict], folder: Path, layers: list[int], batch_tokens: int) -> Path:
+    """A new store of `samples` with `layers`, built in a temporary sibling that replaces `folder` when whole."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    offsets = np.cumsum([0] + [len(s["input_ids"]) for s in samples])
     tmp = folder.with_name(folder.name + ".partial")
     if state.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -83,8 +106,7 @@ def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: 
     hidden = write_layers(target_name, samples, offsets, tmp, layers, "", batch_tokens, state)
     if state.is_main_process:
         index = {"target": target_name, "layers": layers, "hidden_size": hidden,
-                 "samples": [{"id": s["id"], "category": s["category"], "offset": int(o), "length": len(s["input_ids"]),
-                              "response_start": s["response_start"]} for s, o in zip(samples, offsets)]}
+                 "samples": sample_entries(samples, offsets)}
         (tmp / "index.json").write_text(json.dumps(index))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
@@ -92,22 +114,43 @@ def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: 
     return folder
 
 
+def sample_entries(samples: list[dict], offsets) -> list[dict]:
+    return [{"id": s["id"], "category": s["category"], "offset": int(o), "length": len(s["input_ids"]),
+             "response_start": s["response_start"]} for s, o in zip(samples, offsets)]
+
+
+def write_index(index: dict, folder: Path, state) -> None:
+    if state.is_main_process:
+        (folder / "index.json.tmp").write_text(json.dumps(index))
+        (folder / "index.json.tmp").rename(folder / "index.json")
+    state.wait_for_everyone()
+
+
+def resized(path: Path, size: int) -> Path:
+    """`path` made exactly `size` bytes: created, grown with zeros, or cut back to drop what a killed append
+    wrote past the index (the rows the index lists are kept)."""
+    with path.open("ab") as f:
+        f.truncate(size)
+    return path
+
+
 def write_layers(target_name: str, samples: list[dict], offsets, folder: Path, layers: list[int], suffix: str,
                  batch_tokens: int, state) -> int:
-    """The target's hidden_states[layer] for every token of every sample, into folder/layer_{layer}.f16{suffix}
-    ([N, H] float16; returns H); with `accelerate launch` each process computes its share of the samples."""
+    """The target's hidden_states[layer] for every token of `samples`, at rows offsets[i]:offsets[i+1] of
+    folder/layer_{layer}.f16{suffix} ([offsets[-1], H] float16, created or resized; rows before offsets[0] are
+    kept); returns H. With `accelerate launch` each process computes its share of the samples."""
     from hf_whiflash import load_target
     from hf_whiflash.kernels import PackedLinears
 
     model, _ = load_target(target_name, device=state.device)
     hidden = model.config.get_text_config().hidden_size
+    rows = int(offsets[-1])
     paths = {layer: folder / f"layer_{layer}.f16{suffix}" for layer in layers}
     if state.is_main_process:
         for path in paths.values():
-            np.memmap(path, np.float16, "w+", shape=(int(offsets[-1]), hidden)).flush()
+            resized(path, rows * hidden * 2)
     state.wait_for_everyone()
-    stores = {layer: np.memmap(path, np.float16, "r+", shape=(int(offsets[-1]), hidden))
-              for layer, path in paths.items()}
+    stores = {layer: np.memmap(path, np.float16, "r+", shape=(rows, hidden)) for layer, path in paths.items()}
     mine = list(range(state.process_index, len(samples), state.num_processes))
     mine.sort(key=lambda i: len(samples[i]["input_ids"]))  # batches of similar length, little padding
     batches, current = [], []

