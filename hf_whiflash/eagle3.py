@@ -285,15 +285,16 @@ class Eagle3Drafter(HubMixin, nn.Module):
         draft ids [1, n], and with `pick` the processed logits they were picked from [1, n, V]. n = length,
         or with a `cut` (calibration.DraftCut) fewer, where the head's own confidence says stopping pays.
 
-        Without `pick` each step takes the draft vocabulary's argmax; `pick(logits [1, V], drafted ids)`
-        processes target-vocabulary logits and picks a token (sampling, logits processors). The verified
-        pairs' K/V stay cached. The drafted steps' K/V are dropped: once verified, those positions come back
+        Without `pick` each step takes the draft vocabulary's argmax; `pick(logits [1, Vd], drafted ids,
+        their target ids [Vd])` processes the draft distribution and picks a token (sampling, logits
+        processors; see WhiFlashCandidateGenerator._picker). The verified pairs' K/V stay cached. The drafted steps' K/V are dropped: once verified, those positions come back
         through the queue with the target's own features, which is what the head was trained on.
         """
         next_ids, features = cache.take_pending()  # [1, n], [1, n, 3*Ht]
         context = cache.get_seq_length() + next_ids.shape[1]
         hidden = self.project(features)
         tokens, rows, confidences = [], [], []
+        vocab = self.to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))  # [Vd]
         for _ in range(length):
             logits, hidden = self(next_ids, hidden, cache)
             logits, hidden = logits[:, -1], hidden[:, -1:]  # [1, draft_vocab], [1, 1, H]: the newest position
@@ -301,7 +302,7 @@ class Eagle3Drafter(HubMixin, nn.Module):
                 draft_id = logits.argmax(-1, keepdim=True)  # [1, 1]
                 next_ids = self.to_target_ids(draft_id)
             else:
-                next_ids, row = pick(self.target_logits(logits), tokens)
+                next_ids, row = pick(logits, tokens, vocab)
                 rows.append(row)
                 logits, draft_id = row, next_ids
             tokens.append(next_ids)
@@ -342,10 +343,4 @@ class Eagle3Drafter(HubMixin, nn.Module):
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
-
-    def target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
-        """Draft-vocab logits [..., Vd] -> target-vocab logits [..., V], -inf outside the draft vocabulary."""
-        full = draft_logits.new_full((*draft_logits.shape[:-1], self.config.vocab_size), float("-inf"))
-        ids = self.to_target_ids(torch.arange(draft_logits.shape[-1], device=draft_logits.device))
-        return full.index_copy_(-1, ids, draft_logits)
 

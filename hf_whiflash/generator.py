@@ -9,6 +9,8 @@ The generator never looks inside a drafter: both follow the same catch_up / draf
 
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .cache import LazyCatchUpCache
@@ -16,6 +18,12 @@ from .calibration import DraftCut
 from .names import TARGET
 from .routing import RoutingState, entropy_and_top1
 from .stats import Clock, GenerationStats, Round
+
+
+# Processors that read only the row they process and treat a -inf column as absent, so processing a drafter's
+# sub-vocabulary gives the row the whole vocabulary would (with -inf outside it) at a fraction of the cost:
+# top-p sorts the row, 6.6 ms for SmolLM2's 49152 columns on an AMD EPYC, against a ~5 ms EAGLE-3 step.
+SUB_VOCABULARY_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 
 
 class WhiFlashCandidateGenerator(CandidateGenerator):
@@ -40,6 +48,8 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
                                        else layers or False}
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor is not None and len(logits_processor) else None
+        self.sub_vocabulary_processing = all(isinstance(p, SUB_VOCABULARY_PROCESSORS) for p in logits_processor or ())
+        self.vocab_size = assistant.target.get_output_embeddings().weight.shape[0]  # the verifier's logits width
         self.max_length = generation_config.max_length
         # transformers checks stop strings only at the end of each round; drafts that never complete one
         # make the round end exactly where plain generate() would stop.
@@ -129,24 +139,39 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
 
     def _picker(self, input_ids):
         """How drafters pick tokens: None (argmax) for plain greedy; otherwise a function that processes one
-        draft distribution like the target's and picks from it -> token [1, 1], processed logits [1, V]."""
+        draft distribution like the target's and picks from it -> target token id [1, 1] and the processed
+        logits over the target vocabulary [1, V] that the verifier compares with the target's.
+
+        A drafter with a smaller vocabulary passes its logits [1, n] with their target ids `vocab` [n]; the row
+        is processed and sampled at that size when every processor allows it, and widened (-inf elsewhere)
+        only for the verifier."""
         if self.logits_processor is None and not self.do_sample:
             return None
 
-        def pick(logits, drafted: list):
+        def pick(logits, drafted: list, vocab: torch.Tensor | None = None):
             logits = logits.float()
+            if vocab is not None and not self.sub_vocabulary_processing:
+                logits, vocab = self._widened(logits, vocab), None
             if self.logits_processor is not None:
                 prefix = torch.cat([input_ids, *drafted], dim=1) if drafted else input_ids
                 logits = self.logits_processor(prefix, logits)
-            if not self.do_sample:
-                return logits.argmax(-1, keepdim=True), logits
-            probs = logits.softmax(-1)
-            if not torch.isfinite(probs).all():
-                raise FloatingPointError("a drafter produced non-finite draft probabilities (NaN/inf logits): its "
-                                         "weights are likely corrupt; reload or retrain the drafter.")
-            return torch.multinomial(probs, 1), logits
+            if self.do_sample:
+                probs = logits.softmax(-1)
+                if not torch.isfinite(probs).all():
+                    raise FloatingPointError("a drafter produced non-finite draft probabilities (NaN/inf logits): "
+                                             "its weights are likely corrupt; reload or retrain the drafter.")
+                token = torch.multinomial(probs, 1)
+            else:
+                token = logits.argmax(-1, keepdim=True)
+            if vocab is None:
+                return token, logits
+            return vocab[token], self._widened(logits, vocab)
 
         return pick
+
+    def _widened(self, logits, vocab):
+        """Logits [1, n] over the target ids `vocab` [n] -> [1, V] over the target vocabulary, -inf elsewhere."""
+        return logits.new_full((1, self.vocab_size), float("-inf")).index_copy_(-1, vocab, logits)
 
     def _cut_at_stop_strings(self, input_ids, draft_ids, draft_logits):
         """Cut the draft before its first token that completes a stop string."""

@@ -110,15 +110,11 @@ def test_dflash_cached_block_equals_recomputation_without_cache(drafters, hidden
     torch.testing.assert_close(second, fresh_second, **TOL)
 
 
-def test_eagle3_target_logits_cover_only_the_draft_vocab(target):
+def test_eagle3_draft_ids_map_onto_the_draft_vocab(target):
     eagle = Eagle3Drafter.for_target(target, draft_vocab_size=1000, seed=0)
     used = torch.randperm(49152, generator=torch.Generator().manual_seed(0))[:1000]
     eagle.set_draft_vocab(used)
-    draft_logits = torch.randn(2, 1000)
-    full = eagle.target_logits(draft_logits)
-    assert torch.isinf(full).sum(-1).tolist() == [49152 - 1000] * 2
-    assert torch.equal(full.argmax(-1), eagle.to_target_ids(draft_logits.argmax(-1)))
-    assert set(eagle.to_target_ids(torch.arange(1000)).tolist()) == set(used.tolist())
+    assert eagle.to_target_ids(torch.arange(1000)).tolist() == sorted(used.tolist())
 
 
 # --- mismatches: each raises IncompatibleDrafterError naming the problem and the fix ---------------

@@ -9,7 +9,10 @@ from collections import Counter
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
 from helpers import RoutePattern
@@ -29,7 +32,7 @@ def tiny():
     return model
 
 
-def exact_distribution(model, temperature: float) -> dict[tuple, float]:
+def exact_distribution(model, temperature: float, top_p: float = 1.0) -> dict[tuple, float]:
     """P(t1..t4 | prompt) by enumeration: one forward per prefix."""
     probs = {(): 1.0}
     for _ in range(NEW_TOKENS):
@@ -37,7 +40,8 @@ def exact_distribution(model, temperature: float) -> dict[tuple, float]:
         for prefix, p in probs.items():
             with torch.no_grad():
                 logits = model(torch.cat([PROMPT, torch.tensor([prefix], dtype=torch.long)], dim=1)).logits[0, -1]
-            for token, q in enumerate((logits / temperature).softmax(-1).tolist()):
+            logits = TopPLogitsWarper(top_p)(None, logits[None] / temperature)[0] if top_p < 1 else logits / temperature
+            for token, q in enumerate(logits.softmax(-1).tolist()):
                 grown[prefix + (token,)] = p * q
         probs = grown
     return probs
@@ -51,38 +55,71 @@ def chi_square_p_value(counts: Counter, expected_probs: dict, draws: int) -> flo
     return chisquare(observed, expected).pvalue
 
 
-def sample_counts(model, assistant, draws: int, temperature: float) -> Counter:
+def sample_counts(model, assistant, draws: int, temperature: float, top_p: float = 1.0) -> Counter:
     torch.manual_seed(1234)
     counts = Counter()
     for _ in range(draws):
         out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=temperature,
-                             top_k=None, assistant_model=assistant)
+                             top_k=None, top_p=top_p, assistant_model=assistant)
         counts[tuple(out[0, PROMPT.shape[1]:].tolist())] += 1
     return counts
 
 
 def assistant_for(model, mode: str) -> WhiFlashAssistant:
     eagle = Eagle3Drafter.for_target(model, seed=2) if mode != "dflash" else None
+    if mode == "eagle3-sub-vocabulary":  # drafts 4 of the 6 tokens, as trained heads draft 8k of 49k
+        eagle = Eagle3Drafter.for_target(model, draft_vocab_size=4, seed=2)
+        eagle.set_draft_vocab(torch.tensor([0, 2, 3, 5]))
     dflash = DFlashDrafter.for_target(model, seed=3) if mode != "eagle3" else None
     policy = RoutePattern(["dflash", "eagle3"]) if mode == "whiflash" else None
     return WhiFlashAssistant(model, eagle, dflash, policy, eagle_steps=3, dflash_block_size=4)
 
 
-def check_lossless(model, mode: str, draws: int):
+def check_lossless(model, mode: str, draws: int, top_p: float = 1.0):
     temperature = 0.9
     assistant = assistant_for(model, mode)
-    counts = sample_counts(model, assistant, draws, temperature)
+    counts = sample_counts(model, assistant, draws, temperature, top_p)
     stats = assistant.stats  # of the last draw: drafts were proposed and some were rejected overall
     assert stats.rounds and stats.rounds[0].drafted > 0
-    exact = exact_distribution(model, temperature)
+    exact = exact_distribution(model, temperature, top_p)
     assert chi_square_p_value(counts, exact, draws) > 1e-3, f"{mode}: samples do not follow the target"
-    # Power: the same draws are clearly distinguishable from the target at a slightly different temperature.
-    assert chi_square_p_value(counts, exact_distribution(model, 1.1), draws) < 1e-6
+    # Power: the same draws are clearly distinguishable from the target at a slightly different temperature
+    # (with top-p, whose few outcomes barely move with temperature: from the target without top-p).
+    alternative = exact_distribution(model, 1.1) if top_p == 1 else exact_distribution(model, temperature)
+    assert chi_square_p_value(counts, alternative, draws) < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["eagle3", "dflash", "whiflash"])
-def test_sampling_is_lossless_sample(tiny, mode):
-    check_lossless(tiny, mode, draws=2500)
+# A head drafting a sub-vocabulary processes (top-p) and samples its rows at that size: the target's top-p
+# distribution, tokens the head cannot draft included, must come out exactly (the 20k-draw test: whole vocabulary).
+@pytest.mark.parametrize("mode, top_p", [("eagle3-sub-vocabulary", 0.8), ("dflash", 1.0), ("whiflash", 1.0)])
+def test_sampling_is_lossless_sample(tiny, mode, top_p):
+    check_lossless(tiny, mode, draws=2500, top_p=top_p)
+
+
+@pytest.mark.parametrize("processors, sub_vocabulary", [
+    ([TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)], True),
+    ([RepetitionPenaltyLogitsProcessor(1.3), TopPLogitsWarper(0.9)], False),  # reads token ids: whole vocabulary
+])
+def test_a_sub_vocabulary_row_is_processed_as_the_whole_vocabulary_would_be(tiny, processors, sub_vocabulary):
+    """The draft distribution the verifier gets from a sub-vocabulary pick is the one processing the widened row
+    gives (-inf outside the sub-vocabulary); it is processed at the smaller size only when every processor
+    reads nothing but the row."""
+    from hf_whiflash.generator import WhiFlashCandidateGenerator
+
+    assistant = assistant_for(tiny, "eagle3")
+    processors = LogitsProcessorList(processors)
+    generator = WhiFlashCandidateGenerator(assistant, assistant.stats, GenerationConfig(do_sample=True), processors)
+    assert generator.sub_vocabulary_processing == sub_vocabulary
+    generator.vocab_size = 300
+    vocab = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:120]
+    pick = generator._picker(PROMPT)
+    for seed in range(5):
+        logits = torch.randn(1, 120, generator=torch.Generator().manual_seed(seed)) * 3
+        widened = torch.full((1, 300), float("-inf")).index_copy_(-1, vocab, logits)
+        expected = processors(PROMPT, widened.clone())
+        token, row = pick(logits, [], vocab)
+        torch.testing.assert_close(row, expected)
+        assert int(token) in vocab.tolist() and torch.isfinite(row[0, token]).all()
 
 
 @pytest.mark.slow
