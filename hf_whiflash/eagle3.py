@@ -295,7 +295,8 @@ class Eagle3Drafter(HubMixin, nn.Module):
         context = cache.get_seq_length() + next_ids.shape[1]
         hidden = self.project(features)
         tokens, rows, confidences = [], [], []
-        vocab = self.to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))  # [Vd]
+        if pick is not None:  # the target ids of the draft vocabulary, for pick
+            vocab = self.to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))  # [Vd]
         for _ in range(length):
             logits, hidden = self(next_ids, hidden, cache)
             logits, hidden = logits[:, -1], hidden[:, -1:]  # [1, draft_vocab], [1, 1, H]: the newest position

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from jsonl import read_rows
 
+from hf_whiflash.checkpoint import write_text_atomically
+
 
 def read_samples(data_dir: Path, max_len: int) -> list[dict]:
     samples = []
@@ -121,8 +123,7 @@ def sample_entries(samples: list[dict], offsets) -> list[dict]:
 
 def write_index(index: dict, folder: Path, state) -> None:
     if state.is_main_process:
-        (folder / "index.json.tmp").write_text(json.dumps(index))
-        (folder / "index.json.tmp").rename(folder / "index.json")
+        write_text_atomically(folder / "index.json", json.dumps(index))
     state.wait_for_everyone()
 
 
