@@ -21,7 +21,7 @@ from .eagle3 import Eagle3Drafter
 from .generator import WhiFlashCandidateGenerator
 from .hook import check_transformers_internals, install_generator_hook
 from .kernels import PackedLinears
-from .names import DFLASH, EAGLE, ROUTES, SETTINGS_FILE
+from .names import DFLASH, EAGLE, GREEDY, ROUTES, SAMPLED, SETTINGS_FILE
 from .routing import EntropyPolicy, NeuralPolicy, Policy
 from .stats import GenerationStats
 from .targets import cache_root, shipped_drafters, text_config
@@ -41,7 +41,9 @@ class WhiFlashAssistant(nn.Module):
     token + block_size-1 drafts). Left unset, each is chosen for this machine when the drafter ships an
     acceptance profile: the length with the most expected tokens per second of round cost measured here
     (calibration.py; a few seconds once, then cached), or no drafting with that drafter at all when
-    plain decoding is faster; without a profile, a chain of 6 and the drafter's own block size.
+    plain decoding is faster; without a profile, a chain of 6 and the drafter's own block size. Greedy and
+    sampling generations get their own choice (`draft_lengths[mode]`): sampling accepts fewer drafts and
+    pays for the target's processors on every verified row.
     `catch_up="eager"` absorbs every verified position into both
     drafters every round instead of lazily: a baseline for measuring what lazy catch-up saves.
     `pack_weights`: on CPU, WhiFlash generations compute the Linear layers of the target and the drafters
@@ -77,7 +79,7 @@ class WhiFlashAssistant(nn.Module):
         self.dynamic_lengths = dynamic_lengths
         self.kernels = PackedLinears([target, *self.drafters.values()], pack_weights)
         self.latency = None  # this machine's round costs, when the lengths or the policy need them
-        self.calibrated: dict[str, int] = {}  # route -> draft length chosen by calibration
+        self.calibrated: dict[str, dict[str, int]] = {}  # mode -> route -> draft length chosen by calibration
         self._set_draft_lengths(eagle_steps, dflash_block_size)
         # generate() validates an assistant through its config: same vocabulary as the target.
         self.config = PreTrainedConfig(vocab_size=text_config(target).vocab_size, architectures=["WhiFlashAssistant"])
@@ -85,31 +87,32 @@ class WhiFlashAssistant(nn.Module):
         install_generator_hook()
 
     def _set_draft_lengths(self, eagle_steps: int | None, dflash_block_size: int | None) -> None:
-        """Lengths given win; unset ones are calibrated for drafters with an acceptance profile, else defaulted."""
+        """Lengths given win; unset ones are calibrated per decoding mode for drafters with an acceptance profile,
+        else defaulted (a chain of 6, the drafter's own block)."""
         unset = {EAGLE: eagle_steps is None, DFLASH: dflash_block_size is None}
         profiles = {route: d.tokens_per_round for route, d in self.drafters.items()
                     if unset[route] and d.tokens_per_round}
         if profiles or self.policy.needs_costs or self.dynamic_lengths:  # the per-round cut weighs costs too
             self.latency = calibrated_latency(self, cache_root() / "calibration")
             self.policy.use_costs(self.latency)
-        self.calibrated = {route: best_length(self.latency, route, profile) for route, profile in profiles.items()}
+        self.calibrated = {mode: {route: best_length(self.latency, route, profile[mode], mode == SAMPLED)
+                                  for route, profile in profiles.items()} for mode in (GREEDY, SAMPLED)}
         if self.dynamic_lengths:  # a drafter that pays here drafts up to its longest profiled length, cut per round
-            self.calibrated = {route: max(profiles[route]) if k else 0 for route, k in self.calibrated.items()}
-        self.eagle_steps = self.calibrated.get(EAGLE, eagle_steps or 6)  # 0: no EAGLE-3 drafting here
+            self.calibrated = {mode: {route: max(profiles[route][mode]) if k else 0 for route, k in chosen.items()}
+                               for mode, chosen in self.calibrated.items()}
+        # The fixed settings (None: calibrated), which save_pretrained writes.
+        self.eagle_steps = None if EAGLE in profiles else eagle_steps or 6
         block = self.dflash.block_size if self.dflash is not None else None
-        calibrated_block = self.calibrated[DFLASH] + 1 if DFLASH in self.calibrated else None
-        self.dflash_block_size = calibrated_block or dflash_block_size or block
+        self.dflash_block_size = None if DFLASH in profiles else dflash_block_size or block
+        fixed = {EAGLE: self.eagle_steps, DFLASH: (self.dflash_block_size or 0) - 1}
+        # Mode -> route -> tokens drafted per round (before the length budget cuts it; 0: it never drafts): the
+        # one source of truth for the generator, bench and recipes.
+        self.draft_lengths = {mode: {route: chosen.get(route, fixed[route]) for route in self.drafters}
+                              for mode, chosen in self.calibrated.items()}
 
     @property
     def drafters(self) -> dict[str, nn.Module]:
         return {route: d for route, d in ((EAGLE, self.eagle3), (DFLASH, self.dflash)) if d is not None}
-
-    @property
-    def draft_lengths(self) -> dict[str, int]:
-        """Route -> tokens it drafts per round (before the length budget cuts it; 0: it never drafts): the one
-        source of truth."""
-        lengths = {EAGLE: self.eagle_steps, DFLASH: (self.dflash_block_size or 0) - 1}
-        return {route: lengths[route] for route in self.drafters}
 
     @property
     def feature_layers(self) -> list[int]:
@@ -133,9 +136,8 @@ class WhiFlashAssistant(nn.Module):
             drafter.save_pretrained(folder / route)
         if hasattr(self.policy, "save_pretrained"):
             self.policy.save_pretrained(folder / self.policy.to_dict()["folder"])
-        # Calibrated lengths belong to this machine: the folder leaves them to be calibrated where it is used.
-        write_settings(folder, None if EAGLE in self.calibrated else self.eagle_steps,
-                       None if DFLASH in self.calibrated else self.dflash_block_size, self.policy)
+        # Calibrated lengths belong to this machine: the folder leaves them (None) to be calibrated where it is used.
+        write_settings(folder, self.eagle_steps, self.dflash_block_size, self.policy)
         return folder
 
     def push_to_hub(self, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,

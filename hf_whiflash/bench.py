@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .names import DFLASH, EAGLE, POLICY_FOLDER, ROUTES, SAMPLING, TARGET
+from .names import DFLASH, EAGLE, GREEDY, POLICY_FOLDER, ROUTES, SAMPLED, SAMPLING, TARGET
 from .checkpoint import write_text_atomically
 from .stats import Clock
 
 PROMPT_SETS = {"dev": Path(__file__).parent / "data" / "dev_set.jsonl",  # recipes tune on it
                "held-out": Path(__file__).parent / "data" / "held_out.jsonl"}  # nothing trains or tunes on it
 CATEGORIES = ("code", "tool", "math", "chat")
-MODES = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, **SAMPLING)}
+MODES = {GREEDY: dict(do_sample=False), SAMPLED: dict(do_sample=True, **SAMPLING)}
 
 
 @dataclass
@@ -201,16 +201,16 @@ def prepare_oracle(target, assistant, ids, max_new_tokens: int, latency) -> None
     from .routing import OracleRouter
 
     reference = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    lengths = assistant.draft_lengths  # 0: that drafter does not draft on this machine
+    lengths = assistant.draft_lengths[GREEDY]  # 0: that drafter does not draft on this machine
     hindsight = acceptance_tables(target, reference, ids.shape[1], assistant.eagle3 if lengths[EAGLE] else None,
                                   assistant.dflash if lengths[DFLASH] else None, lengths[EAGLE], lengths[DFLASH] + 1)
     assistant.policy = OracleRouter(hindsight.tables, latency)
 
 
-def tokens_per_cost(stats, latency) -> float | None:
+def tokens_per_cost(stats, latency, sampling: bool) -> float | None:
     """Tokens per second of modelled round cost: what routing achieves independently of timing noise."""
     rounds = [r for r in stats.rounds if r.route != TARGET and r.drafted]
-    cost = sum(latency.round_seconds(r.route, r.drafted) for r in rounds)
+    cost = sum(latency.round_seconds(r.route, r.drafted, sampling) for r in rounds)
     return sum(r.accepted + 1 for r in rounds) / cost if cost else None
 
 
@@ -241,7 +241,7 @@ def run_one(target, ids, system: str, extra: dict, mode: str, max_new_tokens: in
         run.catch_up_share = summary["catch_up_share"]
         run.routing_share = summary["routing_share"]
         if latency is not None:
-            run.tokens_per_cost = tokens_per_cost(assistant.stats, latency)
+            run.tokens_per_cost = tokens_per_cost(assistant.stats, latency, mode == SAMPLED)
     return run
 
 
@@ -252,7 +252,7 @@ def prompt_ids(tokenizer, prompt: dict, device) -> torch.Tensor:
 
 def runs_in(system: str, mode: str) -> bool:
     """The oracle routes with hindsight of greedy output, so it runs in greedy mode only."""
-    return system != "oracle" or mode == "greedy"
+    return system != "oracle" or mode == GREEDY
 
 
 def warm_up(target, ids, systems: dict, modes: list[str], max_new_tokens: int, latency) -> None:
@@ -297,7 +297,7 @@ def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list
                                         latency, repeat))
                     bar.update(1)
                     assistant = whiflash_assistant(systems[name])
-                    if trace is None and mode == "greedy" and assistant is not None and assistant.eagle3 \
+                    if trace is None and mode == GREEDY and assistant is not None and assistant.eagle3 \
                             and assistant.dflash:
                         trace = {"prompt_id": prompt["id"], "rounds": assistant.stats.to_dict()["rounds"]}
                         if log is not None:
@@ -389,7 +389,7 @@ def summarize(runs: list[Run]) -> dict:
                 routing = [r.routing_share for r in chosen if r.routing_share is not None]
                 per_cost = [r.tokens_per_cost for r in chosen if r.tokens_per_cost is not None]
                 compared = [r.output == plain_output[mode, r.prompt_id] for r in chosen
-                            if mode == "greedy" and (mode, r.prompt_id) in plain_output]
+                            if mode == GREEDY and (mode, r.prompt_id) in plain_output]
                 table.setdefault(mode, {}).setdefault(system, {})[category] = {
                     "prompts": len(per_prompt),
                     "tokens_per_s": statistics.median(r.tokens_per_s for r in chosen),

@@ -19,7 +19,7 @@ import transformers
 
 from .checkpoint import write_text_atomically
 from .latency import LatencyModel
-from .names import DFLASH, EAGLE
+from .names import DFLASH, EAGLE, GREEDY, SAMPLED
 from .targets import cpu_info
 
 LENGTHS = range(0, 16)  # drafts per round measured (0: the 1-token forward of plain decoding)
@@ -50,7 +50,7 @@ def calibration_key(assistant) -> dict:
             "transformers": transformers.__version__, "target": fingerprint(target),
             "drafters": {route: fingerprint(d) for route, d in assistant.drafters.items()},
             "packed_weights": assistant.kernels.enabled, "lengths": list(LENGTHS),
-            "method": 3}  # method: bumped when the measurement changes
+            "method": 4}  # method: bumped when the measurement changes
 
 
 def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:
@@ -77,12 +77,12 @@ def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> Lat
 MARGIN = 1.1
 
 
-def best_length(latency: LatencyModel, route: str, tokens_per_round: dict[int, float]) -> int:
-    """The draft length with the most expected tokens per second of round cost, or 0 (do not draft) when
-    none promises MARGIN times plain decoding's one token per 1-token forward."""
-    rate = {k: tokens / latency.round_seconds(route, k) for k, tokens in tokens_per_round.items() if k > 0}
+def best_length(latency: LatencyModel, route: str, tokens_per_round: dict[int, float], sampling: bool = False) -> int:
+    """The draft length with the most expected tokens per second of round cost (greedy or sampling costs), or 0
+    (do not draft) when none promises MARGIN times plain decoding's one token per 1-token step."""
+    rate = {k: tokens / latency.round_seconds(route, k, sampling) for k, tokens in tokens_per_round.items() if k > 0}
     best = max(rate, key=rate.get)
-    return best if rate[best] > MARGIN / latency.verify_s[0] else 0
+    return best if rate[best] > MARGIN / latency.verify_seconds(0, sampling) else 0
 
 
 class DraftCut:
@@ -91,13 +91,13 @@ class DraftCut:
     drafts 1..j are all accepted is taken as P_j = c_1 * ... * c_j, so k drafts promise E_k = 1 + P_1 + ... + P_k
     tokens for this machine's calibrated cost of the round. An EAGLE-3 chain stops once one more step (assumed
     as confident as the last) would lower E / cost; a DFlash block, drafted whole, keeps the k with the best
-    E_k / cost. `max_length` caps both."""
+    E_k / cost (greedy or sampling costs). `max_length` caps both."""
 
-    def __init__(self, latency: LatencyModel, route: str, max_length: int):
+    def __init__(self, latency: LatencyModel, route: str, max_length: int, sampling: bool = False):
         self.max_length = max_length
         self.per_step = route == EAGLE  # an EAGLE-3 chain pays per step; a DFlash block is paid whole
-        self.verify = [latency.verify_seconds(k) for k in range(max_length + 1)]  # by drafts k
-        self.draft = [latency.draft_seconds(route, k) if k else 0.0 for k in range(max_length + 1)]
+        self.verify = [latency.verify_seconds(k, sampling) for k in range(max_length + 1)]  # by drafts k
+        self.draft = [latency.draft_seconds(route, k, sampling) if k else 0.0 for k in range(max_length + 1)]
 
     def _cost(self, k: int, drafted: int) -> float:
         return self.verify[k] + self.draft[k if self.per_step else drafted]
@@ -123,29 +123,37 @@ class DraftCut:
 
 
 def describe(assistant) -> str:
-    """The assistant's draft lengths in one line, with the expected rates behind the calibrated ones."""
+    """The assistant's draft lengths per decoding mode in one line, with the expected rates behind calibrated ones."""
+    modes = [f"{mode}: {_describe_mode(assistant, mode)}" for mode in (GREEDY, SAMPLED)]
+    return modes[0] if modes[0] == modes[1] else " | ".join(modes)  # one mode's text when it says it all
+
+
+def _describe_mode(assistant, mode: str) -> str:
     names = {EAGLE: "EAGLE-3 chain {k}", DFLASH: "DFlash block {b}"}
-    parts = []
-    for route, k in assistant.draft_lengths.items():
+    sampling, parts = mode == SAMPLED, []
+    for route, k in assistant.draft_lengths[mode].items():
         text = names[route].format(k=k, b=k + 1) if k else f"{route}: no drafting (plain decoding is faster here)"
         if k and assistant.dynamic_lengths:
             text = f"{text} at most, cut per round by confidence"
-        elif route in assistant.calibrated and k:
-            tokens = assistant.drafters[route].tokens_per_round[k]
+        elif route in assistant.calibrated[mode] and k:
+            tokens = assistant.drafters[route].tokens_per_round[mode][k]
             text += (f" (calibrated: {tokens:.2f} tokens/round, "
-                     f"{tokens / assistant.latency.round_seconds(route, k):.1f} tok/s expected)")
+                     f"{tokens / assistant.latency.round_seconds(route, k, sampling):.1f} tok/s expected)")
         parts.append(text)
     if assistant.latency is not None:
-        parts.append(f"plain decoding {1 / assistant.latency.verify_s[0]:.1f} tok/s expected")
+        parts.append(f"plain decoding {1 / assistant.latency.verify_seconds(0, sampling):.1f} tok/s expected")
     return "; ".join(parts)
 
 
 def latency_table(latency: LatencyModel) -> str:
-    """The calibrated costs as a Markdown table (ms): verify by candidate count, drafting by draft length."""
+    """The calibrated costs as a Markdown table (ms) by draft length k: the verify forward over k+1 tokens (with
+    sampling: plus its k+1 processed rows) and each drafter's k drafts, greedy and sampled."""
     routes = list(latency.draft_s)
-    lines = ["| drafts k | verify k+1 tokens | " + " | ".join(f"{r} draft" for r in routes) + " |",
-             "|---" * (2 + len(routes)) + "|"]
+    columns = ["verify k+1 tokens", "sampling verify"] + [f"{r} draft{s}" for r in routes for s in ("", " sampled")]
+    lines = ["| drafts k | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
     for k in sorted(latency.verify_s):
-        drafts = " | ".join(f"{1e3 * latency.draft_s[r][k]:.1f}" if k in latency.draft_s[r] else "–" for r in routes)
-        lines.append(f"| {k} | {1e3 * latency.verify_s[k]:.1f} | {drafts} |")
+        cells = [latency.verify_s[k], latency.verify_seconds(k, sampling=True)]
+        for route in routes:
+            cells += [latency.draft_s[route].get(k), latency.sampled_draft_s[route].get(k)]
+        lines.append(f"| {k} | " + " | ".join("–" if c is None else f"{1e3 * c:.1f}" for c in cells) + " |")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .names import ACCEPTANCE_FILE
+from .names import ACCEPTANCE_FILE, GREEDY, SAMPLED
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -199,22 +199,24 @@ def write_text_atomically(path: Path, text: str) -> None:
     replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def write_acceptance(folder: Path, tokens_per_round: dict[int, float]) -> None:
-    profile = {"tokens_per_round": {str(k): round(v, 4) for k, v in sorted(tokens_per_round.items())}}
-    write_text_atomically(folder / ACCEPTANCE_FILE, json.dumps(profile, indent=1) + "\n")
+def write_acceptance(folder: Path, tokens_per_round: dict[str, dict[int, float]]) -> None:
+    profile = {mode: {str(k): round(v, 4) for k, v in sorted(by_length.items())}
+               for mode, by_length in tokens_per_round.items()}
+    write_text_atomically(folder / ACCEPTANCE_FILE, json.dumps({"tokens_per_round": profile}, indent=1) + "\n")
 
 
-def read_acceptance(folder: Path) -> dict[int, float] | None:
-    """A drafter folder's acceptance profile (tokens per round by draft length), if it ships one."""
+def read_acceptance(folder: Path) -> dict[str, dict[int, float]] | None:
+    """A drafter folder's acceptance profile (mode -> draft length -> tokens per round), if it ships one."""
     path = folder / ACCEPTANCE_FILE
     if not path.is_file():
         return None
     try:
-        return {int(k): float(v) for k, v in json.loads(path.read_text())["tokens_per_round"].items()}
-    except (ValueError, KeyError, AttributeError) as error:
+        profile = json.loads(path.read_text())["tokens_per_round"]
+        return {mode: {int(k): float(v) for k, v in profile[mode].items()} for mode in (GREEDY, SAMPLED)}
+    except (ValueError, KeyError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{path} is not an acceptance profile ({error!r}): expected "
-                              '{"tokens_per_round": {"<draft length>": <tokens>, ...}}; delete it or rerun '
-                              "recipes/profile_acceptance.py") from None
+                              '{"tokens_per_round": {"greedy": {"<draft length>": <tokens>, ...}, "sampling": '
+                              '{...}}}; delete it or rerun recipes/profile_acceptance.py') from None
 
 
 def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor], safe_serialization: bool) -> Path:
@@ -239,19 +241,21 @@ class HubMixin:
     """from_pretrained / save_pretrained / push_to_hub for an nn.Module drafter with a `config` (DrafterConfig)."""
 
     config_class: type[DrafterConfig]
-    # Mean tokens per round (accepted drafts + 1) by draft length, measured on a dev set by
-    # recipes/profile_acceptance.py; None when unknown. With round costs measured on the user's machine
-    # it decides the draft length (calibration.py).
-    tokens_per_round: dict[int, float] | None = None
+    # Mean tokens per round (accepted drafts + 1) by decoding mode ("greedy", "sampling") and draft length,
+    # measured on a dev set by recipes/profile_acceptance.py; None when unknown. With round costs measured on
+    # the user's machine it decides the draft length of each mode (calibration.py).
+    tokens_per_round: dict[str, dict[int, float]] | None = None
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, revision=None, token=None):
+    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, revision=None, token=None,
+                        read_profile: bool = True):
+        """`read_profile=False` leaves the folder's acceptance profile unread (profile_acceptance.py replaces it)."""
         folder = resolve_folder(path_or_hub_id, revision, token)
         config = cls.config_class(read_config(folder), source=str(folder / "config.json"))
         state, files = read_weights(folder)
         model = cls(config, **cls._modules_for(state))
         model._load_strict(state, files)
-        model.tokens_per_round = read_acceptance(folder)
+        model.tokens_per_round = read_acceptance(folder) if read_profile else None
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model

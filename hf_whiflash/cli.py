@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .names import DFLASH, EAGLE, SAMPLING, TARGET
+from .names import DFLASH, EAGLE, GREEDY, SAMPLED, SAMPLING, TARGET
 
 STYLES = {EAGLE: "blue", DFLASH: "yellow", TARGET: "bright_black", "correction": "underline bright_black"}
 LEGEND = [("EAGLE-3 draft", STYLES[EAGLE]), ("DFlash draft", STYLES[DFLASH]), ("target", STYLES[TARGET]),
@@ -215,7 +215,7 @@ def parser() -> argparse.ArgumentParser:
                         "weights). A draft length after '@' fixes it (eagle3@3: chain of 3; dflash@7: 7 drafts a "
                         "block); '@dynamic' cuts each round's draft by confidence (eagle3, dflash, whiflash-*) "
                         "(default: %(default)s)")
-    b.add_argument("--modes", nargs="+", choices=["greedy", "sampling"], default=["greedy", "sampling"],
+    b.add_argument("--modes", nargs="+", choices=[GREEDY, SAMPLED], default=[GREEDY, SAMPLED],
                    help=f"decoding modes (sampling: temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']})")
     b.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default 128)")
     b.add_argument("--repeats", type=int, default=1, help="runs per prompt and system; the median counts")

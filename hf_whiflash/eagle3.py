@@ -287,7 +287,7 @@ class Eagle3Drafter(HubMixin, nn.Module):
 
         Without `pick` each step takes the draft vocabulary's argmax; `pick(logits [1, Vd], drafted ids,
         their target ids [Vd])` processes the draft distribution and picks a token (sampling, logits
-        processors; see WhiFlashCandidateGenerator._picker). The verified pairs' K/V stay cached. The
+        processors; see sampling.draft_picker). The verified pairs' K/V stay cached. The
         drafted steps' K/V are dropped: once verified, those positions come back through the queue with the
         target's own features, which is what the head was trained on.
         """

@@ -9,21 +9,14 @@ The generator never looks inside a drafter: both follow the same catch_up / draf
 
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
-from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .cache import LazyCatchUpCache
 from .calibration import DraftCut
-from .names import TARGET
+from .names import GREEDY, SAMPLED, TARGET
 from .routing import RoutingState, entropy_and_top1
+from .sampling import draft_picker
 from .stats import Clock, GenerationStats, Round
-
-
-# Processors that read only the row they process and treat a -inf column as absent, so processing a drafter's
-# sub-vocabulary gives the row the whole vocabulary would (with -inf outside it) at a fraction of the cost:
-# top-p sorts the row, 6.6 ms for SmolLM2's 49152 columns on an AMD EPYC, against a ~5 ms EAGLE-3 step.
-SUB_VOCABULARY_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 
 
 class WhiFlashCandidateGenerator(CandidateGenerator):
@@ -32,13 +25,15 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
     requires_model_outputs = True
 
     def __init__(self, assistant, stats: GenerationStats, generation_config, logits_processor, tokenizer=None):
+        self.do_sample = bool(generation_config.do_sample)
+        mode = SAMPLED if self.do_sample else GREEDY  # sampling accepts less and pays more per round: own lengths
         # Drafters with a draft length of 0 never draft here (calibration found plain decoding faster).
-        self.draft_lengths = {route: k for route, k in assistant.draft_lengths.items() if k > 0}
+        self.draft_lengths = {route: k for route, k in assistant.draft_lengths[mode].items() if k > 0}
         self.drafters = {route: assistant.drafters[route] for route in self.draft_lengths}
         self.caches = {route: LazyCatchUpCache() for route in self.drafters}
         # With dynamic lengths, each round's draft length is cut by the drafter's confidence (draft_lengths: the cap).
-        self.cuts = {route: DraftCut(assistant.latency, route, k) for route, k in self.draft_lengths.items()
-                     if assistant.dynamic_lengths}
+        self.cuts = {route: DraftCut(assistant.latency, route, k, sampling=self.do_sample)
+                     for route, k in self.draft_lengths.items() if assistant.dynamic_lengths}
         self.eager = assistant.catch_up == "eager"  # baseline: every drafter absorbs every verified position
         self.policy = assistant.policy.for_generation()
         self.stats = stats
@@ -46,9 +41,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         layers = sorted({i for d in self.drafters.values() for i in d.feature_layers})
         self.model_kwargs_overrides = {"output_hidden_states": True if generation_config.output_hidden_states
                                        else layers or False}
-        self.do_sample = bool(generation_config.do_sample)
-        self.logits_processor = logits_processor if logits_processor is not None and len(logits_processor) else None
-        self.sub_vocabulary_processing = all(isinstance(p, SUB_VOCABULARY_PROCESSORS) for p in logits_processor or ())
+        self.logits_processor = logits_processor
         self.vocab_size = assistant.target.get_output_embeddings().weight.shape[0]  # the verifier's logits width
         self.max_length = generation_config.max_length
         # transformers checks stop strings only at the end of each round; drafts that never complete one
@@ -81,7 +74,8 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
                 drafter, cache = self.drafters[route], self.caches[route]
                 with self.clock.adds_to(round_, "catch_up_s"):
                     round_.caught_up += drafter.catch_up(cache)
-                draft_ids, draft_logits = drafter.draft(cache, length, self._picker(input_ids), self.cuts.get(route))
+                pick = draft_picker(input_ids, self.logits_processor, self.do_sample, self.vocab_size)
+                draft_ids, draft_logits = drafter.draft(cache, length, pick, self.cuts.get(route))
                 draft_ids, draft_logits = self._cut_at_stop_strings(input_ids, draft_ids, draft_logits)
             if self.eager:
                 with self.clock.adds_to(round_, "catch_up_s"):
@@ -136,42 +130,6 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         if route not in lengths:
             raise ValueError(f"routing policy chose {route!r}, but this assistant only has {tuple(lengths)}")
         return route, lengths[route]
-
-    def _picker(self, input_ids):
-        """How drafters pick tokens: None (argmax) for plain greedy; otherwise a function that processes one
-        draft distribution like the target's and picks from it -> target token id [1, 1] and the processed
-        logits over the target vocabulary [1, V] that the verifier compares with the target's.
-
-        A drafter with a smaller vocabulary passes its logits [1, n] with their target ids `vocab` [n]; the row
-        is processed and sampled at that size when every processor allows it, and widened (-inf elsewhere)
-        only for the verifier."""
-        if self.logits_processor is None and not self.do_sample:
-            return None
-
-        def pick(logits, drafted: list, vocab: torch.Tensor | None = None):
-            logits = logits.float()
-            if vocab is not None and not self.sub_vocabulary_processing:
-                logits, vocab = self._widened(logits, vocab), None
-            if self.logits_processor is not None:
-                prefix = torch.cat([input_ids, *drafted], dim=1) if drafted else input_ids
-                logits = self.logits_processor(prefix, logits)
-            if self.do_sample:
-                probs = logits.softmax(-1)
-                if not torch.isfinite(probs).all():
-                    raise FloatingPointError("a drafter produced non-finite draft probabilities (NaN/inf logits): "
-                                             "its weights are likely corrupt; reload or retrain the drafter.")
-                token = torch.multinomial(probs, 1)
-            else:
-                token = logits.argmax(-1, keepdim=True)
-            if vocab is None:
-                return token, logits
-            return vocab[token], self._widened(logits, vocab)
-
-        return pick
-
-    def _widened(self, logits, vocab):
-        """Logits [1, n] over the target ids `vocab` [n] -> [1, V] over the target vocabulary, -inf elsewhere."""
-        return logits.new_full((1, self.vocab_size), float("-inf")).index_copy_(-1, vocab, logits)
 
     def _cut_at_stop_strings(self, input_ids, draft_ids, draft_logits):
         """Cut the draft before its first token that completes a stop string."""

@@ -4,7 +4,8 @@ would get accepted at every possible round start, computed teacher-forced in one
 Until its first wrong token, a drafter's own drafts equal the true tokens, so teacher forcing gives
 exactly the acceptance greedy generation would see. Walking the round trajectory over these tables
 gives the acceptance length of a single-drafter run without generating; the router recipe uses
-the tables as labels and the benchmark's oracle routes with them.
+the tables as labels and the benchmark's oracle routes with them. For sampling, `acceptance_chances`
+gives each draft's chance of acceptance instead (recipes/profile_acceptance.py walks draws of them).
 """
 
 from dataclasses import dataclass
@@ -47,36 +48,87 @@ def leading_matches(predicted: torch.Tensor, truth: torch.Tensor, valid: torch.T
     return ((predicted == truth) & valid).long().cumprod(-1).sum(-1)
 
 
-def _eagle_table(eagle, sequence, hidden_states, start, steps) -> torch.Tensor:
+@torch.no_grad()
+def acceptance_chances(target, sequence: torch.Tensor, start: int, processors, eagle=None, dflash=None,
+                       eagle_steps: int = 6, block_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Sampling's counterpart of the tables: route -> [R, k], for every round start m (as acceptance_tables)
+    and draft j, the chance that speculative sampling accepts draft j, sum_x min(p(x), q(x)) with p and q the
+    target's and the drafter's distributions after `processors` (a LogitsProcessorList; temperature, top-p).
+
+    Drafter and target are teacher-forced on `sequence`: draft j's context holds the true tokens where real
+    sampling would hold the accepted drafts, which are the true tokens only mostly, so the chances describe
+    sampling on text like `sequence` approximately (recipes/profile_acceptance.py checks them against real
+    sampled generation)."""
+    layers = sorted({i for d in (eagle, dflash) if d is not None for i in d.feature_layers})
+    out = target(sequence, output_hidden_states=layers)
+    T = sequence.shape[1]
+    chances = {}
+    if eagle is not None:
+        logits, positions = _eagle_chains(eagle, sequence, out.hidden_states, start, eagle_steps)
+        vocab = eagle.to_target_ids(torch.arange(logits.shape[-1], device=sequence.device))  # [Vd]: target ids
+        chances[EAGLE] = _chance(logits, out.logits[0], positions, T, processors, sequence, vocab)
+    if dflash is not None:
+        chances[DFLASH] = torch.cat([
+            _chance(logits, out.logits[0], positions, T, processors, sequence)
+            for logits, positions in _dflash_blocks(dflash, sequence, out.hidden_states, start,
+                                                    block_size or dflash.block_size)])
+    return chances
+
+
+def _chance(draft_logits, target_logits, positions, T, processors, sequence, vocab=None) -> torch.Tensor:
+    """Draft logits [R, k, Vd] for the tokens at `positions` [R, k] -> acceptance chances [R, k] (0 past T).
+    `vocab` [Vd]: the target ids of a drafter's sub-vocabulary (processed at its size, as generation does)."""
+    R, k, _ = draft_logits.shape
+    valid = positions < T
+    rows = target_logits[(positions - 1).clamp(max=T - 1)].flatten(0, 1).float()  # [R*k, V]: predicted each token
+    p = processors(sequence, rows).softmax(-1)
+    q = processors(sequence, draft_logits.flatten(0, 1).float()).softmax(-1)  # [R*k, Vd]
+    if vocab is not None:
+        p = p[:, vocab]
+    return torch.minimum(p, q).sum(-1).view(R, k) * valid
+
+
+def _eagle_chains(eagle, sequence, hidden_states, start, steps) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's chains from every round start m (anchor m-1), fed the true tokens: draft-vocabulary logits
+    [R, steps, Vd] and the positions [R, steps] of the tokens they draft (T and beyond: past the sequence)."""
     T = sequence.shape[1]
     n = T - 1  # context pairs (feature t, token t+1); round start m drafts from anchor m-1
     hidden = eagle.project(eagle.features(hidden_states)[:, :n])
     anchors = torch.arange(start - 1, T - 2, device=sequence.device)[None]  # [1, R]
     ttt = eagle.start_ttt(sequence[:, 1:], hidden, anchors)
     padded = torch.nn.functional.pad(sequence, (0, steps + 1))
-    state, predicted = hidden[:, anchors[0]], []
+    state, logits = hidden[:, anchors[0]], []
     for j in range(steps):
-        logits, state = eagle(padded[:, anchors[0] + 1 + j], state, ttt=ttt)  # step j predicts token t+2+j
-        predicted.append(eagle.to_target_ids(logits.argmax(-1))[0])
-    predicted = torch.stack(predicted, dim=-1)  # [R, steps]
+        step_logits, state = eagle(padded[:, anchors[0] + 1 + j], state, ttt=ttt)  # step j predicts token t+2+j
+        logits.append(step_logits[0])
     positions = anchors[0][:, None] + 2 + torch.arange(steps, device=sequence.device)
-    return leading_matches(predicted, padded[0, positions], positions < T)
+    return torch.stack(logits, dim=1), positions
 
 
-def _dflash_table(dflash, sequence, hidden_states, start, block_size, chunk: int = 32) -> torch.Tensor:
+def _eagle_table(eagle, sequence, hidden_states, start, steps) -> torch.Tensor:
+    logits, positions = _eagle_chains(eagle, sequence, hidden_states, start, steps)
+    padded = torch.nn.functional.pad(sequence, (0, steps + 1))
+    return leading_matches(eagle.to_target_ids(logits.argmax(-1)), padded[0, positions], positions < sequence.shape[1])
+
+
+def _dflash_blocks(dflash, sequence, hidden_states, start, block_size, chunk: int = 32):
+    """The blocks from every round start m, in chunks of `chunk` starts: logits [A, block_size-1, V] and the
+    positions [A, block_size-1] of the tokens they draft."""
     T = sequence.shape[1]
     features = dflash.features(hidden_states)
     anchors = torch.arange(start, T - 1, device=sequence.device)
-    padded = torch.nn.functional.pad(sequence, (0, block_size))
     offsets = torch.arange(1, block_size, device=sequence.device)
-    tables = []
     for group in anchors.split(chunk):
         blocks = torch.cat([dflash.block_ids(sequence[:, a:a + 1], block_size) for a in group.tolist()], dim=1)
         hidden = dflash.forward_blocks(blocks, group[None], features).view(len(group), block_size, -1)
-        predicted = dflash.logits(hidden[:, 1:]).argmax(-1)  # [A, block_size-1]
-        positions = group[:, None] + offsets
-        tables.append(leading_matches(predicted, padded[0, positions], positions < T))
-    return torch.cat(tables)
+        yield dflash.logits(hidden[:, 1:]), group[:, None] + offsets
+
+
+def _dflash_table(dflash, sequence, hidden_states, start, block_size) -> torch.Tensor:
+    T = sequence.shape[1]
+    padded = torch.nn.functional.pad(sequence, (0, block_size))
+    return torch.cat([leading_matches(logits.argmax(-1), padded[0, positions], positions < T)
+                      for logits, positions in _dflash_blocks(dflash, sequence, hidden_states, start, block_size)])
 
 
 def walk(table: torch.Tensor, budget: int) -> list[int]:
@@ -91,7 +143,7 @@ def walk(table: torch.Tensor, budget: int) -> list[int]:
 def simulate_routing(hindsight: Hindsight, policy, latency, lengths: dict[str, int], epsilon: float = 0.0,
                      rng=None):
     """Walk one greedy generation routed by `policy` (with probability `epsilon` a random route instead),
-    drafting `lengths` (route -> draft length, as WhiFlashAssistant.draft_lengths), with the latency model
+    drafting `lengths` (route -> draft length, as WhiFlashAssistant.draft_lengths[mode]), with the latency model
     standing in for measured round times. Returns one record per round: (RoundFeatures, chosen route,
     accepted drafts of every route at that round start, modelled seconds)."""
     routes = tuple(hindsight.tables)

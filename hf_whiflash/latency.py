@@ -4,6 +4,11 @@ round_seconds(route, k) = draft_s[route](k) + verify_s(k): drafting k tokens (an
 k steps, or one DFlash block of k+1) plus the target's verify forward over k+1 tokens. Costs are
 measured after a context of typical length, with the drafters' own `draft`, and interpolated
 linearly between measured lengths.
+
+Sampling costs more per round than greedy: drafting picks each token through the target's processors
+(sampled_draft_s, timed with the default SAMPLING settings), and transformers processes every one of the
+k+1 verified rows (top-p sorts the whole vocabulary each time) where plain sampling processes one row per
+token (sample_row_s).
 """
 
 import statistics
@@ -14,6 +19,7 @@ from transformers import DynamicCache
 
 from .cache import LazyCatchUpCache
 from .hook import cache_keyword
+from .sampling import default_processors, draft_picker
 from .stats import Clock
 
 LENGTHS = (1, 2, 4, 6, 8, 12, 15)
@@ -22,24 +28,31 @@ LENGTHS = (1, 2, 4, 6, 8, 12, 15)
 @dataclass
 class LatencyModel:
     verify_s: dict[int, float]  # drafts k -> target forward over k+1 tokens (k = 0: a plain decoding step)
-    draft_s: dict[str, dict[int, float]]  # route -> drafts k -> drafting time
+    draft_s: dict[str, dict[int, float]]  # route -> drafts k -> drafting time, greedy
+    # Sampling costs; None in tables from before they were measured (a trained router's config may hold one).
+    sampled_draft_s: dict[str, dict[int, float]] | None = None  # route -> drafts k -> drafting time, sampling
+    sample_row_s: float | None = None  # processing and sampling one target row under the default settings
 
-    def round_seconds(self, route: str, length: int) -> float:
-        return self.draft_seconds(route, length) + self.verify_seconds(length)
+    def round_seconds(self, route: str, length: int, sampling: bool = False) -> float:
+        return self.draft_seconds(route, length, sampling) + self.verify_seconds(length, sampling)
 
-    def verify_seconds(self, length: int) -> float:
-        return _interpolate(self.verify_s, length)
+    def verify_seconds(self, length: int, sampling: bool = False) -> float:
+        seconds = _interpolate(self.verify_s, length)
+        return seconds + (length + 1) * _measured(self.sample_row_s) if sampling else seconds
 
-    def draft_seconds(self, route: str, length: int) -> float:
-        return _interpolate(self.draft_s[route], length)
+    def draft_seconds(self, route: str, length: int, sampling: bool = False) -> float:
+        return _interpolate((_measured(self.sampled_draft_s) if sampling else self.draft_s)[route], length)
 
     def to_dict(self) -> dict:
-        return {"verify_s": self.verify_s, "draft_s": self.draft_s}
+        return {"verify_s": self.verify_s, "draft_s": self.draft_s, "sampled_draft_s": self.sampled_draft_s,
+                "sample_row_s": self.sample_row_s}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LatencyModel":
         ints = lambda d: {int(k): float(v) for k, v in d.items()}  # noqa: E731 (JSON keys are strings)
-        return cls(ints(data["verify_s"]), {r: ints(d) for r, d in data["draft_s"].items()})
+        routes = lambda d: {r: ints(times) for r, times in d.items()} if d is not None else None  # noqa: E731
+        return cls(ints(data["verify_s"]), routes(data["draft_s"]), routes(data.get("sampled_draft_s")),
+                   data.get("sample_row_s"))
 
     @classmethod
     def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 7) -> "LatencyModel":
@@ -81,12 +94,21 @@ class LatencyModel:
         times = [[verify(k) for k in lengths] for _ in range(repeats)]
         verify_s = {k: statistics.median(row[i] for row in times) for i, k in enumerate(lengths)}
         drafts = [k for k in lengths if k > 0]
-        draft_s = {route: _draft_seconds(drafter, prompt, out.hidden_states, drafts, median_time)
-                   for route, drafter in drafters.items()}
-        return cls(verify_s, draft_s)
+        vocab_size = target.get_output_embeddings().weight.shape[0]
+        sample = draft_picker(prompt, default_processors(), True, vocab_size)
+        draft_s, sampled_draft_s = {}, {}
+        for route, drafter in drafters.items():
+            draft_s[route] = _draft_seconds(drafter, prompt, out.hidden_states, drafts, median_time)
+            sampled_draft_s[route] = _draft_seconds(drafter, prompt, out.hidden_states, drafts, median_time, sample)
+        row = out.logits[:, -1].float()  # [1, V]: a real distribution, as top-p's cost depends on its shape
+
+        def sample_row():  # what transformers does per verified row, and plain sampling per token
+            torch.multinomial(default_processors()(prompt, row.clone()).softmax(-1), 1)
+
+        return cls(verify_s, draft_s, sampled_draft_s, median_time(sample_row))
 
 
-def _draft_seconds(drafter, prompt, hidden_states, lengths, median_time) -> dict[int, float]:
+def _draft_seconds(drafter, prompt, hidden_states, lengths, median_time, pick=None) -> dict[int, float]:
     """Drafting time by draft length after the prompt's context, each draft from the same caught-up state."""
     cache = LazyCatchUpCache()
     cache.enqueue(prompt[:, 1:], drafter.features(hidden_states)[:, :-1])  # pairs (feature t, token t+1)
@@ -97,7 +119,14 @@ def _draft_seconds(drafter, prompt, hidden_states, lengths, median_time) -> dict
         cache.truncate(context)
         cache.pending_ids, cache.pending_features = list(queued[0]), list(queued[1])
 
-    return {k: median_time(lambda: drafter.draft(cache, k), reset) for k in lengths}
+    return {k: median_time(lambda: drafter.draft(cache, k, pick), reset) for k in lengths}
+
+
+def _measured(sampling_cost):
+    if sampling_cost is None:
+        raise ValueError("this latency table has no sampling costs (measured by an older hf_whiflash); measure it "
+                         "again: `whiflash calibrate`, or LatencyModel.measure(assistant)")
+    return sampling_cost
 
 
 def _interpolate(table: dict[int, float], k: int) -> float:

@@ -8,7 +8,10 @@ ROUTES = (EAGLE, DFLASH)
 TARGET = "target"  # a round without drafts: the length budget left no room for any
 POLICY_FOLDER = "policy"  # a trained router inside a WhiFlash folder
 SETTINGS_FILE = "whiflash_config.json"  # draft lengths and routing policy of a WhiFlash folder
-ACCEPTANCE_FILE = "acceptance.json"  # in a drafter folder: its mean tokens per round at each draft length
+ACCEPTANCE_FILE = "acceptance.json"  # in a drafter folder: its mean tokens per round by mode and draft length
+# Decoding modes. Sampling accepts fewer drafts than greedy and pays per candidate for the target's processors
+# (transformers processes every verified row), so draft lengths are profiled and chosen per mode.
+GREEDY, SAMPLED = "greedy", "sampling"
 
 # Sampling mode of the command line, the benchmark and the demo.
 SAMPLING = {"temperature": 0.7, "top_p": 0.9}

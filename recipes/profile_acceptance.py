@@ -1,13 +1,16 @@
-"""Acceptance profiles for a WhiFlash folder's drafters: mean tokens per round at every draft length, on the dev set.
+"""Acceptance profiles for a WhiFlash folder's drafters: mean tokens per round at every draft length, greedy
+and sampling, on the dev set.
 
     python recipes/profile_acceptance.py --drafters hf_whiflash/checkpoints/SmolLM2-135M-Instruct
 
 Greedy generation replays exactly from hindsight acceptance tables (one teacher-forced pass per drafter
 per dev prompt, on the target's own greedy output), so the tokens per round that drafting k tokens
-gives are measured without generating with every k. Writes eagle3/acceptance.json (chains 1..--max-chain:
-a chain of k accepts min(a, k) of the longest chain's a) and dflash/acceptance.json (--dflash-blocks: each
-block size needs its own pass, as a block's positions attend to each other). WhiFlashAssistant picks its
-draft lengths from these profiles and the round costs it measures on the user's machine (calibration.py).
+gives are measured without generating with every k. Sampling (the default SAMPLING settings) replays
+draws: each draft is accepted with its teacher-forced chance sum_x min(p, q) (hindsight.acceptance_chances),
+--draws walks per prompt. Writes eagle3/acceptance.json (chains 1..--max-chain: a chain of k accepts
+min(a, k) of the longest chain's a) and dflash/acceptance.json (--dflash-blocks: each block size needs its
+own pass, as a block's positions attend to each other). WhiFlashAssistant picks each mode's draft lengths
+from these profiles and the round costs it measures on the user's machine (calibration.py).
 """
 
 import argparse
@@ -21,14 +24,32 @@ from evaluate import references
 from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, load_target
 from hf_whiflash.bench import load_prompts
 from hf_whiflash.checkpoint import write_acceptance
-from hf_whiflash.hindsight import acceptance_tables, walk
-from hf_whiflash.names import DFLASH, EAGLE
+from hf_whiflash.hindsight import acceptance_chances, acceptance_tables, walk
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, SAMPLED
+from hf_whiflash.sampling import default_processors
 
 
 def tokens_per_round(tables: list[torch.Tensor], budgets: list[int], length: int) -> float:
     """Mean accepted drafts + 1 over every round of every replayed generation, drafting `length` tokens a round."""
     rounds = [a + 1 for table, budget in zip(tables, budgets) for a in walk(table.clamp(max=length), budget)]
     return statistics.mean(rounds)
+
+
+def sampled_tables(chances: list[torch.Tensor], draws: int, seed: int = 0) -> list[torch.Tensor]:
+    """`draws` acceptance tables per prompt from its chances [R, k]: drafts accepted, each with its chance,
+    until the first rejection. A chain of k accepts min(a, k) of a draw's a, as with real sampling."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.rand(c.shape, generator=generator) < c).long().cumprod(-1).sum(-1)
+            for c in chances for _ in range(draws)]
+
+
+def mode_profiles(tables, chances, budgets: list[int], lengths, draws: int) -> dict[str, dict[int, float]]:
+    """One drafting setup's greedy tables and sampling chances (one per prompt) -> mode -> draft length (each of
+    `lengths`, at most the setup's) -> tokens per round."""
+    draw_budgets = [budget for budget in budgets for _ in range(draws)]
+    draw_tables = sampled_tables(chances, draws)
+    return {GREEDY: {k: tokens_per_round(tables, budgets, k) for k in lengths},
+            SAMPLED: {k: tokens_per_round(draw_tables, draw_budgets, k) for k in lengths}}
 
 
 def main() -> None:
@@ -39,6 +60,8 @@ def main() -> None:
     parser.add_argument("--max-chain", type=int, default=8, help="longest EAGLE-3 chain profiled (default 8)")
     parser.add_argument("--dflash-blocks", type=int, nargs="+", default=[4, 8, 16],
                         help="DFlash block sizes profiled (default 4 8 16)")
+    parser.add_argument("--draws", type=int, default=32,
+                        help="sampled acceptance walks per prompt (default 32)")
     parser.add_argument("--references", default="results/dev_references.jsonl",
                         help="cache of the target's greedy dev-set continuations (shared with evaluate.py)")
     args = parser.parse_args()
@@ -50,22 +73,33 @@ def main() -> None:
     refs = [cached[p["id"]] for p in prompts]
     sequences = [(torch.tensor([r["ids"]]), r["prompt_length"]) for r in refs]
     budgets = [len(r["ids"]) - r["prompt_length"] - 1 for r in refs]  # the prefill produced the first new token
-    if (folder / EAGLE).is_dir():
-        eagle = Eagle3Drafter.from_pretrained(folder / EAGLE).attach(target)
-        tables = [acceptance_tables(target, ids, start, eagle=eagle, eagle_steps=args.max_chain).tables[EAGLE]
+    processors = default_processors()
+
+    def measured(drafters: dict, route: str, lengths, **length_setting) -> dict[str, dict[int, float]]:
+        tables = [acceptance_tables(target, ids, start, **drafters, **length_setting).tables[route]
                   for ids, start in sequences]
-        profile = {k: tokens_per_round(tables, budgets, k) for k in range(1, args.max_chain + 1)}
+        chances = [acceptance_chances(target, ids, start, processors, **drafters, **length_setting)[route]
+                   for ids, start in sequences]
+        return mode_profiles(tables, chances, budgets, lengths, args.draws)
+
+    if (folder / EAGLE).is_dir():
+        eagle = {"eagle": Eagle3Drafter.from_pretrained(folder / EAGLE, read_profile=False).attach(target)}
+        profile = measured(eagle, EAGLE, range(1, args.max_chain + 1), eagle_steps=args.max_chain)
         write_acceptance(folder / EAGLE, profile)
-        print("EAGLE-3 tokens per round by chain length:", {k: round(v, 3) for k, v in profile.items()})
+        show("EAGLE-3 tokens per round by chain length", profile)
     if (folder / DFLASH).is_dir():
-        dflash = DFlashDrafter.from_pretrained(folder / DFLASH).attach(target)
-        profile = {}
+        dflash = {"dflash": DFlashDrafter.from_pretrained(folder / DFLASH, read_profile=False).attach(target)}
+        profile = {GREEDY: {}, SAMPLED: {}}
         for block in args.dflash_blocks:
-            tables = [acceptance_tables(target, ids, start, dflash=dflash, block_size=block).tables[DFLASH]
-                      for ids, start in sequences]
-            profile[block - 1] = tokens_per_round(tables, budgets, block - 1)
+            for mode, by_length in measured(dflash, DFLASH, [block - 1], block_size=block).items():
+                profile[mode] |= by_length
         write_acceptance(folder / DFLASH, profile)
-        print("DFlash tokens per round by draft length (block size - 1):", {k: round(v, 3) for k, v in profile.items()})
+        show("DFlash tokens per round by draft length (block size - 1)", profile)
+
+
+def show(title: str, profile: dict) -> None:
+    for mode, by_length in profile.items():
+        print(f"{title}, {mode}:", {k: round(v, 3) for k, v in by_length.items()})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from hf_whiflash import WhiFlashAssistant, load_target
 from hf_whiflash.assistant import write_settings
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.names import DFLASH, EAGLE, ROUTES, SETTINGS_FILE
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, ROUTES, SETTINGS_FILE
 from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, feature_vector
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     target, _ = load_target(config["target"])
     assistant = WhiFlashAssistant.from_pretrained(target, config["drafters"], eagle_steps=config["eagle_steps"],
                                                   dflash_block_size=config["dflash_block_size"])
-    lengths = assistant.draft_lengths
+    lengths = assistant.draft_lengths[GREEDY]  # the hindsight tables replay greedy generation
     latency = LatencyModel.measure(assistant)
     print("latency (s):", json.dumps(latency.to_dict()))
 

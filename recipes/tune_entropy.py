@@ -24,7 +24,7 @@ from hf_whiflash import DEFAULT_TARGET, WhiFlashAssistant, load_target
 from hf_whiflash.bench import CATEGORIES, load_prompts
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.names import DFLASH, EAGLE, POLICY_FOLDER, ROUTES
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, POLICY_FOLDER, ROUTES
 from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, OracleRouter, Policy
 
 GRID = {"threshold": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], "latency_weight": [0.0, 0.5, 1.0], "explore_every": [4, 8, 16, 32]}
@@ -83,7 +83,7 @@ def main() -> None:
     # Fixed lengths: calibration may switch a drafter off on this machine, and the replay needs both drafting.
     assistant = WhiFlashAssistant.from_pretrained(target, args.drafters, routes=ROUTES, eagle_steps=args.eagle_steps,
                                                   dflash_block_size=args.block_size)
-    lengths = assistant.draft_lengths
+    lengths = assistant.draft_lengths[GREEDY]  # the hindsight tables replay greedy generation
     longest_chain = max(args.max_chain, lengths[EAGLE])  # tables hold every chain length up to this
     latency = LatencyModel.measure(assistant)
     prompts = load_prompts("dev", None)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
+from hf_whiflash import CheckpointError, DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
 from hf_whiflash.calibration import DraftCut, best_length, calibrated_latency
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.names import DFLASH, EAGLE, TARGET
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, SAMPLED, TARGET
 
 from helpers import chat_ids, make_assistant
 
@@ -28,8 +28,8 @@ def parts(tiny, tmp_path, monkeypatch):
     target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
     eagle = Eagle3Drafter.from_pretrained(tiny / "drafters" / "eagle3")
     dflash = DFlashDrafter.from_pretrained(tiny / "drafters" / "dflash")
-    eagle.tokens_per_round = {1: 1.6, 2: 1.9, 3: 2.0}
-    dflash.tokens_per_round = {3: 1.5, 7: 1.6}
+    eagle.tokens_per_round = {GREEDY: {1: 1.6, 2: 1.9, 3: 2.0}, SAMPLED: {1: 1.5, 2: 1.7, 3: 1.8}}
+    dflash.tokens_per_round = {GREEDY: {3: 1.5, 7: 1.6}, SAMPLED: {3: 1.4, 7: 1.45}}
     return target, eagle, dflash, measured, tmp_path / "cache" / "calibration"
 
 
@@ -37,6 +37,8 @@ def test_costs_are_measured_once_then_reused_and_remeasured_when_the_key_changes
     target, eagle, dflash, measured, cache = parts
     first = WhiFlashAssistant(target, eagle, dflash)
     assert len(measured) == 1 and len(list(cache.glob("*.json"))) == 1
+    costs = first.latency
+    assert set(costs.sampled_draft_s) == set(costs.draft_s) == {EAGLE, DFLASH} and costs.sample_row_s > 0
     second = WhiFlashAssistant(target, eagle, dflash)
     assert len(measured) == 1 and second.latency == first.latency  # from the cache
     threads = torch.get_num_threads()
@@ -84,14 +86,28 @@ def test_the_length_with_most_tokens_per_second_wins_and_none_when_plain_is_fast
     assert best_length(latency, EAGLE, {3: round_s * plain_rate * 1.15}) == 3
 
 
-def test_calibrated_lengths_are_chosen_and_saved_for_the_next_machine_to_choose(parts, tmp_path):
+def test_sampling_gets_its_own_length_where_processing_every_verified_row_costs_more():
+    """Same acceptance, but sampling pays 10 ms a verified row (top-p sorts each) and more per draft step: a
+    2-token chain pays in greedy, only 1 token in sampling."""
+    latency = LatencyModel({k: 0.050 + 0.005 * k for k in range(4)}, {EAGLE: {k: 0.005 * k for k in (1, 2, 3)}},
+                           {EAGLE: {k: 0.008 * k for k in (1, 2, 3)}}, sample_row_s=0.010)
+    profile = {1: 1.6, 2: 1.9, 3: 2.0}
+    assert best_length(latency, EAGLE, profile) == 2  # 1.9 / 70 ms
+    assert best_length(latency, EAGLE, profile, sampling=True) == 1  # 1.6 / 83 ms > 1.9 / 106 ms > 1 / 60 ms * 1.1
+    with pytest.raises(ValueError, match="no sampling costs"):  # a table from before sampling costs were measured
+        best_length(LatencyModel(latency.verify_s, latency.draft_s), EAGLE, profile, sampling=True)
+
+
+def test_calibrated_lengths_are_chosen_per_mode_and_saved_for_the_next_machine_to_choose(parts, tmp_path):
     target, eagle, dflash, _, _ = parts
     assistant = WhiFlashAssistant(target, eagle, dflash)
     latency = assistant.latency
-    expected = {route: best_length(latency, route, d.tokens_per_round) for route, d in assistant.drafters.items()}
+    expected = {mode: {route: best_length(latency, route, d.tokens_per_round[mode], mode == SAMPLED)
+                       for route, d in assistant.drafters.items()} for mode in (GREEDY, SAMPLED)}
     assert assistant.calibrated == expected == assistant.draft_lengths
     pinned = WhiFlashAssistant(target, eagle, dflash, eagle_steps=2)
-    assert pinned.draft_lengths[EAGLE] == 2 and EAGLE not in pinned.calibrated
+    assert pinned.draft_lengths[GREEDY][EAGLE] == pinned.draft_lengths[SAMPLED][EAGLE] == 2
+    assert EAGLE not in pinned.calibrated[GREEDY] and EAGLE not in pinned.calibrated[SAMPLED]
     settings = json.loads((assistant.save_pretrained(tmp_path / "folder") / "whiflash_config.json").read_text())
     assert settings["eagle_steps"] is None and settings["dflash_block_size"] is None
     loaded = WhiFlashAssistant.from_pretrained(target, tmp_path / "folder")
@@ -99,13 +115,38 @@ def test_calibrated_lengths_are_chosen_and_saved_for_the_next_machine_to_choose(
     assert loaded.draft_lengths == assistant.draft_lengths
 
 
+def test_greedy_and_sampled_generations_draft_their_own_mode_s_length(parts, monkeypatch):
+    target, eagle, _, _, _ = parts
+    costs = LatencyModel({k: 0.050 + 0.005 * k for k in range(16)}, {EAGLE: {k: 0.005 * k for k in range(1, 16)}},
+                         {EAGLE: {k: 0.008 * k for k in range(1, 16)}}, sample_row_s=0.010)
+    monkeypatch.setattr("hf_whiflash.assistant.calibrated_latency", lambda *a, **kw: costs)
+    eagle.tokens_per_round = {GREEDY: {1: 1.6, 2: 1.9, 3: 2.0}, SAMPLED: {1: 1.6, 2: 1.9, 3: 2.0}}
+    assistant = WhiFlashAssistant(target, eagle)
+    assert assistant.draft_lengths == {GREEDY: {EAGLE: 2}, SAMPLED: {EAGLE: 1}}
+    drafted = {}
+    for do_sample in (False, True):
+        target.generate(PROMPT, max_new_tokens=12, do_sample=do_sample, assistant_model=assistant)
+        # Before the last rounds, which the length budget may cut short.
+        drafted[do_sample] = {r.drafted for r in assistant.stats.rounds[:-2] if r.route == EAGLE}
+    assert drafted == {False: {2}, True: {1}}
+
+
+def test_a_torn_acceptance_profile_or_one_without_sampling_is_a_clear_error(parts, tmp_path):
+    _, eagle, _, _, _ = parts
+    folder = eagle.save_pretrained(tmp_path / "eagle3")
+    (folder / "acceptance.json").write_text(json.dumps({"tokens_per_round": {"1": 1.5, "2": 1.7}}))  # greedy only
+    with pytest.raises(CheckpointError, match="rerun recipes/profile_acceptance.py"):
+        Eagle3Drafter.from_pretrained(folder)
+
+
 def test_a_machine_where_no_draft_pays_generates_plainly_and_identically(parts, monkeypatch):
     """Drafting lengths of 0 everywhere: every round is the target's own, output unchanged."""
     target, eagle, dflash, _, _ = parts
-    slow = LatencyModel.from_dict({"verify_s": {0: 0.01, 15: 1.0}, "draft_s": {EAGLE: {1: 1.0}, DFLASH: {1: 1.0}}})
+    slow = LatencyModel({0: 0.01, 15: 1.0}, {EAGLE: {1: 1.0}, DFLASH: {1: 1.0}}, {EAGLE: {1: 1.0}, DFLASH: {1: 1.0}},
+                        sample_row_s=0.001)
     monkeypatch.setattr("hf_whiflash.assistant.calibrated_latency", lambda *a, **kw: slow)
     assistant = WhiFlashAssistant(target, eagle, dflash)
-    assert assistant.draft_lengths == {EAGLE: 0, DFLASH: 0}
+    assert assistant.draft_lengths == {GREEDY: {EAGLE: 0, DFLASH: 0}, SAMPLED: {EAGLE: 0, DFLASH: 0}}
     out = target.generate(PROMPT, max_new_tokens=20, do_sample=False, assistant_model=assistant)
     assert torch.equal(out, target.generate(PROMPT, max_new_tokens=20, do_sample=False))
     assert {r.route for r in assistant.stats.rounds} == {TARGET} and len(assistant.stats.rounds) == 19

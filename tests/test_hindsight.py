@@ -3,9 +3,10 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from hf_whiflash import WhiFlashAssistant
-from hf_whiflash.hindsight import acceptance_tables, walk
+from hf_whiflash.hindsight import acceptance_chances, acceptance_tables, walk
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.names import DFLASH, EAGLE, TARGET
 from hf_whiflash.routing import OracleRouter
@@ -46,6 +47,27 @@ def test_shorter_eagle_chains_replay_from_the_same_table(tiny, setup):
     engine = [r.accepted for r in assistant.stats.rounds if r.route == EAGLE and r.drafted == 3]
     walked = walk(hindsight.tables[EAGLE].clamp(max=3), NEW - 1)
     assert engine == walked[:len(engine)] and len(engine) >= len(walked) - 2
+
+
+def test_sampling_chances_of_a_top1_only_sampler_are_the_greedy_tables(setup):
+    """Top-p small enough to keep only each row's top token makes sampling greedy: every draft is accepted
+    with chance 1 where it is the target's argmax and 0 elsewhere, so the chances' leading run is the table."""
+    target, assistant, reference, hindsight = setup
+    top1 = LogitsProcessorList([TopPLogitsWarper(1e-6)])
+    chances = acceptance_chances(target, reference, PROMPT.shape[1], top1, assistant.eagle3, assistant.dflash,
+                                 assistant.eagle_steps, assistant.dflash_block_size)
+    for route, table in hindsight.tables.items():
+        assert chances[route].shape == (len(table), hindsight_length(route, assistant))
+        assert set(chances[route].flatten().tolist()) <= {0.0, 1.0}
+        assert torch.equal(chances[route].long().cumprod(-1).sum(-1), table)
+    temperate = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)])
+    soft = acceptance_chances(target, reference, PROMPT.shape[1], temperate, assistant.eagle3, assistant.dflash,
+                              assistant.eagle_steps, assistant.dflash_block_size)
+    assert all(((c >= 0) & (c <= 1 + 1e-6)).all() and 0 < c.mean() < 1 for c in soft.values())
+
+
+def hindsight_length(route: str, assistant) -> int:
+    return assistant.eagle_steps if route == EAGLE else assistant.dflash_block_size - 1
 
 
 def test_oracle_realises_the_hindsight_best_route(setup):

@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_whiflash.names import DFLASH, EAGLE, ROUTES
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, ROUTES
 from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, RoundFeatures, RoutingState, feature_vector
 
 LATENCY = {"verify_s": {1: 0.05, 15: 0.12}, "draft_s": {EAGLE: {1: 0.003, 15: 0.045}, DFLASH: {1: 0.012, 15: 0.015}}}
@@ -116,8 +116,8 @@ def test_an_eagle_steps_override_is_what_the_router_scores_and_what_is_drafted(t
     assistant.policy.latency.round_seconds = lambda route, k: costed.append((route, k)) or round_seconds(route, k)
     target.generate(torch.tensor([[3, 8, 4, 9, 12, 5, 7]]), max_new_tokens=30, do_sample=False,
                     assistant_model=assistant)
-    assert asked and asked[0] == {EAGLE: 2, DFLASH: 4} == assistant.draft_lengths
+    assert asked and asked[0] == {EAGLE: 2, DFLASH: 4} == assistant.draft_lengths[GREEDY]
     assert all(lengths[EAGLE] <= 2 and lengths[DFLASH] <= 4 for lengths in asked)
     assert {(EAGLE, 2), (DFLASH, 4)} <= set(costed) and all(k <= 4 for _, k in costed)
-    drafted = {r.route: r.drafted for r in assistant.stats.rounds[:-3]}  # before the budget cuts drafts
-    assert all(drafted[route] == assistant.draft_lengths[route] for route in drafted)
+    routed = [r for r in assistant.stats.rounds if r.route in ROUTES]  # one per question to the policy
+    assert len(routed) == len(asked) and all(r.drafted == lengths[r.route] for r, lengths in zip(routed, asked))

@@ -9,12 +9,13 @@ from collections import Counter
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
+from hf_whiflash.sampling import draft_picker
 from helpers import RoutePattern
 
 VOCAB, NEW_TOKENS, PROMPT = 6, 4, torch.tensor([[1, 3, 4, 2, 5]])
@@ -96,23 +97,30 @@ def test_sampling_is_lossless_sample(tiny, mode, top_p):
     check_lossless(tiny, mode, draws=2500, top_p=top_p)
 
 
+class WidthRecordingTopP(TopPLogitsWarper):
+    """Top-p that notes the width of every row it processes."""
+
+    def __init__(self, top_p: float):
+        super().__init__(top_p)
+        self.widths = []
+
+    def __call__(self, input_ids, scores):
+        self.widths.append(scores.shape[-1])
+        return super().__call__(input_ids, scores)
+
+
 @pytest.mark.parametrize("processors, sub_vocabulary", [
-    ([TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)], True),
-    ([RepetitionPenaltyLogitsProcessor(1.3), TopPLogitsWarper(0.9)], False),  # reads token ids: whole vocabulary
+    ([TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), MinPLogitsWarper(0.05)], True),
+    ([RepetitionPenaltyLogitsProcessor(1.3)], False),  # reads token ids: whole vocabulary
 ])
-def test_a_sub_vocabulary_row_is_processed_as_the_whole_vocabulary_would_be(tiny, processors, sub_vocabulary):
+def test_a_sub_vocabulary_row_is_processed_as_the_whole_vocabulary_would_be(processors, sub_vocabulary):
     """The draft distribution the verifier gets from a sub-vocabulary pick is the one processing the widened row
     gives (-inf outside the sub-vocabulary); it is processed at the smaller size only when every processor
     reads nothing but the row."""
-    from hf_whiflash.generator import WhiFlashCandidateGenerator
-
-    assistant = assistant_for(tiny, "eagle3")
-    processors = LogitsProcessorList(processors)
-    generator = WhiFlashCandidateGenerator(assistant, assistant.stats, GenerationConfig(do_sample=True), processors)
-    assert generator.sub_vocabulary_processing == sub_vocabulary
-    generator.vocab_size = 300
+    top_p = WidthRecordingTopP(0.9)
+    processors = LogitsProcessorList([*processors, top_p])
     vocab = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:120]
-    pick = generator._picker(PROMPT)
+    pick = draft_picker(PROMPT, processors, do_sample=True, vocab_size=300)
     for seed in range(5):
         logits = torch.randn(1, 120, generator=torch.Generator().manual_seed(seed)) * 3
         widened = torch.full((1, 300), float("-inf")).index_copy_(-1, vocab, logits)
@@ -120,6 +128,8 @@ def test_a_sub_vocabulary_row_is_processed_as_the_whole_vocabulary_would_be(tiny
         token, row = pick(logits, [], vocab)
         torch.testing.assert_close(row, expected)
         assert int(token) in vocab.tolist() and torch.isfinite(row[0, token]).all()
+    picked_widths = top_p.widths[1::2]  # each seed: the expected row, then the pick's
+    assert set(picked_widths) == {120 if sub_vocabulary else 300}
 
 
 @pytest.mark.slow
