@@ -10,6 +10,11 @@ data grows, only the new samples are computed and appended; layers added later a
 and renamed in. index.json is replaced last, so a store is always exactly what its index lists (rows a killed
 append wrote past it are overwritten by the next one).
 With `accelerate launch`, each process computes its share of the samples.
+
+`features: online` in a recipe config skips the store: OnlineFeatures computes the same hidden states batch by
+batch inside the training loop, so the data a run can use is bounded by its token ids, not by disk (a store
+takes 2 bytes x H per token and layer: 5.8 GB for SmolLM2's five layers over 1M tokens). A store pays when a
+run makes several passes over the same data; one pass costs the same either way.
 """
 
 import json
@@ -36,6 +41,28 @@ def read_samples(data_dir: Path, max_len: int) -> list[dict]:
     for s in samples:
         s["input_ids"] = s["input_ids"][:max_len]
     return [s for s in samples if s["response_start"] < len(s["input_ids"]) - 1]
+
+
+def training_features(config: dict, target, read: list[int]) -> Dataset:
+    """The samples a recipe trains on, with the target's hidden_states `read`: OnlineFeatures when the config's
+    `features` is "online", else a feature store at that path (built or grown first; it also keeps the config's
+    `extra_feature_layers`)."""
+    if config["features"] == "online":
+        return OnlineFeatures(target, config["data"], read, config["max_len"], config["max_samples"],
+                              config.get("seed", 0))
+    layers = store_layers(target, read, config.get("extra_feature_layers", []))
+    store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
+    return FeatureStore(store_dir, read, config["max_samples"], config.get("seed", 0))
+
+
+def subset(count: int, max_samples: int | None, seed: int, source) -> list[int] | None:
+    """Indices of a random subset of `count` samples (for curves of acceptance against data size; nested across
+    sizes), or None for all of them."""
+    if max_samples is None:
+        return None
+    if not 0 < max_samples <= count:
+        raise ValueError(f"max_samples={max_samples}: {source} holds {count} samples")
+    return sorted(np.random.default_rng(seed).permutation(count)[:max_samples])
 
 
 def store_layers(target, needed, extra) -> list[int]:
@@ -190,11 +217,9 @@ class FeatureStore(Dataset):
         if missing:
             raise ValueError(f"{folder} lacks hidden_states layers {sorted(missing)}; rebuild the store")
         self.samples, total = index["samples"], sum(s["length"] for s in index["samples"])
-        if max_samples is not None:  # a random subset, for curves of acceptance against data size
-            if not 0 < max_samples <= len(self.samples):
-                raise ValueError(f"max_samples={max_samples}: the store at {folder} holds {len(self.samples)}")
-            keep = np.random.default_rng(seed).permutation(len(self.samples))[:max_samples]  # nested across sizes
-            self.samples = [self.samples[i] for i in sorted(keep)]
+        keep = subset(len(self.samples), max_samples, seed, f"the store at {folder}")
+        if keep is not None:
+            self.samples = [self.samples[i] for i in keep]
         self.tokens = np.memmap(folder / "tokens.i32", np.int32, "r", shape=(total,))
         self.layers = {layer: np.memmap(folder / f"layer_{layer}.f16", np.float16, "r",
                                         shape=(total, index["hidden_size"])) for layer in layers}
@@ -215,16 +240,59 @@ class FeatureStore(Dataset):
                                for s in self.samples])
 
 
+    def collate(self, batch: list[dict]) -> dict:
+        return collate(batch)
+
+
+class OnlineFeatures(Dataset):
+    """A store's samples without the store: {"input_ids" [T], "response_start"}, and `collate` adds the target's
+    hidden_states `layers` of the whole batch from one forward (no grad; packed weights where they pay), on the
+    device accelerate gives this process."""
+
+    def __init__(self, target, data_dir, layers: list[int], max_len: int, max_samples: int | None = None,
+                 seed: int = 0):
+        from accelerate import PartialState
+
+        samples = read_samples(data_dir, max_len)
+        keep = subset(len(samples), max_samples, seed, data_dir)
+        self.samples = samples if keep is None else [samples[i] for i in keep]
+        self.device = PartialState().device
+        self.target, self.layers = target.to(self.device), layers
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        return {"input_ids": torch.tensor(s["input_ids"]), "response_start": s["response_start"]}
+
+    def response_tokens(self) -> np.ndarray:
+        return np.concatenate([s["input_ids"][s["response_start"]:] for s in self.samples])
+
+    def collate(self, batch: list[dict]) -> dict:
+        from hf_whiflash.kernels import PackedLinears
+
+        padded = collate(batch)
+        with torch.no_grad(), PackedLinears([self.target]).active():
+            # Right padding, no attention mask: causal attention keeps the real tokens exact (as the store does).
+            out = self.target(padded["input_ids"].to(self.device), output_hidden_states=self.layers, logits_to_keep=1)
+        padded["hidden"] = {layer: out.hidden_states[layer].float() for layer in self.layers}
+        return padded
+
+
 def collate(batch: list[dict]) -> dict:
-    """Right-pad to the longest sample -> input_ids [B, T], valid/response masks [B, T], hidden {layer: [B, T, H]}."""
+    """Right-pad to the longest sample -> input_ids [B, T], valid/response masks [B, T], and for stored samples
+    hidden {layer: [B, T, H]}."""
     length = max(len(b["input_ids"]) for b in batch)
     ids = torch.zeros(len(batch), length, dtype=torch.long)
     valid = torch.zeros(len(batch), length, dtype=torch.bool)
-    hidden = {layer: torch.zeros(len(batch), length, h.shape[1]) for layer, h in batch[0]["hidden"].items()}
+    stored = batch[0].get("hidden", {})
+    hidden = {layer: torch.zeros(len(batch), length, h.shape[1]) for layer, h in stored.items()}
     for row, b in enumerate(batch):
         n = len(b["input_ids"])
         ids[row, :n], valid[row, :n] = b["input_ids"], True
-        for layer, h in b["hidden"].items():
+        for layer, h in b.get("hidden", {}).items():
             hidden[layer][row, :n] = h.float()
     response = valid & (torch.arange(length)[None, :] >= torch.tensor([b["response_start"] for b in batch])[:, None])
-    return {"input_ids": ids, "valid": valid, "response": response, "hidden": hidden}
+    batch = {"input_ids": ids, "valid": valid, "response": response}
+    return batch | {"hidden": hidden} if stored else batch

@@ -6,7 +6,9 @@
 Per sequence, `anchors_per_sequence` random anchors a in the response; each block is
 [token at a, MASK x (B-1)], sees the target's features of positions strictly before a (and its
 own block, non-causally), and its position k predicts the token at a+k with loss weight
-exp(-(k-1)/gamma). The target's embedding and LM head are shared and frozen. Output: `out`/final
+exp(-(k-1)/gamma). With `soft_targets: true` the loss is the cross-entropy against the target's whole
+next-token distribution at a+k (its LM head over hidden_states[L], read from the feature store), not
+just its greedy token. The target's embedding and LM head are shared and frozen. Output: `out`/final
 in the DFlash Hub layout (DFlashDrafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
 
 `mask_token_id: auto` picks the MASK id (see mask_token): the tokenizer's own mask token, else a special token
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from cards import drafter_card
-from features import FeatureStore, build_store, read_samples, store_layers
+from features import read_samples, training_features
 from trainer import recipe_config, starting_drafter, train
 
 from hf_whiflash import DFlashDrafter, load_target
@@ -29,9 +31,10 @@ from hf_whiflash import DFlashDrafter, load_target
 class BlockObjective(nn.Module):
     """Loss of one batch: position-weighted cross-entropy of many anchored blocks per sequence."""
 
-    def __init__(self, drafter: DFlashDrafter, anchors: int, gamma: float):
+    def __init__(self, drafter: DFlashDrafter, anchors: int, gamma: float, final_layer: int | None = None):
         super().__init__()
         self.drafter, self.anchors = drafter, anchors
+        self.final_layer = final_layer  # hidden_states index of the LM head's input: soft targets; None: hard labels
         weights = torch.tensor([math.exp(-(k - 1) / gamma) for k in range(1, drafter.block_size)])
         self.register_buffer("weights", weights)  # [B-1]: block position k = 1..B-1
 
@@ -61,7 +64,11 @@ class BlockObjective(nn.Module):
         inside = targets < T
         labels = ids.gather(1, targets.clamp(max=T - 1).view(B, -1)).view_as(targets)
         mask = inside & response.gather(1, targets.clamp(max=T - 1).view(B, -1)).view_as(targets) & eligible[..., None]
-        loss = nn.functional.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none").view_as(labels)
+        if self.final_layer is None:
+            loss = nn.functional.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none")
+        else:
+            loss = self._soft_ce(logits, batch["hidden"][self.final_layer], targets - 1, mask)
+        loss = loss.view_as(labels)
         weighted = self.weights * mask
         hits = (logits.argmax(-1) == labels) & mask
         accepted = hits.long().cumprod(-1).sum(-1).float()  # leading correct drafts per block (teacher-forced)
@@ -69,6 +76,20 @@ class BlockObjective(nn.Module):
         metrics = {"accept_len": (accepted * valid_blocks).sum() / valid_blocks.sum().clamp(min=1),
                    "acc_first": (hits[..., 0].float() * valid_blocks).sum() / valid_blocks.sum().clamp(min=1)}
         return (loss * weighted).sum() / weighted.sum().clamp(min=1e-6), metrics
+
+    def _soft_ce(self, logits, final_hidden, predicted_from, mask) -> torch.Tensor:
+        """Cross-entropy of the block's logits [B, A, k, V] against the target's distribution of the same
+        tokens: its LM head over final_hidden [B, T, H] at positions predicted_from [B, A, k] (a+k-1). Only
+        rows under `mask` get a distribution (the LM head over every row would double the step's cost)."""
+        B, A, k, V = logits.shape
+        rows = logits.flatten(0, 2)[mask.flatten()]  # [N, V]
+        with torch.no_grad():
+            at = predicted_from.clamp(max=final_hidden.shape[1] - 1).view(B, -1)
+            hidden = final_hidden.gather(1, at[..., None].expand(-1, -1, final_hidden.shape[-1]))  # [B, A*k, H]
+            p = self.drafter.logits(hidden.flatten(0, 1)[mask.flatten()]).float().softmax(-1)  # [N, V]
+        loss = logits.new_zeros(B * A * k)
+        loss[mask.flatten()] = -(p * rows.log_softmax(-1)).sum(-1)
+        return loss
 
 
 def mask_token(tokenizer, vocab_size: int, samples: list[dict]) -> int:
@@ -102,12 +123,14 @@ def main() -> None:
         lambda: DFlashDrafter.for_target(target, num_layers=config["num_layers"], block_size=config["block_size"],
                                          mask_token_id=mask_token_id, intermediate_size=config.get("intermediate_size"),
                                          seed=config.get("seed", 0)),
-        lambda d: {"num_layers": d.config.num_hidden_layers, "block_size": d.config.block_size,
-                   "intermediate_size": d.config.intermediate_size})
-    layers = store_layers(target, drafter.feature_layers, config.get("extra_feature_layers", []))
-    store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
-    store = FeatureStore(store_dir, drafter.feature_layers, config["max_samples"], config.get("seed", 0))
-    objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"])
+        lambda d: {"num_layers": d.config.num_hidden_layers, "intermediate_size": d.config.intermediate_size})
+    if drafter.block_size != config["block_size"]:  # no weight depends on the block size: train at the config's
+        print(f"block size {drafter.block_size} -> {config['block_size']}")
+        drafter.config.raw["block_size"] = drafter.block_size = config["block_size"]
+    final_layer = target.config.num_hidden_layers if config.get("soft_targets") else None  # the LM head's input
+    read = sorted(set(drafter.feature_layers) | ({final_layer} if final_layer is not None else set()))
+    store = training_features(config, target, read)
+    objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"], final_layer)
     final = train(config, objective, drafter, store)
     print(f"saved DFlash drafter to {final}")
     if args.push_to_hub:

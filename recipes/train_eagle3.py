@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cards import drafter_card
-from features import FeatureStore, build_store, store_layers
+from features import training_features
 from trainer import recipe_config, starting_drafter, train
 
 from hf_whiflash import Eagle3Drafter, load_target
@@ -81,7 +81,7 @@ class TTTObjective(nn.Module):
         return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
-def draft_vocabulary(store: FeatureStore, size: int, eos: int) -> torch.Tensor:
+def draft_vocabulary(store, size: int, eos: int) -> torch.Tensor:
     """The `size` most frequent response tokens (EOS always in), ascending."""
     counts = np.bincount(store.response_tokens(), minlength=size)
     counts[eos] = counts.max() + 1
@@ -99,10 +99,7 @@ def main() -> None:
                                          intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0)),
         lambda d: {"draft_vocab_size": d.config.draft_vocab_size, "intermediate_size": d.config.intermediate_size})
     final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
-    layers = store_layers(target, [*drafter.feature_layers, final_layer], config.get("extra_feature_layers", []))
-    store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"])
-    store = FeatureStore(store_dir, sorted(set(drafter.feature_layers) | {final_layer}), config["max_samples"],
-                         config.get("seed", 0))
+    store = training_features(config, target, sorted(set(drafter.feature_layers) | {final_layer}))
     if not config.get("init_from"):  # a trained drafter keeps the vocabulary its head was trained for
         drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
     objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],

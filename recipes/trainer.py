@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from features import FeatureStore, collate
 
 
 def recipe_config(doc: str, example: str) -> tuple[argparse.Namespace, dict]:
@@ -69,7 +68,8 @@ def starting_drafter(config: dict, cls, target, fresh, must_match: dict):
     `must_match`: config keys the starting drafter's own config must agree with (name -> its value there)."""
     if not config.get("init_from"):
         return fresh()
-    drafter = cls.from_pretrained(config["init_from"], dtype=torch.float32).attach(target)
+    # Without its acceptance profile: that describes the starting weights, not the ones this run trains.
+    drafter = cls.from_pretrained(config["init_from"], dtype=torch.float32, read_profile=False).attach(target)
     clashes = [f"{key}: {config[key]} in the config, {value} in {config['init_from']}"
                for key, value in must_match(drafter).items() if config.get(key) != value]
     if clashes:
@@ -143,8 +143,9 @@ def latest_checkpoint(out: Path, report=print) -> Path | None:
     return None
 
 
-def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore) -> Path:
-    """Run the loop; returns the folder of the exported drafter (`out`/final)."""
+def train(config: dict, objective: torch.nn.Module, drafter, store: Dataset) -> Path:
+    """Run the loop over `store` (features.FeatureStore or OnlineFeatures: its `collate` makes the batches);
+    returns the folder of the exported drafter (`out`/final)."""
     from accelerate import Accelerator
 
     if config.get("threads"):  # CPU: e.g. two recipes side by side on a 2-core machine
@@ -155,7 +156,7 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: FeatureStore
     accelerator = Accelerator(gradient_accumulation_steps=config.get("grad_accum", 1), mixed_precision=precision)
     accelerator.print(f"precision: {'bf16 autocast' if precision == 'bf16' else 'float32'}")
     seed_everything(config.get("seed", 0))
-    loader = DataLoader(store, batch_size=config["batch_size"], shuffle=True, collate_fn=collate,
+    loader = DataLoader(store, batch_size=config["batch_size"], shuffle=True, collate_fn=store.collate,
                         generator=torch.Generator().manual_seed(config.get("seed", 0)))
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config.get("weight_decay", 0.0),

@@ -31,7 +31,7 @@ def config_in(tmp: Path, name: str, **changes) -> Path:
     """A tiny config with every path moved under `tmp`."""
     config = yaml.safe_load((REPO / "recipes" / "configs" / name).read_text())
     for key in ("data", "features", "out"):
-        if key in config:
+        if key in config and config[key] != "online":  # features: online has no folder
             config[key] = str(tmp / config[key].replace("/", "_"))  # same path -> same folder
     config |= changes
     path = tmp / name
@@ -94,7 +94,11 @@ def losses(out: Path) -> list[float]:
 
 @pytest.mark.parametrize("script,config_name,cls", [("train_eagle3.py", "eagle3_tiny.yaml", Eagle3Drafter),
                                                    ("train_dflash.py", "dflash_tiny.yaml", DFlashDrafter)])
-def test_recipe_trains_resumes_and_exports_a_drafter(tiny_data, target, tokenizer, script, config_name, cls):
+def test_recipe_trains_resumes_and_exports_a_drafter(tiny_data, target, tokenizer, script, config_name, cls,
+                                                    monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from features import read_samples
+
     tmp, _ = tiny_data
     run(script, config_in(tmp, config_name), "--set", "max_steps=6")  # stops at the step-6 checkpoint
     out = Path(yaml.safe_load((tmp / config_name).read_text())["out"])
@@ -104,8 +108,8 @@ def test_recipe_trains_resumes_and_exports_a_drafter(tiny_data, target, tokenize
     curve = losses(out)
     assert len(curve) == 12
     run_info = json.loads((out / "run.json").read_text())  # what evaluate.py's data-size curve reads
-    stored = json.loads((Path(run_info["config"]["features"]) / "index.json").read_text())["samples"]
-    assert run_info["config"]["max_steps"] == 12 and run_info["train_samples"] == len(stored)
+    samples = read_samples(run_info["config"]["data"], run_info["config"]["max_len"])  # what store or online holds
+    assert run_info["config"]["max_steps"] == 12 and run_info["train_samples"] == len(samples)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3  # loss goes down
     drafter = cls.from_pretrained(out / "final")
     kind = "eagle3" if cls is Eagle3Drafter else "dflash"
@@ -190,6 +194,29 @@ def test_feature_store_subsets_are_seeded_and_nested(tmp_path, monkeypatch):
     assert subset[0]["input_ids"].tolist() == list(range(first["offset"], first["offset"] + first["length"]))
     with pytest.raises(ValueError, match="holds 8"):
         FeatureStore(tmp_path, [0], 9)
+
+
+def test_online_features_are_the_stores_batches_without_the_store(tiny_data, target, monkeypatch):
+    """features: online computes, per batch, the hidden states a store holds (the store keeps them in float16),
+    with the same token ids, masks and max_samples subset."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from features import FeatureStore, OnlineFeatures, build_store
+
+    tmp, _ = tiny_data
+    data, layers = tmp / "runs_data_tiny", [2, 30]
+    store = FeatureStore(build_store("SmolLM2-135M-Instruct", data, tmp / "online_check_store", layers, 64), layers, 3)
+    online = OnlineFeatures(target, data, layers, 64, max_samples=3)
+    assert len(online) == len(store) == 3
+    assert [s["id"] for s in online.samples] == [s["id"] for s in store.samples]
+    assert online.response_tokens().tolist() == store.response_tokens().tolist()
+    items = [0, 2]
+    stored, computed = store.collate([store[i] for i in items]), online.collate([online[i] for i in items])
+    for key in ("input_ids", "valid", "response"):
+        assert torch.equal(stored[key], computed[key])
+    valid = stored["valid"]
+    for layer in layers:
+        assert torch.allclose(stored["hidden"][layer][valid], computed["hidden"][layer][valid].half().float(),
+                              atol=2e-2, rtol=1e-2)
 
 
 def test_resume_skips_torn_checkpoints_and_saves_complete_ones(tmp_path, monkeypatch, capsys):
@@ -446,10 +473,11 @@ def test_recipes_train_drafters_for_another_architecture(tmp_path):
 
 @pytest.mark.parametrize("script,config_name,kind,shape", [
     ("train_eagle3.py", "eagle3_tiny.yaml", "eagle3", {"draft_vocab_size": 8192, "intermediate_size": 1536}),
-    ("train_dflash.py", "dflash_tiny.yaml", "dflash", {"num_layers": 3, "block_size": 16, "intermediate_size": 1536})])
+    ("train_dflash.py", "dflash_tiny.yaml", "dflash", {"num_layers": 3, "block_size": 8, "intermediate_size": 1536})])
 def test_recipe_starts_from_a_trained_drafter(tiny_data, script, config_name, kind, shape):
     """init_from (the SmolLM2 configs: the shipped drafters) continues training a drafter instead of starting from
-    scratch; a config that contradicts the drafter's own shape is a clear error, not a silent reshape."""
+    scratch; a config that contradicts the drafter's own shape is a clear error, not a silent reshape. A DFlash
+    drafter may change its block size (no weight depends on it; the shipped one has 16): it trains at the config's."""
     tmp, _ = tiny_data
     shipped = REPO / "hf_whiflash" / "checkpoints" / "SmolLM2-135M-Instruct" / kind
     done = launch(script, config_in(tmp, config_name, init_from=str(shipped), out=str(tmp / f"init-{kind}")))
@@ -459,7 +487,11 @@ def test_recipe_starts_from_a_trained_drafter(tiny_data, script, config_name, ki
     assert f"starting from {shipped}" in log
     start = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter}[kind].from_pretrained(shipped, dtype=torch.float32)
     trained = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter}[kind].from_pretrained(tmp / f"init-{kind}" / "final")
+    if kind == "dflash":
+        assert trained.block_size == 8 and start.block_size == 16
+        start.config.raw["block_size"] = 8
     assert trained.config.to_dict() == start.config.to_dict()
+    assert trained.tokens_per_round is None  # the shipped profile measured the starting weights, not these
     if kind == "eagle3":
         assert torch.equal(trained.d2t, start.d2t)  # the head keeps the vocabulary it was trained for
     before, after = start.state_dict(), trained.state_dict()
