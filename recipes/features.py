@@ -239,7 +239,6 @@ class FeatureStore(Dataset):
         return np.concatenate([self.tokens[s["offset"] + s["response_start"]: s["offset"] + s["length"]]
                                for s in self.samples])
 
-
     def collate(self, batch: list[dict]) -> dict:
         return collate(batch)
 

@@ -7,7 +7,7 @@ Per sequence, `anchors_per_sequence` random anchors a in the response; each bloc
 [token at a, MASK x (B-1)], sees the target's features of positions strictly before a (and its
 own block, non-causally), and its position k predicts the token at a+k with loss weight
 exp(-(k-1)/gamma). With `soft_targets: true` the loss is the cross-entropy against the target's whole
-next-token distribution at a+k (its LM head over hidden_states[L], read from the feature store), not
+next-token distribution at a+k (its LM head over hidden_states[L], a feature like the others), not
 just its greedy token. The target's embedding and LM head are shared and frozen. Output: `out`/final
 in the DFlash Hub layout (DFlashDrafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
 
