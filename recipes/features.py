@@ -252,11 +252,14 @@ class OnlineFeatures(Dataset):
                  seed: int = 0):
         from accelerate import PartialState
 
+        from hf_whiflash.kernels import PackedLinears
+
         samples = read_samples(data_dir, max_len)
         keep = subset(len(samples), max_samples, seed, data_dir)
         self.samples = samples if keep is None else [samples[i] for i in keep]
         self.device = PartialState().device
         self.target, self.layers = target.to(self.device), layers
+        self.kernels = PackedLinears([self.target])  # decided (and packed) once, not per batch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -269,10 +272,8 @@ class OnlineFeatures(Dataset):
         return np.concatenate([s["input_ids"][s["response_start"]:] for s in self.samples])
 
     def collate(self, batch: list[dict]) -> dict:
-        from hf_whiflash.kernels import PackedLinears
-
         padded = collate(batch)
-        with torch.no_grad(), PackedLinears([self.target]).active():
+        with torch.no_grad(), self.kernels.active():
             # Right padding, no attention mask: causal attention keeps the real tokens exact (as the store does).
             out = self.target(padded["input_ids"].to(self.device), output_hidden_states=self.layers, logits_to_keep=1)
         padded["hidden"] = {layer: out.hidden_states[layer].float() for layer in self.layers}
