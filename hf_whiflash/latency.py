@@ -6,9 +6,9 @@ measured after a context of typical length, with the drafters' own `draft`, and 
 linearly between measured lengths.
 
 Sampling costs more per round than greedy: drafting picks each token through the target's processors
-(sampled_draft_s, timed with the default SAMPLING settings), and transformers processes every one of the
-k+1 verified rows (top-p sorts the whole vocabulary each time) where plain sampling processes one row per
-token (sample_row_s).
+(sampled_draft_s, timed with the processors generate() builds for the default SAMPLING settings), and
+transformers processes every one of the k+1 verified rows where plain sampling processes one row per token
+(sample_row_s).
 """
 
 import statistics
@@ -95,7 +95,8 @@ class LatencyModel:
         verify_s = {k: statistics.median(row[i] for row in times) for i, k in enumerate(lengths)}
         drafts = [k for k in lengths if k > 0]
         vocab_size = target.get_output_embeddings().weight.shape[0]
-        sample = draft_picker(prompt, default_processors(), True, vocab_size)
+        processors = default_processors(target)
+        sample = draft_picker(prompt, processors, True, vocab_size)
         draft_s, sampled_draft_s = {}, {}
         for route, drafter in drafters.items():
             draft_s[route] = _draft_seconds(drafter, prompt, out.hidden_states, drafts, median_time)
@@ -103,7 +104,7 @@ class LatencyModel:
         row = out.logits[:, -1].float()  # [1, V]: a real distribution, as top-p's cost depends on its shape
 
         def sample_row():  # what transformers does per verified row, and plain sampling per token
-            torch.multinomial(default_processors()(prompt, row.clone()).softmax(-1), 1)
+            torch.multinomial(processors(prompt, row.clone()).softmax(-1), 1)
 
         return cls(verify_s, draft_s, sampled_draft_s, median_time(sample_row))
 

@@ -1,7 +1,8 @@
 """How drafters pick tokens when generation samples or processes logits: like the target's own sampler.
 
 The generator builds one picker per round (`draft_picker`); calibration times drafting with it under the
-default sampling settings (`SAMPLING`), so the draft lengths chosen for sampling pay what sampling costs.
+processors generate() builds for the default sampling settings (`default_processors`), so the draft lengths
+chosen for sampling pay what sampling costs.
 """
 
 import torch
@@ -16,9 +17,28 @@ from .names import SAMPLING
 SUB_VOCABULARY_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 
 
-def default_processors() -> LogitsProcessorList:
-    """The processors generate() builds for `do_sample=True, **SAMPLING`, in its order."""
-    return LogitsProcessorList([TemperatureLogitsWarper(SAMPLING["temperature"]), TopPLogitsWarper(SAMPLING["top_p"])])
+# What generate() falls back to for a setting neither the call nor the model's generation_config sets: top-k 50
+# is on by default, and it decides what sampling costs (top-p then sorts a row that is -inf past its 50 best:
+# 1.2 ms a row inside generate() against 4.2 ms for a whole 49k row, AMD EPYC with AVX512-BF16).
+GENERATE_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None}
+
+
+def default_processors(target) -> LogitsProcessorList:
+    """The warpers `target.generate(do_sample=True, **SAMPLING)` builds, in its order: each setting from SAMPLING,
+    else the model's generation_config, else generate()'s default (GENERATE_DEFAULTS)."""
+    model_config = target.generation_config
+    value = {name: SAMPLING.get(name, getattr(model_config, name, None)) for name in GENERATE_DEFAULTS}
+    value = {name: default if value[name] is None else value[name] for name, default in GENERATE_DEFAULTS.items()}
+    processors = LogitsProcessorList()
+    if value["temperature"] != 1.0:
+        processors.append(TemperatureLogitsWarper(value["temperature"]))
+    if value["top_k"]:
+        processors.append(TopKLogitsWarper(value["top_k"]))
+    if value["top_p"] < 1.0:
+        processors.append(TopPLogitsWarper(value["top_p"]))
+    if value["min_p"] is not None:
+        processors.append(MinPLogitsWarper(value["min_p"]))
+    return processors
 
 
 def draft_picker(input_ids, logits_processor, do_sample: bool, vocab_size: int):

@@ -5,7 +5,8 @@ and sampling, on the dev set.
 
 Greedy generation replays exactly from hindsight acceptance tables (one teacher-forced pass per drafter
 per dev prompt, on the target's own greedy output), so the tokens per round that drafting k tokens
-gives are measured without generating with every k. Sampling (the default SAMPLING settings) replays
+gives are measured without generating with every k. Sampling (the processors generate() builds for the
+default SAMPLING settings: temperature 0.7, top-p 0.9 and generate()'s top-k 50) replays
 draws: each draft is accepted with its teacher-forced chance sum_x min(p, q) (hindsight.acceptance_chances),
 --draws walks per prompt. Writes eagle3/acceptance.json (chains 1..--max-chain: a chain of k accepts
 min(a, k) of the longest chain's a) and dflash/acceptance.json (--dflash-blocks: each block size needs its
@@ -73,7 +74,7 @@ def main() -> None:
     refs = [cached[p["id"]] for p in prompts]
     sequences = [(torch.tensor([r["ids"]]), r["prompt_length"]) for r in refs]
     budgets = [len(r["ids"]) - r["prompt_length"] - 1 for r in refs]  # the prefill produced the first new token
-    processors = default_processors()
+    processors = default_processors(target)
 
     def measured(drafters: dict, route: str, lengths, **length_setting) -> dict[str, dict[int, float]]:
         tables = [acceptance_tables(target, ids, start, **drafters, **length_setting).tables[route]

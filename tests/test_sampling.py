@@ -15,7 +15,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
-from hf_whiflash.sampling import draft_picker
+from hf_whiflash.names import SAMPLING
+from hf_whiflash.sampling import default_processors, draft_picker
 from helpers import RoutePattern
 
 VOCAB, NEW_TOKENS, PROMPT = 6, 4, torch.tensor([[1, 3, 4, 2, 5]])
@@ -130,6 +131,27 @@ def test_a_sub_vocabulary_row_is_processed_as_the_whole_vocabulary_would_be(proc
         assert int(token) in vocab.tolist() and torch.isfinite(row[0, token]).all()
     picked_widths = top_p.widths[1::2]  # each seed: the expected row, then the pick's
     assert set(picked_widths) == {120 if sub_vocabulary else 300}
+
+
+def describe(processors) -> list[tuple]:
+    return [(type(p).__name__, {k: v for k, v in vars(p).items() if not isinstance(v, torch.Tensor)})
+            for p in processors]
+
+
+@pytest.mark.parametrize("model_settings", [{}, {"top_k": 0, "min_p": 0.05}, {"top_k": 7, "temperature": 0.5}])
+def test_calibration_samples_with_the_processors_generate_builds(tiny, model_settings, monkeypatch):
+    """Calibration and the sampling profiles time and replay the warpers a `generate(do_sample=True, **SAMPLING)`
+    call really applies: the model's generation_config over generate()'s defaults (top-k 50 among them)."""
+    monkeypatch.setattr(tiny, "generation_config", tiny.generation_config.__class__(**{
+        **tiny.generation_config.to_dict(), **model_settings}))
+    assistant = assistant_for(tiny, "eagle3")
+    seen = []
+    build = assistant.whiflash_candidate_generator
+    monkeypatch.setattr(assistant, "whiflash_candidate_generator",
+                        lambda model, config, processors, tokenizer=None: seen.append(processors) or
+                        build(model, config, processors, tokenizer))
+    tiny.generate(PROMPT, max_new_tokens=2, do_sample=True, **SAMPLING, assistant_model=assistant)
+    assert describe(default_processors(tiny)) == describe(seen[0])
 
 
 @pytest.mark.slow
