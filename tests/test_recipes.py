@@ -219,6 +219,37 @@ def test_online_features_are_the_stores_batches_without_the_store(tiny_data, tar
                               atol=2e-2, rtol=1e-2)
 
 
+def test_bfloat16_features_track_float32_ones_and_a_store_keeps_its_dtype(tiny_data, target, monkeypatch):
+    """feature_dtype: bfloat16 computes hidden states with a bf16 copy of the target (the recipe's own target stays
+    float32) that agree with float32 ones up to bf16 rounding and give the same greedy labels almost everywhere;
+    a store records its dtype, and asking for another one rebuilds it."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from features import FeatureStore, OnlineFeatures, build_store
+
+    tmp, _ = tiny_data
+    data, layers = tmp / "runs_data_tiny", [15, 30]
+    exact = OnlineFeatures(target, data, layers, 64, max_samples=3)
+    rounded = OnlineFeatures(target, data, layers, 64, max_samples=3, dtype=torch.bfloat16)
+    assert next(target.parameters()).dtype == torch.float32
+    batch = [exact[i] for i in range(3)]
+    a, b = exact.collate(batch), rounded.collate(batch)
+    valid = a["valid"]
+    close = lambda x, y: ((x - y).norm(dim=-1) / x.norm(dim=-1)).median() < 0.05  # noqa: E731: bf16 rounding
+    for layer in layers:
+        assert close(a["hidden"][layer][valid], b["hidden"][layer][valid])
+    head = target.get_output_embeddings().weight
+    labels = lambda h: (h[30][valid] @ head.T).argmax(-1)  # noqa: E731: the target's greedy next tokens
+    assert (labels(a["hidden"]) == labels(b["hidden"])).float().mean() > 0.9
+
+    folder = tmp / "dtype_store"
+    build_store("SmolLM2-135M-Instruct", data, folder, [15], max_len=64)
+    assert json.loads((folder / "index.json").read_text())["dtype"] == "float32"
+    build_store("SmolLM2-135M-Instruct", data, folder, [15], max_len=64, dtype=torch.bfloat16)
+    assert json.loads((folder / "index.json").read_text())["dtype"] == "bfloat16"
+    stored = FeatureStore(folder, [15], max_samples=3)  # the same subset as the online ones
+    assert close(a["hidden"][15][valid], stored.collate([stored[i] for i in range(3)])["hidden"][15][valid])
+
+
 def test_resume_skips_torn_checkpoints_and_saves_complete_ones(tmp_path, monkeypatch, capsys):
     """A run killed while saving must never leave a step folder that resuming picks: saves are renamed into
     place when complete, and a torn step folder (from an older trainer) is skipped, with a warning naming it."""
