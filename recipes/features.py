@@ -100,9 +100,9 @@ def build_store(target_name: str, data_dir, folder, layers: list[int], max_len: 
     index_path = folder / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else None
     stored = {(s["id"], s["length"]) for s in index["samples"]} if index else set()
-    same_target = index is not None and (index["target"], index.get("dtype", "float32")) == (target_name,
-                                                                                             dtype_name(dtype))
-    grows = same_target and stored <= {(s["id"], len(s["input_ids"])) for s in samples}
+    computed_with = (target_name, dtype_name(dtype))  # a store of another target or dtype is rebuilt
+    same_model = index is not None and (index["target"], index.get("dtype", "float32")) == computed_with
+    grows = same_model and stored <= {(s["id"], len(s["input_ids"])) for s in samples}
     if not grows:
         kept = index["layers"] if index else []
         return rebuild_store(target_name, samples, folder, sorted(set(layers) | set(kept)), batch_tokens, dtype)
