@@ -87,17 +87,28 @@ def best_length(latency: LatencyModel, route: str, tokens_per_round: dict[int, f
 
 class DraftCut:
     """Per-round draft length from the drafter's own confidence, lossless by construction (it only decides how
-    many drafts go to verification). With c_j the drafter's probability of its j-th draft, the chance that
-    drafts 1..j are all accepted is taken as P_j = c_1 * ... * c_j, so k drafts promise E_k = 1 + P_1 + ... + P_k
-    tokens for this machine's calibrated cost of the round. An EAGLE-3 chain stops once one more step (assumed
-    as confident as the last) would lower E / cost; a DFlash block, drafted whole, keeps the k with the best
-    E_k / cost (greedy or sampling costs). `max_length` caps both."""
+    many drafts go to verification). With a_j the chance that the j-th draft is accepted given that the ones
+    before it were, k drafts promise E_k = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens for this machine's
+    calibrated cost of the round. a_j is the drafter's confidence c_j in its j-th draft (its probability of the
+    token it picked), read through `by_confidence` where the drafter ships one (acceptance.json: the accepted
+    share of dev-set drafts in c_j's bin; sampled drafts are accepted far less often than their confidence
+    says), else c_j itself. An EAGLE-3 chain stops once one more step (assumed as likely accepted as the last)
+    would lower E / cost; a DFlash block, drafted whole, keeps the k with the best E_k / cost (greedy or
+    sampling costs). `max_length` caps both."""
 
-    def __init__(self, latency: LatencyModel, route: str, max_length: int, sampling: bool = False):
+    def __init__(self, latency: LatencyModel, route: str, max_length: int, sampling: bool = False,
+                 by_confidence: list[float] | None = None):
         self.max_length = max_length
         self.per_step = route == EAGLE  # an EAGLE-3 chain pays per step; a DFlash block is paid whole
         self.verify = [latency.verify_seconds(k, sampling) for k in range(max_length + 1)]  # by drafts k
         self.draft = [latency.draft_seconds(route, k, sampling) if k else 0.0 for k in range(max_length + 1)]
+        self.by_confidence = by_confidence
+
+    def _chances(self, confidences: list[float]) -> list[float]:
+        if self.by_confidence is None:
+            return confidences
+        bins = len(self.by_confidence)
+        return [self.by_confidence[min(int(c * bins), bins - 1)] for c in confidences]
 
     def _cost(self, k: int, drafted: int) -> float:
         return self.verify[k] + self.draft[k if self.per_step else drafted]
@@ -107,15 +118,17 @@ class DraftCut:
         k = len(confidences)
         if k >= self.max_length:
             return False
-        reach = math.prod(confidences)
-        expected = 1 + sum(math.prod(confidences[:j]) for j in range(1, k + 1))
-        return (expected + reach * confidences[-1]) / self._cost(k + 1, k + 1) > expected / self._cost(k, k)
+        chances = self._chances(confidences)
+        reach = math.prod(chances)
+        expected = 1 + sum(math.prod(chances[:j]) for j in range(1, k + 1))
+        return (expected + reach * chances[-1]) / self._cost(k + 1, k + 1) > expected / self._cost(k, k)
 
     def keep(self, confidences: list[float]) -> int:
         """Of a block's drafts with these confidences: how many to verify (at least one)."""
-        n, expected, best, best_rate = len(confidences), 1.0, 1, 0.0
+        chances = self._chances(confidences)
+        n, expected, best, best_rate = len(chances), 1.0, 1, 0.0
         for k in range(1, n + 1):
-            expected += math.prod(confidences[:k])
+            expected += math.prod(chances[:k])
             rate = expected / self._cost(k, n)
             if rate > best_rate:
                 best, best_rate = k, rate

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .names import ACCEPTANCE_FILE, GREEDY, SAMPLED
+from .names import ACCEPTANCE_FILE, CONFIDENCE_BINS, GREEDY, SAMPLED
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -199,24 +199,37 @@ def write_text_atomically(path: Path, text: str) -> None:
     replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def write_acceptance(folder: Path, tokens_per_round: dict[str, dict[int, float]]) -> None:
+def write_acceptance(folder: Path, tokens_per_round: dict[str, dict[int, float]],
+                     by_confidence: dict[str, list[float]] | None = None) -> None:
     profile = {mode: {str(k): round(v, 4) for k, v in sorted(by_length.items())}
                for mode, by_length in tokens_per_round.items()}
-    write_text_atomically(folder / ACCEPTANCE_FILE, json.dumps({"tokens_per_round": profile}, indent=1) + "\n")
+    data = {"tokens_per_round": profile}
+    if by_confidence is not None:
+        data["acceptance_by_confidence"] = {mode: [round(c, 4) for c in bins] for mode, bins in by_confidence.items()}
+    write_text_atomically(folder / ACCEPTANCE_FILE, json.dumps(data, indent=1) + "\n")
 
 
-def read_acceptance(folder: Path) -> dict[str, dict[int, float]] | None:
-    """A drafter folder's acceptance profile (mode -> draft length -> tokens per round), if it ships one."""
+def read_acceptance(folder: Path) -> tuple[dict[str, dict[int, float]] | None, dict[str, list[float]] | None]:
+    """A drafter folder's acceptance profile (mode -> draft length -> tokens per round) and, where measured, its
+    acceptance by confidence (mode -> chance per confidence bin); None for what it does not ship."""
     path = folder / ACCEPTANCE_FILE
     if not path.is_file():
-        return None
+        return None, None
     try:
-        profile = json.loads(path.read_text())["tokens_per_round"]
-        return {mode: {int(k): float(v) for k, v in profile[mode].items()} for mode in (GREEDY, SAMPLED)}
+        data = json.loads(path.read_text())
+        profile = {mode: {int(k): float(v) for k, v in data["tokens_per_round"][mode].items()}
+                   for mode in (GREEDY, SAMPLED)}
+        bins = data.get("acceptance_by_confidence")
+        by_confidence = {mode: [float(c) for c in bins[mode]] for mode in (GREEDY, SAMPLED)} if bins else None
+        if by_confidence and any(len(b) != CONFIDENCE_BINS for b in by_confidence.values()):
+            raise ValueError(f"acceptance_by_confidence needs {CONFIDENCE_BINS} bins per mode")
+        return profile, by_confidence
     except (ValueError, KeyError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{path} is not an acceptance profile ({error!r}): expected "
                               '{"tokens_per_round": {"greedy": {"<draft length>": <tokens>, ...}, "sampling": '
-                              '{...}}}; delete it or rerun recipes/profile_acceptance.py') from None
+                              '{...}}, optionally "acceptance_by_confidence": {"greedy": [<chance per bin> x '
+                              f'{CONFIDENCE_BINS}], "sampling": [...]}}}}; delete it or rerun '
+                              'recipes/profile_acceptance.py') from None
 
 
 def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor], safe_serialization: bool) -> Path:
@@ -245,6 +258,10 @@ class HubMixin:
     # measured on a dev set by recipes/profile_acceptance.py; None when unknown. With round costs measured on
     # the user's machine it decides the draft length of each mode (calibration.py).
     tokens_per_round: dict[str, dict[int, float]] | None = None
+    # By mode: the chance that a draft is accepted (given the drafts before it were), per bin of the drafter's
+    # confidence in it (CONFIDENCE_BINS equal bins of [0, 1]), measured on the same dev set. Dynamic lengths
+    # (calibration.DraftCut) read confidences through it; None: taken at face value.
+    acceptance_by_confidence: dict[str, list[float]] | None = None
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, revision=None, token=None,
@@ -255,7 +272,8 @@ class HubMixin:
         state, files = read_weights(folder)
         model = cls(config, **cls._modules_for(state))
         model._load_strict(state, files)
-        model.tokens_per_round = read_acceptance(folder) if read_profile else None
+        if read_profile:
+            model.tokens_per_round, model.acceptance_by_confidence = read_acceptance(folder)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model
@@ -287,7 +305,7 @@ class HubMixin:
     def save_pretrained(self, save_directory, *, safe_serialization: bool = True) -> Path:
         folder = write_folder(Path(save_directory), self.config.to_dict(), self.state_dict(), safe_serialization)
         if self.tokens_per_round is not None:
-            write_acceptance(folder, self.tokens_per_round)
+            write_acceptance(folder, self.tokens_per_round, self.acceptance_by_confidence)
         return folder
 
     def push_to_hub(self, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,

@@ -32,7 +32,8 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         self.drafters = {route: assistant.drafters[route] for route in self.draft_lengths}
         self.caches = {route: LazyCatchUpCache() for route in self.drafters}
         # With dynamic lengths, each round's draft length is cut by the drafter's confidence (draft_lengths: the cap).
-        self.cuts = {route: DraftCut(assistant.latency, route, k, sampling=self.do_sample)
+        self.cuts = {route: DraftCut(assistant.latency, route, k, self.do_sample,
+                                     (self.drafters[route].acceptance_by_confidence or {}).get(mode))
                      for route, k in self.draft_lengths.items() if assistant.dynamic_lengths}
         self.eager = assistant.catch_up == "eager"  # baseline: every drafter absorbs every verified position
         self.policy = assistant.policy.for_generation()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .names import DFLASH, EAGLE
+from .names import DFLASH, EAGLE, GREEDY, SAMPLED
 from .routing import RoutingState
 
 
@@ -75,17 +75,59 @@ def acceptance_chances(target, sequence: torch.Tensor, start: int, processors, e
     return chances
 
 
+@torch.no_grad()
+def confidence_outcomes(target, sequence: torch.Tensor, start: int, processors, eagle=None, dflash=None,
+                        eagle_steps: int = 6, block_size: int | None = None,
+                        generator: torch.Generator | None = None) -> dict[str, dict[str, tuple]]:
+    """What dynamic lengths read confidences through (calibration.DraftCut): for every draft of every round start
+    (as acceptance_chances, teacher-forced, so each draft's context holds accepted drafts), the drafter's confidence
+    in it and its acceptance. Route -> mode -> (confidences [N], acceptances [N]). Greedy: the draft is the
+    drafter's argmax, its confidence that token's probability, its acceptance 1 where it is the true token, else 0.
+    Sampling: one draw x from the processed draft distribution q; confidence q(x), acceptance its chance under
+    speculative sampling, min(1, p(x) / q(x))."""
+    layers = sorted({i for d in (eagle, dflash) if d is not None for i in d.feature_layers})
+    out = target(sequence, output_hidden_states=layers)
+    T = sequence.shape[1]
+    parts = {}  # route -> [(draft logits [R, k, V'], positions [R, k], target ids of the V' columns or None)]
+    if eagle is not None:
+        logits, positions = _eagle_chains(eagle, sequence, out.hidden_states, start, eagle_steps)
+        parts[EAGLE] = [(logits, positions, eagle.to_target_ids(torch.arange(logits.shape[-1], device=logits.device)))]
+    if dflash is not None:
+        parts[DFLASH] = [(logits, positions, None) for logits, positions in
+                         _dflash_blocks(dflash, sequence, out.hidden_states, start, block_size or dflash.block_size)]
+    outcomes = {}
+    for route, chunks in parts.items():
+        greedy, sampled = [], []
+        for logits, positions, vocab in chunks:
+            valid = (positions < T).flatten()
+            truth = sequence[0, positions.flatten().clamp(max=T - 1)]
+            confidence, best = logits.flatten(0, 1).float().softmax(-1).max(-1)  # [N]
+            drafted = vocab[best] if vocab is not None else best
+            greedy.append((confidence[valid], (drafted == truth).float()[valid]))
+            p, q = _processed(logits, out.logits[0], positions, T, processors, sequence, vocab)
+            x = torch.multinomial(q, 1, generator=generator)  # [N, 1]: one sampled draft per position
+            q_x, p_x = q.gather(-1, x)[:, 0], p.gather(-1, x)[:, 0]
+            sampled.append((q_x[valid], (p_x / q_x).clamp(max=1)[valid]))
+        outcomes[route] = {mode: tuple(torch.cat(column) for column in zip(*pairs))
+                           for mode, pairs in ((GREEDY, greedy), (SAMPLED, sampled))}
+    return outcomes
+
+
 def _chance(draft_logits, target_logits, positions, T, processors, sequence, vocab=None) -> torch.Tensor:
-    """Draft logits [R, k, Vd] for the tokens at `positions` [R, k] -> acceptance chances [R, k] (0 past T).
-    `vocab` [Vd]: the target ids of a drafter's sub-vocabulary (processed at its size, as generation does)."""
+    """Draft logits [R, k, Vd] for the tokens at `positions` [R, k] -> acceptance chances [R, k] (0 past T)."""
     R, k, _ = draft_logits.shape
-    valid = positions < T
+    p, q = _processed(draft_logits, target_logits, positions, T, processors, sequence, vocab)
+    return torch.minimum(p, q).sum(-1).view(R, k) * (positions < T)
+
+
+def _processed(draft_logits, target_logits, positions, T, processors, sequence, vocab=None):
+    """The target's and the drafter's distributions after `processors` for the tokens at `positions` [R, k]:
+    p, q [R*k, Vd]. `vocab` [Vd]: the target ids of a drafter's sub-vocabulary (processed at its size, as
+    generation does)."""
     rows = target_logits[(positions - 1).clamp(max=T - 1)].flatten(0, 1).float()  # [R*k, V]: predicted each token
     p = processors(sequence, rows).softmax(-1)
     q = processors(sequence, draft_logits.flatten(0, 1).float()).softmax(-1)  # [R*k, Vd]
-    if vocab is not None:
-        p = p[:, vocab]
-    return torch.minimum(p, q).sum(-1).view(R, k) * valid
+    return (p[:, vocab] if vocab is not None else p), q
 
 
 def _eagle_chains(eagle, sequence, hidden_states, start, steps) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,10 @@ draws: each draft is accepted with its teacher-forced chance sum_x min(p, q) (hi
 min(a, k) of the longest chain's a) and dflash/acceptance.json (--dflash-blocks: each block size needs its
 own pass, as a block's positions attend to each other). WhiFlashAssistant picks each mode's draft lengths
 from these profiles and the round costs it measures on the user's machine (calibration.py).
+
+Both files also get the acceptance by confidence that dynamic lengths read the drafter's confidence through
+(calibration.DraftCut): per bin of the drafter's probability of its draft, the share of dev-set drafts accepted
+(greedy) or their mean chance of acceptance (sampling), at the longest chain and the largest block.
 """
 
 import argparse
@@ -25,8 +29,8 @@ from evaluate import references
 from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, load_target
 from hf_whiflash.bench import load_prompts
 from hf_whiflash.checkpoint import write_acceptance
-from hf_whiflash.hindsight import acceptance_chances, acceptance_tables, walk
-from hf_whiflash.names import DFLASH, EAGLE, GREEDY, SAMPLED
+from hf_whiflash.hindsight import acceptance_chances, acceptance_tables, confidence_outcomes, walk
+from hf_whiflash.names import CONFIDENCE_BINS, DFLASH, EAGLE, GREEDY, SAMPLED
 from hf_whiflash.sampling import default_processors
 
 
@@ -42,6 +46,16 @@ def sampled_tables(chances: list[torch.Tensor], draws: int, seed: int = 0) -> li
     generator = torch.Generator().manual_seed(seed)
     return [(torch.rand(c.shape, generator=generator) < c).long().cumprod(-1).sum(-1)
             for c in chances for _ in range(draws)]
+
+
+def acceptance_by_confidence(outcomes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """(confidences, acceptances) of many drafts -> the mean acceptance in each of CONFIDENCE_BINS equal bins of
+    confidence, each pulled towards the overall mean by one pseudo-draft (an empty bin gets the mean)."""
+    confidence, accepted = (torch.cat(column).double() for column in zip(*outcomes))
+    bins = (confidence * CONFIDENCE_BINS).long().clamp(0, CONFIDENCE_BINS - 1)
+    counts = torch.bincount(bins, minlength=CONFIDENCE_BINS)
+    sums = torch.bincount(bins, weights=accepted, minlength=CONFIDENCE_BINS)
+    return ((sums + accepted.mean()) / (counts + 1)).tolist()
 
 
 def mode_profiles(tables, chances, budgets: list[int], lengths, draws: int) -> dict[str, dict[int, float]]:
@@ -83,24 +97,35 @@ def main() -> None:
                    for ids, start in sequences]
         return mode_profiles(tables, chances, budgets, lengths, args.draws)
 
+    def by_confidence(drafters: dict, route: str, **length_setting) -> dict[str, list[float]]:
+        generator = torch.Generator().manual_seed(0)
+        outcomes = [confidence_outcomes(target, ids, start, processors, **drafters, **length_setting,
+                                        generator=generator)[route] for ids, start in sequences]
+        return {mode: acceptance_by_confidence([o[mode] for o in outcomes]) for mode in (GREEDY, SAMPLED)}
+
     if (folder / EAGLE).is_dir():
         eagle = {"eagle": Eagle3Drafter.from_pretrained(folder / EAGLE, read_profile=False).attach(target)}
         profile = measured(eagle, EAGLE, range(1, args.max_chain + 1), eagle_steps=args.max_chain)
-        write_acceptance(folder / EAGLE, profile)
+        confidence = by_confidence(eagle, EAGLE, eagle_steps=args.max_chain)
+        write_acceptance(folder / EAGLE, profile, confidence)
         show("EAGLE-3 tokens per round by chain length", profile)
+        show("EAGLE-3 acceptance by confidence bin", confidence)
     if (folder / DFLASH).is_dir():
         dflash = {"dflash": DFlashDrafter.from_pretrained(folder / DFLASH, read_profile=False).attach(target)}
         profile = {GREEDY: {}, SAMPLED: {}}
         for block in args.dflash_blocks:
             for mode, by_length in measured(dflash, DFLASH, [block - 1], block_size=block).items():
                 profile[mode] |= by_length
-        write_acceptance(folder / DFLASH, profile)
+        confidence = by_confidence(dflash, DFLASH, block_size=max(args.dflash_blocks))
+        write_acceptance(folder / DFLASH, profile, confidence)
         show("DFlash tokens per round by draft length (block size - 1)", profile)
+        show("DFlash acceptance by confidence bin", confidence)
 
 
 def show(title: str, profile: dict) -> None:
-    for mode, by_length in profile.items():
-        print(f"{title}, {mode}:", {k: round(v, 3) for k, v in by_length.items()})
+    for mode, values in profile.items():
+        rounded = [round(v, 3) for v in values] if isinstance(values, list) else {k: round(v, 3) for k, v in values.items()}
+        print(f"{title}, {mode}:", rounded)
 
 
 if __name__ == "__main__":

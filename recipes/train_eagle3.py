@@ -88,6 +88,17 @@ def draft_vocabulary(store, size: int, eos: int) -> torch.Tensor:
     return torch.from_numpy(np.sort(np.argsort(-counts, kind="stable")[:size]))
 
 
+def init_lm_head(drafter: Eagle3Drafter, target, how: str) -> None:
+    """`random` (as initialised) or `target`: the target's own LM-head rows of the draft vocabulary, so the head
+    starts out reading its hidden state the way the target reads its last one."""
+    if how not in ("random", "target"):
+        raise ValueError(f"lm_head_init: {how!r}; use random or target")
+    if how == "target":
+        rows = drafter.to_target_ids(torch.arange(drafter.config.draft_vocab_size))
+        with torch.no_grad():
+            drafter.lm_head.weight.copy_(target.get_output_embeddings().weight[rows])
+
+
 def main() -> None:
     args, config = recipe_config(__doc__, "recipes/configs/eagle3_smollm2.yaml")
     torch.manual_seed(config.get("seed", 0))
@@ -100,8 +111,12 @@ def main() -> None:
         lambda d: {"draft_vocab_size": d.config.draft_vocab_size, "intermediate_size": d.config.intermediate_size})
     final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
     store = training_features(config, target, sorted(set(drafter.feature_layers) | {final_layer}))
+    if config.get("init_from") and config.get("lm_head_init", "random") != "random":
+        raise ValueError("lm_head_init initialises a head trained from scratch: set init_from to null, or "
+                         "lm_head_init to random to train the init_from head further")
     if not config.get("init_from"):  # a trained drafter keeps the vocabulary its head was trained for
         drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
+        init_lm_head(drafter, target, config.get("lm_head_init", "random"))
     objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],
                              config["ttt_decay"], config.get("anchors_per_sequence"))
     final = train(config, objective, drafter, store)

@@ -131,6 +131,21 @@ def test_greedy_and_sampled_generations_draft_their_own_mode_s_length(parts, mon
     assert drafted == {False: {2}, True: {1}}
 
 
+def test_acceptance_by_confidence_is_saved_loaded_and_checked(parts, tmp_path):
+    _, eagle, _, _, _ = parts
+    eagle.acceptance_by_confidence = {GREEDY: [0.05 * i for i in range(10)], SAMPLED: [0.03 * i for i in range(10)]}
+    folder = eagle.save_pretrained(tmp_path / "eagle3")
+    loaded = Eagle3Drafter.from_pretrained(folder)
+    assert all(loaded.acceptance_by_confidence[m] == pytest.approx(eagle.acceptance_by_confidence[m], abs=1e-4)
+               for m in (GREEDY, SAMPLED))
+    assert loaded.tokens_per_round == eagle.tokens_per_round
+    data = json.loads((folder / "acceptance.json").read_text())
+    data["acceptance_by_confidence"][SAMPLED] = [0.5] * 4  # not one chance per bin
+    (folder / "acceptance.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="10 bins"):
+        Eagle3Drafter.from_pretrained(folder)
+
+
 def test_a_torn_acceptance_profile_or_one_without_sampling_is_a_clear_error(parts, tmp_path):
     _, eagle, _, _, _ = parts
     folder = eagle.save_pretrained(tmp_path / "eagle3")
@@ -164,6 +179,16 @@ def test_a_confident_chain_goes_on_and_a_doubtful_one_stops():
     assert not cut.more([0.2])  # one more step would cost more than the 4% chance it adds
     assert not cut.more([0.99] * 8)  # the cap
     assert cut.more([0.9, 0.9, 0.9]) and not cut.more([0.9, 0.9, 0.05])
+
+
+def test_confidences_are_read_through_the_drafter_s_measured_acceptance():
+    """A confident sampled draft that the dev set says is accepted 20% of the time stops the chain."""
+    overconfident = [0.02, 0.05, 0.1, 0.1, 0.15, 0.15, 0.2, 0.2, 0.2, 0.2]  # by bin of confidence
+    assert DraftCut(flat_costs(), EAGLE, max_length=8).more([0.95])
+    cut = DraftCut(flat_costs(), EAGLE, max_length=8, by_confidence=overconfident)
+    assert not cut.more([0.95])
+    assert DraftCut(flat_costs(), DFLASH, 15, by_confidence=overconfident).keep([0.95] * 15) == 1
+    assert DraftCut(flat_costs(), DFLASH, 15, by_confidence=[0.9] * 10).keep([0.01] * 15) == 12  # as 0.9 each
 
 
 def test_a_block_is_cut_where_expected_tokens_per_second_peak():

@@ -6,9 +6,9 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from hf_whiflash import WhiFlashAssistant
-from hf_whiflash.hindsight import acceptance_chances, acceptance_tables, walk
+from hf_whiflash.hindsight import acceptance_chances, acceptance_tables, confidence_outcomes, walk
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.names import DFLASH, EAGLE, TARGET
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, SAMPLED, TARGET
 from hf_whiflash.routing import OracleRouter
 
 PROMPT = torch.tensor([[3, 8, 4, 9, 12, 5, 7]])
@@ -64,6 +64,28 @@ def test_sampling_chances_of_a_top1_only_sampler_are_the_greedy_tables(setup):
     soft = acceptance_chances(target, reference, PROMPT.shape[1], temperate, assistant.eagle3, assistant.dflash,
                               assistant.eagle_steps, assistant.dflash_block_size)
     assert all(((c >= 0) & (c <= 1 + 1e-6)).all() and 0 < c.mean() < 1 for c in soft.values())
+
+
+def test_confidence_outcomes_are_the_drafts_own_acceptance(setup):
+    """Greedy: a draft is accepted where it is the true token, so within each chain the leading run of accepted
+    drafts is the table's entry. Sampling with a top-1 sampler is greedy, so its outcomes are the same."""
+    target, assistant, reference, hindsight = setup
+    top1 = LogitsProcessorList([TopPLogitsWarper(1e-6)])
+    outcomes = confidence_outcomes(target, reference, PROMPT.shape[1], top1, assistant.eagle3, assistant.dflash,
+                                   assistant.eagle_steps, assistant.dflash_block_size)
+    for route, table in hindsight.tables.items():
+        k = hindsight_length(route, assistant)
+        confidence, accepted = outcomes[route][GREEDY]
+        assert ((confidence > 0) & (confidence <= 1)).all() and set(accepted.tolist()) <= {0.0, 1.0}
+        T = reference.shape[1]  # drafts past the sequence are left out: chains near the end are shorter
+        runs, i = [], 0
+        for m in range(len(table)):
+            n = min(k, T - (PROMPT.shape[1] + m + 1))
+            runs.append(int(accepted[i:i + n].long().cumprod(0).sum()))
+            i += n
+        assert i == len(accepted) and runs == table.tolist()
+        sampled_confidence, sampled_accepted = outcomes[route][SAMPLED]
+        assert torch.equal(sampled_accepted, accepted) and torch.allclose(sampled_confidence, torch.ones_like(accepted))
 
 
 def hindsight_length(route: str, assistant) -> int:

@@ -165,6 +165,33 @@ def test_ttt_anchor_subsampling_keeps_learnable_positions(monkeypatch):
     assert everything[0].tolist() == list(range(8, 28))  # default: every learnable anchor, in order
 
 
+def test_a_head_from_scratch_can_start_from_the_target_s_lm_head_rows(target, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from train_eagle3 import init_lm_head
+
+    head = Eagle3Drafter.for_target(target, draft_vocab_size=64, intermediate_size=32, seed=0)
+    vocab = torch.arange(0, 640, 10)
+    head.set_draft_vocab(vocab)
+    init_lm_head(head, target, "random")
+    assert not torch.equal(head.lm_head.weight, target.get_output_embeddings().weight[vocab])
+    init_lm_head(head, target, "target")
+    assert torch.equal(head.lm_head.weight, target.get_output_embeddings().weight[vocab])
+    with pytest.raises(ValueError, match="use random or target"):
+        init_lm_head(head, target, "embedding")
+
+
+def test_acceptance_by_confidence_bins_the_drafts_and_fills_empty_bins_with_the_mean(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from profile_acceptance import acceptance_by_confidence
+
+    prompt_a = (torch.tensor([0.05, 0.95]), torch.tensor([0.0, 1.0]))
+    prompt_b = (torch.tensor([1.0, 0.91]), torch.tensor([0.0, 1.0]))
+    bins = acceptance_by_confidence([prompt_a, prompt_b])  # mean acceptance 0.5, one pseudo-draft per bin
+    assert len(bins) == 10
+    assert bins[0] == pytest.approx((0 + 0.5) / 2) and bins[9] == pytest.approx((2 + 0.5) / 4)  # 1.0: the top bin
+    assert bins[1:9] == pytest.approx([0.5] * 8)
+
+
 def test_recipe_rejects_an_unknown_override(tmp_path):
     done = launch("train_eagle3.py", config_in(tmp_path, "eagle3_tiny.yaml"), "--set", "max_sample=10")
     assert done.returncode == 2 and "'max_sample=10'" in done.stderr and "max_samples" in done.stderr
