@@ -4,8 +4,10 @@
     accelerate launch recipes/train_eagle3.py recipes/configs/eagle3_smollm2.yaml   # several GPUs
 
 Each batch unrolls `ttt_steps` drafting steps (7), every step fed the head's own previous output,
-loss weights `ttt_decay`**step (0.8): soft cross-entropy against the target's distribution
-renormalised over the draft vocabulary, on response tokens only. The draft vocabulary is the
+loss weights `ttt_decay`**step (0.8): soft cross-entropy against the target's distribution p
+renormalised over the draft vocabulary, on response tokens only. `acceptance_loss: w` (LK-style) moves weight w
+of it onto -log alpha, alpha = sum_x min(p(x), q(x)): the chance that a draft sampled from the head's q is
+accepted, which is what speculative sampling pays for (cross-entropy only reaches it at q = p). The draft vocabulary is the
 `draft_vocab_size` most frequent response tokens (d2t/t2d). Output: `out`/final in the EAGLE-3
 Hub layout (Eagle3Drafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
 """
@@ -27,9 +29,12 @@ class TTTObjective(nn.Module):
     """Loss of one batch: the TTT unroll of `drafter` against the target's own next-token distributions."""
 
     def __init__(self, drafter: Eagle3Drafter, target_head: torch.Tensor, final_layer: int, steps: int,
-                 decay: float, anchors_per_sequence: int | None = None):
+                 decay: float, anchors_per_sequence: int | None = None, acceptance_loss: float = 0.0):
         super().__init__()
+        if not 0.0 <= acceptance_loss <= 1.0:
+            raise ValueError(f"acceptance_loss: {acceptance_loss}; a weight in [0, 1] (0: cross-entropy only)")
         self.drafter, self.final_layer, self.steps, self.decay = drafter, final_layer, steps, decay
+        self.acceptance_loss = acceptance_loss
         self.anchors_per_sequence = anchors_per_sequence  # None: every learnable position drafts
         draft_ids = drafter.to_target_ids(torch.arange(drafter.config.draft_vocab_size))
         self.register_buffer("draft_head", target_head[draft_ids].clone())  # [Vd, H]: target logits, draft vocab
@@ -56,7 +61,7 @@ class TTTObjective(nn.Module):
             logits, hidden = self.drafter(take(ids, 1 + j), hidden, ttt=ttt)  # predicts token t+2+j
             p = target_p.gather(1, (anchors + 1 + j).clamp(max=T - 1)[..., None].expand(-1, -1, target_p.shape[-1]))
             mask = valid & (anchors + 2 + j < T) & take(learnable, 2 + j)
-            loss = loss + self.decay**j * self._soft_ce(logits, p, mask, metrics, j)
+            loss = loss + self.decay**j * self._step_loss(logits, p, mask, metrics, j)
         return loss, metrics
 
     def _anchors(self, learnable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +78,16 @@ class TTTObjective(nn.Module):
             order = score.topk(count, dim=1).indices.sort(dim=1).values
         return order, wanted.gather(1, order)
 
-    def _soft_ce(self, logits, p, mask, metrics: dict, step: int) -> torch.Tensor:
+    def _step_loss(self, logits, p, mask, metrics: dict, step: int) -> torch.Tensor:
         mask = mask.float()
-        loss = -(p * logits.float().log_softmax(-1)).sum(-1)
-        hit = (logits.argmax(-1) == p.argmax(-1)).float()
-        metrics[f"acc_{step}"] = (hit * mask).sum() / mask.sum().clamp(min=1)
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
+        mean = lambda x: (x * mask).sum() / mask.sum().clamp(min=1)  # noqa: E731 (over drafts that earn loss)
+        log_q = logits.float().log_softmax(-1)  # [B, R, Vd]
+        cross_entropy = -(p * log_q).sum(-1)
+        alpha = torch.minimum(p, log_q.exp()).sum(-1)  # [B, R]: a sampled draft's chance of acceptance
+        metrics[f"acc_{step}"] = mean((logits.argmax(-1) == p.argmax(-1)).float())  # a greedy draft's
+        metrics[f"alpha_{step}"] = mean(alpha.detach())
+        w = self.acceptance_loss
+        return mean((1 - w) * cross_entropy - w * alpha.clamp(min=1e-6).log())
 
 
 def draft_vocabulary(store, size: int, eos: int) -> torch.Tensor:
@@ -118,7 +127,8 @@ def main() -> None:
         drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
         init_lm_head(drafter, target, config.get("lm_head_init", "random"))
     objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],
-                             config["ttt_decay"], config.get("anchors_per_sequence"))
+                             config["ttt_decay"], config.get("anchors_per_sequence"),
+                             config.get("acceptance_loss", 0.0))
     final = train(config, objective, drafter, store)
     print(f"saved EAGLE-3 head to {final}")
     if args.push_to_hub:

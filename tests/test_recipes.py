@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,40 @@ def test_a_head_from_scratch_can_start_from_the_target_s_lm_head_rows(target, mo
     assert torch.equal(head.lm_head.weight, target.get_output_embeddings().weight[vocab])
     with pytest.raises(ValueError, match="use random or target"):
         init_lm_head(head, target, "embedding")
+
+
+def test_acceptance_loss_is_minus_log_the_chance_a_sampled_draft_is_accepted(target, monkeypatch):
+    """acceptance_loss w moves weight w from cross-entropy to -log sum_x min(p, q); descending it raises that
+    chance, and alpha is logged whatever w is."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from train_eagle3 import TTTObjective
+
+    p = torch.tensor([[[0.5, 0.5, 0.0, 0.0]]])  # [B=1, R=1, Vd=4]
+    sure = torch.tensor([[[20.0, 0.0, 0.0, 0.0]]]).log_softmax(-1)  # greedy-right, q ~ one-hot: alpha ~ 0.5
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    metrics = {}
+    loss = TTTObjective._step_loss(SimpleNamespace(acceptance_loss=1.0), sure, p, mask, metrics, 0)
+    assert metrics["acc_0"] == 1 and metrics["alpha_0"] == pytest.approx(0.5, abs=1e-6)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
+    even = torch.tensor([[[0.0, 0.0, -40.0, -40.0]]])  # q ~ p
+    cross_entropy = TTTObjective._step_loss(SimpleNamespace(acceptance_loss=0.0), even, p, mask, {}, 0)
+    assert float(cross_entropy) == pytest.approx(math.log(2), abs=1e-5)  # q ~ p: the entropy of p
+
+    logits = torch.randn(1, 1, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    optimizer, alphas = torch.optim.SGD([logits], lr=1.0), []
+    for _ in range(50):
+        metrics = {}
+        optimizer.zero_grad()
+        TTTObjective._step_loss(SimpleNamespace(acceptance_loss=1.0), logits, p, mask, metrics, 0).backward()
+        optimizer.step()
+        alphas.append(float(metrics["alpha_0"]))
+    assert alphas[-1] > alphas[0] + 0.3, alphas
+
+    head = Eagle3Drafter.for_target(target, draft_vocab_size=64, intermediate_size=32, seed=0)
+    with pytest.raises(ValueError, match="a weight in"):
+        TTTObjective(head, target.get_output_embeddings().weight, 30, 3, 0.8, acceptance_loss=1.5)
 
 
 def test_acceptance_by_confidence_bins_the_drafts_and_fills_empty_bins_with_the_mean(monkeypatch):
