@@ -108,6 +108,32 @@ def init_lm_head(drafter: Eagle3Drafter, target, how: str) -> None:
             drafter.lm_head.weight.copy_(target.get_output_embeddings().weight[rows])
 
 
+def init_midlayer(drafter: Eagle3Drafter, target, how: str) -> None:
+    """`random` (as initialised) or `target`: the decoder layer starts as the target's top one where shapes agree
+    (the hidden half of q/k/v, o_proj, the MLP, the norms of hidden and residual); the embedding half of q/k/v
+    stays random, so the token still reaches attention."""
+    if how not in ("random", "target"):
+        raise ValueError(f"midlayer_init: {how!r}; use random or target")
+    if how == "random":
+        return
+    top, mid = target.get_decoder().layers[-1], drafter.midlayer
+    if mid.mlp.up_proj.weight.shape != top.mlp.up_proj.weight.shape:
+        raise ValueError(f"midlayer_init: target needs the target's MLP width: set intermediate_size to "
+                         f"{top.mlp.up_proj.weight.shape[0]} (it is {mid.mlp.up_proj.weight.shape[0]})")
+    H = drafter.config.hidden_size
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):  # [out, 2H]: [embedding | hidden] columns
+            ours, theirs = getattr(mid.self_attn, name), getattr(top.self_attn, name)
+            ours.weight[:, H:].copy_(theirs.weight)
+            if ours.bias is not None and theirs.bias is not None:
+                ours.bias.copy_(theirs.bias)
+        mid.self_attn.o_proj.weight.copy_(top.self_attn.o_proj.weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(mid.mlp, name).weight.copy_(getattr(top.mlp, name).weight)
+        mid.hidden_norm.weight.copy_(top.input_layernorm.weight)
+        mid.post_attention_layernorm.weight.copy_(top.post_attention_layernorm.weight)
+
+
 def main() -> None:
     args, config = recipe_config(__doc__, "recipes/configs/eagle3_smollm2.yaml")
     torch.manual_seed(config.get("seed", 0))
@@ -120,12 +146,14 @@ def main() -> None:
         lambda d: {"draft_vocab_size": d.config.draft_vocab_size, "intermediate_size": d.config.intermediate_size})
     final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
     store = training_features(config, target, sorted(set(drafter.feature_layers) | {final_layer}))
-    if config.get("init_from") and config.get("lm_head_init", "random") != "random":
-        raise ValueError("lm_head_init initialises a head trained from scratch: set init_from to null, or "
-                         "lm_head_init to random to train the init_from head further")
+    for key in ("lm_head_init", "midlayer_init"):
+        if config.get("init_from") and config.get(key, "random") != "random":
+            raise ValueError(f"{key} initialises a head trained from scratch: set init_from to null, or "
+                             f"{key} to random to train the init_from head further")
     if not config.get("init_from"):  # a trained drafter keeps the vocabulary its head was trained for
         drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
         init_lm_head(drafter, target, config.get("lm_head_init", "random"))
+        init_midlayer(drafter, target, config.get("midlayer_init", "random"))
     objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],
                              config["ttt_decay"], config.get("anchors_per_sequence"),
                              config.get("acceptance_loss", 0.0))

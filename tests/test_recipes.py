@@ -181,6 +181,24 @@ def test_a_head_from_scratch_can_start_from_the_target_s_lm_head_rows(target, mo
         init_lm_head(head, target, "embedding")
 
 
+def test_a_head_from_scratch_can_start_from_the_target_s_top_decoder_layer(target, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from train_eagle3 import init_midlayer
+
+    top, H = target.get_decoder().layers[-1], target.config.hidden_size
+    head = Eagle3Drafter.for_target(target, draft_vocab_size=64, intermediate_size=top.mlp.up_proj.out_features, seed=0)
+    embedding_half = head.midlayer.self_attn.q_proj.weight[:, :H].clone()
+    init_midlayer(head, target, "target")
+    mid = head.midlayer
+    assert torch.equal(mid.self_attn.k_proj.weight[:, H:], top.self_attn.k_proj.weight)
+    assert torch.equal(mid.self_attn.q_proj.weight[:, :H], embedding_half)  # the token's half stays as initialised
+    assert torch.equal(mid.mlp.down_proj.weight, top.mlp.down_proj.weight)
+    assert torch.equal(mid.hidden_norm.weight, top.input_layernorm.weight)
+    narrow = Eagle3Drafter.for_target(target, draft_vocab_size=64, intermediate_size=32, seed=0)
+    with pytest.raises(ValueError, match=f"set intermediate_size to {top.mlp.up_proj.out_features}"):
+        init_midlayer(narrow, target, "target")
+
+
 def test_acceptance_loss_is_minus_log_the_chance_a_sampled_draft_is_accepted(target, monkeypatch):
     """acceptance_loss w moves weight w from cross-entropy to -log sum_x min(p, q); descending it raises that
     chance, and alpha is logged whatever w is."""
