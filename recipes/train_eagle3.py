@@ -8,8 +8,9 @@ loss weights `ttt_decay`**step (0.8): soft cross-entropy against the target's di
 renormalised over the draft vocabulary, on response tokens only. `acceptance_loss: w` (LK-style) moves
 weight w of it onto -log alpha, alpha = sum_x min(p(x), q(x)): the chance that a draft sampled from the
 head's q is accepted, which is what speculative sampling pays for (cross-entropy only reaches it at
-q = p). The draft vocabulary is the `draft_vocab_size` most frequent response tokens (d2t/t2d). Output: `out`/final in the EAGLE-3
-Hub layout (Eagle3Drafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
+q = p). The draft vocabulary is the `draft_vocab_size` most frequent response tokens (d2t/t2d). Output:
+`out`/final in the EAGLE-3 Hub layout (Eagle3Drafter.from_pretrained loads it; `--push-to-hub REPO`
+publishes it).
 """
 
 from pathlib import Path
