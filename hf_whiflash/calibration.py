@@ -50,7 +50,7 @@ def calibration_key(assistant) -> dict:
             "transformers": transformers.__version__, "target": fingerprint(target),
             "drafters": {route: fingerprint(d) for route, d in assistant.drafters.items()},
             "packed_weights": assistant.kernels.enabled, "lengths": list(LENGTHS),
-            "method": 5}  # method: bumped when the measurement changes
+            "method": 6}  # method: bumped when the measurement changes
 
 
 def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:
@@ -65,7 +65,7 @@ def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> Lat
                 return LatencyModel.from_dict(saved["latency"])
         except (ValueError, KeyError):
             pass  # unreadable: measured again and replaced
-    latency = LatencyModel.measure(assistant, lengths=LENGTHS, repeats=5)
+    latency = LatencyModel.measure(assistant, lengths=LENGTHS)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, json.dumps({"key": key, "latency": latency.to_dict()}, indent=1))
     return latency

@@ -11,6 +11,8 @@ transformers processes every one of the k+1 verified rows where plain sampling p
 (sample_row_s).
 """
 
+import functools
+import random
 import statistics
 from dataclasses import dataclass
 
@@ -55,7 +57,7 @@ class LatencyModel:
                    data.get("sample_row_s"))
 
     @classmethod
-    def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 7) -> "LatencyModel":
+    def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 12) -> "LatencyModel":
         """Time the target and the assistant's drafters after `context` random tokens (medians of `repeats`),
         with the kernels its generations run (packed weights where they pay, kernels.py)."""
         with assistant.kernels.active():
@@ -71,56 +73,67 @@ class LatencyModel:
         cache = DynamicCache()
         cache_kwarg = cache_keyword(type(target))
         out = target(prompt, **{cache_kwarg: cache}, output_hidden_states=assistant.feature_layers)
-        clock = Clock(target.device)
 
-        def median_time(run, reset=lambda: None) -> float:
-            times = []
-            for _ in range(repeats):
-                reset()
-                start = clock()
-                run()
-                times.append(clock() - start)
-            return statistics.median(times)
-
-        def verify(k) -> float:
-            start = clock()
+        def verify(k):
             target(prompt[:, :k + 1], **{cache_kwarg: cache})
-            seconds = clock() - start
             cache.crop(-(k + 1))
-            return seconds
 
-        # Lengths interleaved within each repeat: a machine that slows down for a while (a shared VM, another
-        # process) then slows every length alike, so the comparison with plain decoding (k = 0) holds.
-        times = [[verify(k) for k in lengths] for _ in range(repeats)]
-        verify_s = {k: statistics.median(row[i] for row in times) for i, k in enumerate(lengths)}
-        drafts = [k for k in lengths if k > 0]
         vocab_size = target.get_output_embeddings().weight.shape[0]
         processors = default_processors(target)
-        sample = draft_picker(prompt, processors, True, vocab_size)
-        draft_s, sampled_draft_s = {}, {}
-        for route, drafter in drafters.items():
-            draft_s[route] = _draft_seconds(drafter, prompt, out.hidden_states, drafts, median_time)
-            sampled_draft_s[route] = _draft_seconds(drafter, prompt, out.hidden_states, drafts, median_time, sample)
         row = out.logits[:, -1].float()  # [1, V]: a real distribution, as top-p's cost depends on its shape
 
         def sample_row():  # what transformers does per verified row, and plain sampling per token
             torch.multinomial(processors(prompt, row.clone()).softmax(-1), 1)
 
-        return cls(verify_s, draft_s, sampled_draft_s, median_time(sample_row))
+        clock = Clock(target.device)
+        verify_s = _interleaved_medians({k: functools.partial(verify, k) for k in lengths}, repeats, clock)
+        sample_row_s = _interleaved_medians({0: sample_row}, repeats, clock)[0]
+        drafts = [k for k in lengths if k > 0]
+        sample = draft_picker(prompt, processors, True, vocab_size)
+        draft_s, sampled_draft_s = {}, {}
+        for route, drafter in drafters.items():
+            draft, reset = _drafting(drafter, prompt, out.hidden_states)
+            for table, pick in ((draft_s, None), (sampled_draft_s, sample)):
+                table[route] = _interleaved_medians({k: functools.partial(draft, k, pick) for k in drafts}, repeats,
+                                                    clock, reset)
+        return cls(verify_s, draft_s, sampled_draft_s, sample_row_s)
 
 
-def _draft_seconds(drafter, prompt, hidden_states, lengths, median_time, pick=None) -> dict[int, float]:
-    """Drafting time by draft length after the prompt's context, each draft from the same caught-up state."""
+def _interleaved_medians(runs: dict, repeats: int, clock, reset=lambda: None) -> dict:
+    """Each run's median seconds (key -> run; `reset()` before every run, untimed) over `repeats` rounds that
+    each time every run once, in a new random order, after one untimed round.
+
+    Why: on a shared 2-core VM single timings carry bursts of +50% that last a few hundred ms, and the first
+    call of each shape pays one-off costs (oneDNN picks kernels per row count). Timed one length after
+    another, a burst or a first call shifts a whole entry of the table, and the lengths chosen from it
+    (calibration.best_length) moved from one calibration to the next. Shuffled rounds spread the bursts over
+    all entries, where medians discard them, and compare lengths within the same stretch of time."""
+    order, samples = list(runs), {key: [] for key in runs}
+    shuffler = random.Random(0)
+    for timed in [False] + [True] * repeats:
+        shuffler.shuffle(order)
+        for key in order:
+            reset()
+            start = clock()
+            runs[key]()
+            if timed:
+                samples[key].append(clock() - start)
+    return {key: statistics.median(times) for key, times in samples.items()}
+
+
+def _drafting(drafter, prompt, hidden_states):
+    """`draft(k, pick)` from the state right after catching up on the prompt's context, and `reset()`, which
+    puts back what a draft consumed."""
     cache = LazyCatchUpCache()
     cache.enqueue(prompt[:, 1:], drafter.features(hidden_states)[:, :-1])  # pairs (feature t, token t+1)
     drafter.catch_up(cache)
     context, queued = cache.get_seq_length(), (cache.pending_ids, cache.pending_features)
 
-    def reset():  # the state right after catch_up: what drafting consumed goes back
+    def reset():
         cache.truncate(context)
         cache.pending_ids, cache.pending_features = list(queued[0]), list(queued[1])
 
-    return {k: median_time(lambda: drafter.draft(cache, k, pick), reset) for k in lengths}
+    return (lambda k, pick: drafter.draft(cache, k, pick)), reset
 
 
 def _measured(sampling_cost):
