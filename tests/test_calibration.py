@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_whiflash import CheckpointError, DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
 from hf_whiflash.calibration import DraftCut, best_length, calibrated_latency
-from hf_whiflash.latency import LatencyModel
+from hf_whiflash.latency import LatencyModel, _interleaved_medians
 from hf_whiflash.names import DFLASH, EAGLE, GREEDY, SAMPLED, TARGET
 
 from helpers import chat_ids, make_assistant
@@ -73,6 +73,24 @@ def test_a_torn_cache_file_is_measured_again_and_a_killed_write_keeps_the_old_on
         calibrated_latency(assistant, cache, refresh=True)
     monkeypatch.undo()
     assert path.read_text() == good and [p.name for p in cache.iterdir()] == [path.name]
+
+
+def test_costs_are_medians_of_shuffled_rounds_that_leave_out_first_calls_and_bursts():
+    """A fake clock: each run's first call costs 3x (one-off kernel selection), and a burst slows the whole second
+    timed round 5x. Only the untimed first round absorbs the first calls, so every median is the run's own cost."""
+    now, calls, resets = [0.0], [], []
+
+    def run(key):
+        def call():
+            burst = 5.0 if 16 <= len(calls) < 24 else 1.0  # calls 0-7: untimed round; 16-23: second timed round
+            now[0] += 0.01 * (key + 1) * (3.0 if key not in calls else 1.0) * burst
+            calls.append(key)
+        return call
+
+    medians = _interleaved_medians({k: run(k) for k in range(8)}, 3, lambda: now[0], reset=lambda: resets.append(1))
+    assert medians == pytest.approx({k: 0.01 * (k + 1) for k in range(8)})
+    rounds = [tuple(calls[i:i + 8]) for i in range(0, 32, 8)]
+    assert len(resets) == 32 and all(sorted(r) == list(range(8)) for r in rounds) and len(set(rounds)) > 1
 
 
 def test_the_length_with_most_tokens_per_second_wins_and_none_when_plain_is_faster():
