@@ -40,7 +40,7 @@ class WhiFlashAssistant(nn.Module):
     `eagle_steps` is the EAGLE-3 chain length, `dflash_block_size` the DFlash block (last verified
     token + block_size-1 drafts). Left unset, each is chosen for this machine when the drafter ships an
     acceptance profile: the length with the most expected tokens per second of round cost measured here
-    (calibration.py; a few seconds once, then cached), or no drafting with that drafter at all when
+    (calibration.py; under a minute once, then cached), or no drafting with that drafter at all when
     plain decoding is faster; without a profile, a chain of 6 and the drafter's own block size. Greedy and
     sampling generations get their own choice (`draft_lengths[mode]`): sampling accepts fewer drafts and
     pays for the target's processors on every verified row.

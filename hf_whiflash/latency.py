@@ -57,15 +57,18 @@ class LatencyModel:
                    data.get("sample_row_s"))
 
     @classmethod
-    def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 12) -> "LatencyModel":
-        """Time the target and the assistant's drafters after `context` random tokens (medians of `repeats`),
-        with the kernels its generations run (packed weights where they pay, kernels.py)."""
+    def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 12,
+                draft_lengths=None) -> "LatencyModel":
+        """Time the target's verify at `lengths` and the assistant's drafters at `draft_lengths` (default: the
+        positive `lengths`) after `context` random tokens (medians of `repeats`), with the kernels its
+        generations run (packed weights where they pay, kernels.py)."""
+        draft_lengths = [k for k in lengths if k > 0] if draft_lengths is None else list(draft_lengths)
         with assistant.kernels.active():
-            return cls._measure(assistant, context, lengths, repeats)
+            return cls._measure(assistant, context, lengths, draft_lengths, repeats)
 
     @classmethod
     @torch.no_grad()
-    def _measure(cls, assistant, context: int, lengths, repeats: int) -> "LatencyModel":
+    def _measure(cls, assistant, context: int, lengths, draft_lengths: list[int], repeats: int) -> "LatencyModel":
         target, drafters = assistant.target, assistant.drafters
         vocab = target.config.get_text_config().vocab_size
         prompt = torch.randint(0, vocab, (1, context), device=target.device,
@@ -88,14 +91,13 @@ class LatencyModel:
         clock = Clock(target.device)
         verify_s = _interleaved_medians({k: functools.partial(verify, k) for k in lengths}, repeats, clock)
         sample_row_s = _interleaved_medians({0: sample_row}, repeats, clock)[0]
-        drafts = [k for k in lengths if k > 0]
         sample = draft_picker(prompt, processors, True, vocab_size)
         draft_s, sampled_draft_s = {}, {}
         for route, drafter in drafters.items():
             draft, reset = _drafting(drafter, prompt, out.hidden_states)
             for table, pick in ((draft_s, None), (sampled_draft_s, sample)):
-                table[route] = _interleaved_medians({k: functools.partial(draft, k, pick) for k in drafts}, repeats,
-                                                    clock, reset)
+                runs = {k: functools.partial(draft, k, pick) for k in draft_lengths}
+                table[route] = _interleaved_medians(runs, repeats, clock, reset)
         return cls(verify_s, draft_s, sampled_draft_s, sample_row_s)
 
 
