@@ -7,8 +7,9 @@ linearly between measured lengths.
 
 Sampling costs more per round than greedy: drafting picks each token through the target's processors
 (sampled_draft_s, timed with the processors generate() builds for the default SAMPLING settings), and
-transformers processes every one of the k+1 verified rows where plain sampling processes one row per token
-(sample_row_s).
+transformers runs the processors on every one of the k+1 verified rows where plain sampling processes one
+row per token (sample_row_s); either then draws once (sample_draw_s: softmax and a multinomial draw, which
+speculative sampling takes once a round over all its rows).
 """
 
 import functools
@@ -33,28 +34,31 @@ class LatencyModel:
     draft_s: dict[str, dict[int, float]]  # route -> drafts k -> drafting time, greedy
     # Sampling costs; None in tables from before they were measured (a trained router's config may hold one).
     sampled_draft_s: dict[str, dict[int, float]] | None = None  # route -> drafts k -> drafting time, sampling
-    sample_row_s: float | None = None  # processing and sampling one target row under the default settings
+    sample_row_s: float | None = None  # the target's processors on one row under the default settings
+    # Softmax and draw from one processed row: once per plain token, once per round. 0 in tables from before it
+    # was measured apart, whose sample_row_s holds it (then charged on every verified row, as it was).
+    sample_draw_s: float = 0.0
 
     def round_seconds(self, route: str, length: int, sampling: bool = False) -> float:
         return self.draft_seconds(route, length, sampling) + self.verify_seconds(length, sampling)
 
     def verify_seconds(self, length: int, sampling: bool = False) -> float:
         seconds = _interpolate(self.verify_s, length)
-        return seconds + (length + 1) * _measured(self.sample_row_s) if sampling else seconds
+        return seconds + (length + 1) * _measured(self.sample_row_s) + self.sample_draw_s if sampling else seconds
 
     def draft_seconds(self, route: str, length: int, sampling: bool = False) -> float:
         return _interpolate((_measured(self.sampled_draft_s) if sampling else self.draft_s)[route], length)
 
     def to_dict(self) -> dict:
         return {"verify_s": self.verify_s, "draft_s": self.draft_s, "sampled_draft_s": self.sampled_draft_s,
-                "sample_row_s": self.sample_row_s}
+                "sample_row_s": self.sample_row_s, "sample_draw_s": self.sample_draw_s}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LatencyModel":
         ints = lambda d: {int(k): float(v) for k, v in d.items()}  # noqa: E731 (JSON keys are strings)
         routes = lambda d: {r: ints(times) for r, times in d.items()} if d is not None else None  # noqa: E731
         return cls(ints(data["verify_s"]), routes(data["draft_s"]), routes(data.get("sampled_draft_s")),
-                   data.get("sample_row_s"))
+                   data.get("sample_row_s"), data.get("sample_draw_s", 0.0))
 
     @classmethod
     def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 12,
@@ -84,13 +88,17 @@ class LatencyModel:
         vocab_size = target.get_output_embeddings().weight.shape[0]
         processors = default_processors(target)
         row = out.logits[:, -1].float()  # [1, V]: a real distribution, as top-p's cost depends on its shape
+        processed = processors(prompt, row.clone())
 
         def sample_row():  # what transformers does per verified row, and plain sampling per token
-            torch.multinomial(processors(prompt, row.clone()).softmax(-1), 1)
+            processors(prompt, row.clone())
+
+        def sample_draw():  # once per plain token, once per round (speculative sampling draws one token)
+            torch.multinomial(processed.softmax(-1), 1)
 
         clock = Clock(target.device)
         verify_s = _interleaved_medians({k: functools.partial(verify, k) for k in lengths}, repeats, clock)
-        sample_row_s = _interleaved_medians({0: sample_row}, repeats, clock)[0]
+        sampling_s = _interleaved_medians({"row": sample_row, "draw": sample_draw}, repeats, clock)
         sample = draft_picker(prompt, processors, True, vocab_size)
         draft_s, sampled_draft_s = {}, {}
         for route, drafter in drafters.items():
@@ -98,7 +106,7 @@ class LatencyModel:
             for table, pick in ((draft_s, None), (sampled_draft_s, sample)):
                 runs = {k: functools.partial(draft, k, pick) for k in draft_lengths}
                 table[route] = _interleaved_medians(runs, repeats, clock, reset)
-        return cls(verify_s, draft_s, sampled_draft_s, sample_row_s)
+        return cls(verify_s, draft_s, sampled_draft_s, sampling_s["row"], sampling_s["draw"])
 
 
 def _interleaved_medians(runs: dict, repeats: int, clock, reset=lambda: None) -> dict:

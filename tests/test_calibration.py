@@ -39,6 +39,7 @@ def test_costs_are_measured_once_then_reused_and_remeasured_when_the_key_changes
     assert len(measured) == 1 and len(list(cache.glob("*.json"))) == 1
     costs = first.latency
     assert set(costs.sampled_draft_s) == set(costs.draft_s) == {EAGLE, DFLASH} and costs.sample_row_s > 0
+    assert costs.sample_draw_s > 0
     second = WhiFlashAssistant(target, eagle, dflash)
     assert len(measured) == 1 and second.latency == first.latency  # from the cache
     threads = torch.get_num_threads()
@@ -102,6 +103,20 @@ def test_the_length_with_most_tokens_per_second_wins_and_none_when_plain_is_fast
     round_s, plain_rate = 0.06 + 0.03, 1 / 0.05
     assert best_length(latency, EAGLE, {3: round_s * plain_rate * 1.05}) == 0  # +5% promised: within the margin
     assert best_length(latency, EAGLE, {3: round_s * plain_rate * 1.15}) == 3
+
+
+def test_a_sampled_round_processes_every_verified_row_and_draws_once():
+    """transformers runs the processors on each of the k+1 verified rows, then speculative sampling draws one token
+    for the round, as plain sampling draws one per token. Tables from before the draw was timed apart keep
+    charging their row cost (which held it) on every row."""
+    latency = LatencyModel({0: 0.030, 2: 0.040}, {EAGLE: {2: 0.004}}, {EAGLE: {2: 0.006}}, sample_row_s=0.001,
+                           sample_draw_s=0.002)
+    assert latency.verify_seconds(0, sampling=True) == pytest.approx(0.030 + 0.001 + 0.002)
+    assert latency.verify_seconds(2, sampling=True) == pytest.approx(0.040 + 3 * 0.001 + 0.002)
+    assert latency.round_seconds(EAGLE, 2, sampling=True) == pytest.approx(0.006 + 0.040 + 3 * 0.001 + 0.002)
+    old = LatencyModel.from_dict({k: v for k, v in latency.to_dict().items() if k != "sample_draw_s"})
+    assert old.verify_seconds(2, sampling=True) == pytest.approx(0.040 + 3 * 0.001)
+    assert LatencyModel.from_dict(latency.to_dict()) == latency
 
 
 def test_sampling_gets_its_own_length_where_processing_every_verified_row_costs_more():
