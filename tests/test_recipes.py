@@ -428,8 +428,8 @@ def test_every_recipe_explains_itself_with_help_and_writes_nothing():
     """`--help` on each runnable recipe prints its usage and exits 0, leaving the repository untouched
     (build_dev_set.py --help once rewrote the tracked dev set; data.py --help crashed)."""
     repo = Path(__file__).resolve().parents[1]
-    scripts = ["build_dev_set.py", "data.py", "evaluate.py", "profile_acceptance.py", "ship.py", "train_dflash.py",
-               "train_eagle3.py", "train_router.py", "tune_entropy.py"]
+    scripts = ["build_dev_set.py", "data.py", "evaluate.py", "learning_curve.py", "profile_acceptance.py", "ship.py",
+               "train_dflash.py", "train_eagle3.py", "train_router.py", "tune_entropy.py"]
     prompt_sets = {p: p.stat().st_mtime_ns for p in (repo / "hf_whiflash" / "data").glob("*.jsonl")}
     runs = {s: subprocess.Popen([sys.executable, str(repo / "recipes" / s), "--help"], cwd=repo / "recipes",
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for s in scripts}
@@ -437,6 +437,33 @@ def test_every_recipe_explains_itself_with_help_and_writes_nothing():
         out = run.communicate(timeout=120)[0]
         assert run.returncode == 0 and "usage:" in out, f"{script} --help: {out[-500:]}"
     assert len(prompt_sets) == 2 and all(p.stat().st_mtime_ns == t for p, t in prompt_sets.items())
+
+
+def test_learning_curve_finds_where_a_log_linear_trend_reaches_each_goal(tmp_path):
+    """Points on acceptance = 1.2 + 0.1 * log2(tokens / 1000), each evaluated folder mapped to its steps: the fit
+    recovers the trend, so acceptance 2.2 lies 10 doublings past 1000 tokens."""
+    with gzip.open(tmp_path / "samples.0.jsonl.gz", "wt") as f:  # 100 tokens a sequence; one longer than max_len
+        f.write(json.dumps({"input_ids": [1] * 100}) + "\n" + json.dumps({"input_ids": [1] * 300}) + "\n")
+    rows = [{"route": "eagle3", "folder": f"step-{steps}", "acceptance_length": {"overall": 1.2 + 0.1 * math.log2(
+        steps * 2 * 100 / 1000), "code": 1.5}} for steps in (5, 10, 40)]  # 2 sequences a step
+    (tmp_path / "acceptance.json").write_text(json.dumps({"results": rows}))
+    (tmp_path / "throughput.json").write_text(json.dumps({"stages": {
+        "generation": {"fp32_tokens_per_s": 1.0, "bf16_tokens_per_s": 2.0}, "features": {"fp32_tokens_per_s": 4.0},
+        "train_eagle3": {"fp32_tokens_per_s": 4.0}}}))
+    config = {"data": str(tmp_path), "max_len": 100, "throughput": str(tmp_path / "throughput.json"),
+              "goals": {"eagle3": {"overall": 2.2, "code": 3.0}},
+              "drafters": {"eagle3": {"batch_size": 2, "prompts": {"dev": {str(tmp_path / "acceptance.json"): {
+                  f"step-{steps}": steps for steps in (40, 5, 10)}}}}}}
+    (tmp_path / "curve.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run("learning_curve.py", tmp_path / "curve.yaml", "--out", str(tmp_path / "curve"))
+    report = json.loads((tmp_path / "curve.json").read_text())["drafters"]["eagle3"]
+    assert [r["tokens"] for r in report["curves"]["dev"]] == [1000, 2000, 8000]
+    overall, code = report["goals"]
+    assert overall["per_doubling"] == pytest.approx(0.1) and overall["tokens"] == pytest.approx(1000 * 2 ** 10)
+    assert overall["training_hours"] == pytest.approx((1000 * 2 ** 10 - 8000) / 2 / 3600)  # train + features
+    assert overall["fresh_data_hours"] == pytest.approx(1000 * 2 ** 10 / 2 / 3600)  # the fastest generation
+    assert code["tokens"] == math.inf  # a flat curve never gets there
+    assert (tmp_path / "curve.png").stat().st_size > 0
 
 
 def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
