@@ -5,7 +5,7 @@ The best draft length depends on the machine as much as on the drafter. With Smo
 small matmuls), while an Intel Xeon with AMX verified 16 tokens for 1.3x the cost of 1. So the costs
 that the draft-length choice and the neural router use are measured where the code runs: the target's
 verify forward for every candidate count and each drafter's `draft` at lengths up to 15 (15-30 s on a 2-core
-CPU, where timings are noisy: latency._interleaved_medians), cached on disk under a key of everything they
+CPU, where timings are noisy: latency._interleaved_times and latency._by_length), cached on disk under a key of everything they
 depend on (device model, threads, dtype, torch and transformers versions, the weights of the target and the
 drafters).
 """
@@ -54,7 +54,7 @@ def calibration_key(assistant) -> dict:
             "transformers": transformers.__version__, "target": fingerprint(target),
             "drafters": {route: fingerprint(d) for route, d in assistant.drafters.items()},
             "packed_weights": assistant.kernels.enabled, "lengths": [list(LENGTHS), list(DRAFT_LENGTHS)],
-            "method": 7}  # method: bumped when the measurement changes
+            "method": 8}  # method: bumped when the measurement changes
 
 
 def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:

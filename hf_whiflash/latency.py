@@ -2,8 +2,8 @@
 
 round_seconds(route, k) = draft_s[route](k) + verify_s(k): drafting k tokens (an EAGLE-3 chain of
 k steps, or one DFlash block of k+1) plus the target's verify forward over k+1 tokens. Costs are
-measured after a context of typical length, with the drafters' own `draft`, and interpolated
-linearly between measured lengths.
+measured after a context of typical length, with the drafters' own `draft`, smoothed along the length
+where the timings' noise allows (_by_length), and interpolated linearly between measured lengths.
 
 Sampling costs more per round than greedy: drafting picks each token through the target's processors
 (sampled_draft_s, timed with the processors generate() builds for the default SAMPLING settings), and
@@ -97,21 +97,22 @@ class LatencyModel:
             torch.multinomial(processed.softmax(-1), 1)
 
         clock = Clock(target.device)
-        verify_s = _interleaved_medians({k: functools.partial(verify, k) for k in lengths}, repeats, clock)
-        sampling_s = _interleaved_medians({"row": sample_row, "draw": sample_draw}, repeats, clock)
+        verify_s = _by_length(_interleaved_times({k: functools.partial(verify, k) for k in lengths}, repeats, clock))
+        sampling_s = _interleaved_times({"row": sample_row, "draw": sample_draw}, repeats, clock)
         sample = draft_picker(prompt, processors, True, vocab_size)
         draft_s, sampled_draft_s = {}, {}
         for route, drafter in drafters.items():
             draft, reset = _drafting(drafter, prompt, out.hidden_states)
             for table, pick in ((draft_s, None), (sampled_draft_s, sample)):
                 runs = {k: functools.partial(draft, k, pick) for k in draft_lengths}
-                table[route] = _interleaved_medians(runs, repeats, clock, reset)
-        return cls(verify_s, draft_s, sampled_draft_s, sampling_s["row"], sampling_s["draw"])
+                table[route] = _by_length(_interleaved_times(runs, repeats, clock, reset))
+        return cls(verify_s, draft_s, sampled_draft_s, statistics.median(sampling_s["row"]),
+                   statistics.median(sampling_s["draw"]))
 
 
-def _interleaved_medians(runs: dict, repeats: int, clock, reset=lambda: None) -> dict:
-    """Each run's median seconds (key -> run; `reset()` before every run, untimed) over `repeats` rounds that
-    each time every run once, in a new random order, after one untimed round.
+def _interleaved_times(runs: dict, repeats: int, clock, reset=lambda: None) -> dict[object, list[float]]:
+    """Each run's seconds (key -> run; `reset()` before every run, untimed) in `repeats` rounds that each time
+    every run once, in a new random order, after one untimed round.
 
     Why: on a shared 2-core VM single timings carry bursts of +50% that last a few hundred ms, and the first
     call of each shape pays one-off costs (oneDNN picks kernels per row count). Timed one length after
@@ -128,7 +129,37 @@ def _interleaved_medians(runs: dict, repeats: int, clock, reset=lambda: None) ->
             runs[key]()
             if timed:
                 samples[key].append(clock() - start)
-    return {key: statistics.median(times) for key, times in samples.items()}
+    return samples
+
+
+def _by_length(times: dict[int, list[float]], width: int = 5) -> dict[int, float]:
+    """Costs by length k from their timings: each length's median, or, where that median lies within its own
+    noise of the linear trend through the medians of the `width` nearest measured lengths, that trend.
+
+    Why: medians of a dozen timings on a 2-core VM still err by 1-2 ms at ~30 ms, while real rounds one draft
+    longer cost only 0.5-2 ms more; six back-to-back calibrations on an AMD EPYC Zen 5 chose sampling chains
+    2, 1, 2, 3, 1 and 0 from raw medians, where real rounds favour chain 2 by 5% (BENCHMARKS.md, 2026-12-03).
+    A cost that grows smoothly with the length is read from its neighbours too; a step beyond the median's
+    noise (a matmul kernel that changes with the row count, as seen on CPUs) is kept. k = 0, the 1-token
+    forward of plain decoding, runs kernels of its own and keeps its median."""
+    medians = {k: statistics.median(t) for k, t in times.items()}
+    lengths, costs = sorted(k for k in medians if k > 0), dict(medians)
+    for k in lengths:
+        near = sorted(lengths, key=lambda j: (abs(j - k), j))[:width]
+        if len(near) < 3:
+            continue
+        slope, intercept = statistics.linear_regression(near, [medians[j] for j in near])
+        trend = intercept + slope * k
+        if abs(medians[k] - trend) <= 3 * _median_error(times[k]):
+            costs[k] = trend
+    return costs
+
+
+def _median_error(times: list[float]) -> float:
+    """Standard error of the median of `times`: 1.2533 robust sigmas (1.4826 median absolute deviations) / sqrt(n)."""
+    median = statistics.median(times)
+    sigma = 1.4826 * statistics.median(abs(t - median) for t in times)
+    return 1.2533 * sigma / len(times) ** 0.5
 
 
 def _drafting(drafter, prompt, hidden_states):

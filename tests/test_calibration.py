@@ -1,6 +1,7 @@
 """Calibration: round costs measured once per machine and cached, and the draft lengths they make best."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_whiflash import CheckpointError, DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
 from hf_whiflash.calibration import DraftCut, best_length, calibrated_latency
-from hf_whiflash.latency import LatencyModel, _interleaved_medians
+from hf_whiflash.latency import LatencyModel, _by_length, _interleaved_times
 from hf_whiflash.names import DFLASH, EAGLE, GREEDY, SAMPLED, TARGET
 
 from helpers import chat_ids, make_assistant
@@ -88,10 +89,28 @@ def test_costs_are_medians_of_shuffled_rounds_that_leave_out_first_calls_and_bur
             calls.append(key)
         return call
 
-    medians = _interleaved_medians({k: run(k) for k in range(8)}, 3, lambda: now[0], reset=lambda: resets.append(1))
-    assert medians == pytest.approx({k: 0.01 * (k + 1) for k in range(8)})
+    times = _interleaved_times({k: run(k) for k in range(8)}, 3, lambda: now[0], reset=lambda: resets.append(1))
+    assert {k: statistics.median(t) for k, t in times.items()} == pytest.approx({k: 0.01 * (k + 1) for k in range(8)})
     rounds = [tuple(calls[i:i + 8]) for i in range(0, 32, 8)]
     assert len(resets) == 32 and all(sorted(r) == list(range(8)) for r in rounds) and len(set(rounds)) > 1
+
+
+def timings(median: float, spread: float) -> list[float]:
+    return [median + spread * (i - 5.5) / 5.5 for i in range(12)]  # 12 timings evenly over median +- spread
+
+
+def test_costs_follow_their_neighbours_trend_within_their_noise_and_keep_steps_beyond_it():
+    """Medians that zigzag around a line by less than their timings' noise are pulled onto the line (both sides of
+    a length choice then see the same slope); a step far beyond its noise, and the 1-token forward, keep theirs."""
+    line = {k: 0.030 + 0.001 * k for k in range(9)}
+    zigzag = {k: line[k] + (0.002 if k % 2 else -0.002) for k in range(1, 9)} | {0: 0.020}
+    costs = _by_length({k: timings(m, 0.01) for k, m in zigzag.items()})
+    assert costs[0] == pytest.approx(0.020)
+    error = {k: abs(costs[k] - line[k]) for k in range(1, 9)}
+    assert max(error.values()) < 0.0012 and sum(error.values()) < 0.25 * 0.002 * 8, error
+    step = line | {3: 0.6 * line[3]}  # a 4-token verify far cheaper than 3 or 5 tokens: a kernel, not noise
+    costs = _by_length({k: timings(m, 0.0005) for k, m in step.items()})
+    assert costs[3] == pytest.approx(step[3])
 
 
 def test_the_length_with_most_tokens_per_second_wins_and_none_when_plain_is_faster():
