@@ -5,9 +5,9 @@ The best draft length depends on the machine as much as on the drafter. With Smo
 small matmuls), while an Intel Xeon with AMX verified 16 tokens for 1.3x the cost of 1. So the costs
 that the draft-length choice and the neural router use are measured where the code runs: the target's
 verify forward for every candidate count and each drafter's `draft` at lengths up to 15 (15-30 s on a 2-core
-CPU, where timings are noisy: latency._interleaved_times and latency._by_length), cached on disk under a key of everything they
-depend on (device model, threads, dtype, torch and transformers versions, the weights of the target and the
-drafters).
+CPU, where timings are noisy: latency._interleaved_times and latency._by_length), cached on disk under a key
+of everything they depend on (device model, threads, dtype, torch and transformers versions, the weights of
+the target and the drafters).
 """
 
 import hashlib
