@@ -4,10 +4,10 @@ The best draft length depends on the machine as much as on the drafter. With Smo
 2-core AMD EPYC verified 3 tokens at twice the cost of 1 (and 4 tokens for less than 3: the LM head's
 small matmuls), while an Intel Xeon with AMX verified 16 tokens for 1.3x the cost of 1. So the costs
 that the draft-length choice and the neural router use are measured where the code runs: the target's
-verify forward for every candidate count and each drafter's `draft` at lengths up to 15 (15-30 s on a 2-core
-CPU, where timings are noisy: latency._interleaved_times and latency._by_length), cached on disk under a key
-of everything they depend on (device model, threads, dtype, torch and transformers versions, the weights of
-the target and the drafters).
+verify forward and each drafter's `draft` at lengths up to 15 (5-10 s on a 2-core CPU, where timings are
+noisy: latency._interleaved_times and latency._by_length), cached on disk under a key of everything they
+depend on (device model, threads, dtype, torch and transformers versions, the weights of the target and the
+drafters).
 """
 
 import hashlib
@@ -23,10 +23,13 @@ from .latency import LatencyModel
 from .names import DFLASH, EAGLE, GREEDY, SAMPLED
 from .targets import cpu_info
 
-LENGTHS = range(0, 16)  # verified drafts per round measured (0: the 1-token forward of plain decoding)
-# Drafting lengths measured: drafting time grows smoothly with the length (an EAGLE-3 step each, one DFlash block
-# picking more tokens), so these, interpolated, take less than half the time of every length.
+# Lengths measured, interpolated in between: drafting time grows smoothly with the length (an EAGLE-3 step each,
+# one DFlash block picking more tokens), and so does the verify where it is not a step (latency._by_length reads
+# each length along its neighbours' trend anyway). Verifies of every length 0-15 in 12 rounds took twice the time
+# of these in 8 rounds, and chose no steadier (BENCHMARKS.md, 2026-12-03 evening).
 DRAFT_LENGTHS = (1, 2, 3, 4, 5, 6, 8, 11, 15)
+LENGTHS = (0, *DRAFT_LENGTHS)  # verified drafts per round (0: the 1-token forward of plain decoding)
+REPEATS = 8  # shuffled rounds timing every length once (latency._interleaved_times)
 
 
 def device_name(device: torch.device) -> str:
@@ -54,7 +57,7 @@ def calibration_key(assistant) -> dict:
             "transformers": transformers.__version__, "target": fingerprint(target),
             "drafters": {route: fingerprint(d) for route, d in assistant.drafters.items()},
             "packed_weights": assistant.kernels.enabled, "lengths": [list(LENGTHS), list(DRAFT_LENGTHS)],
-            "method": 8}  # method: bumped when the measurement changes
+            "method": 9}  # method: bumped when the measurement changes
 
 
 def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:
@@ -69,7 +72,7 @@ def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> Lat
                 return LatencyModel.from_dict(saved["latency"])
         except (ValueError, KeyError):
             pass  # unreadable: measured again and replaced
-    latency = LatencyModel.measure(assistant, lengths=LENGTHS, draft_lengths=DRAFT_LENGTHS)
+    latency = LatencyModel.measure(assistant, lengths=LENGTHS, draft_lengths=DRAFT_LENGTHS, repeats=REPEATS)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, json.dumps({"key": key, "latency": latency.to_dict()}, indent=1))
     return latency

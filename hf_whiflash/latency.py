@@ -136,7 +136,7 @@ def _by_length(times: dict[int, list[float]], width: int = 5) -> dict[int, float
     """Costs by length k from their timings: each length's median, or, where that median lies within its own
     noise of the linear trend through the medians of the `width` nearest measured lengths, that trend.
 
-    Why: medians of a dozen timings on a 2-core VM still err by 1-2 ms at ~30 ms, while real rounds one draft
+    Why: medians of 8-12 timings on a 2-core VM still err by 1-2 ms at ~30 ms, while real rounds one draft
     longer cost only 0.5-2 ms more. Of eight back-to-back calibrations on an AMD EPYC Zen 5, raw medians chose
     sampling chain 2 four times (chain 3 otherwise) and these costs of the same timings seven times; real rounds
     favour chain 2 by 5-7% there (BENCHMARKS.md, 2026-12-03).
