@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from hf_whiflash.checkpoint import write_text_atomically
+
 CATEGORIES = ("code", "tool", "math", "chat", "overall")
 
 
@@ -92,9 +94,7 @@ def main() -> None:
                                      "generation_tokens_per_s": generate_rate, "curves": curves, "goals": goals}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.rename(out.with_suffix(".json"))
+    write_text_atomically(out.with_suffix(".json"), json.dumps(report, indent=1))
     plot(report["drafters"], out.with_suffix(".png"))
 
 
