@@ -139,10 +139,10 @@ def _by_length(times: dict[int, list[float]], width: int = 5) -> dict[int, float
     Why: medians of 8-12 timings on a 2-core VM still err by 1-2 ms at ~30 ms, while real rounds one draft
     longer cost only 0.5-2 ms more. Of eight back-to-back calibrations on an AMD EPYC Zen 5, raw medians chose
     sampling chain 2 four times (chain 3 otherwise) and these costs of the same timings seven times; real rounds
-    favour chain 2 by 5-7% there (BENCHMARKS.md, 2026-12-03).
-    A cost that grows smoothly with the length is read from its neighbours too; a step beyond the median's
-    noise (a matmul kernel that changes with the row count, as seen on CPUs) is kept. k = 0, the 1-token
-    forward of plain decoding, runs kernels of its own and keeps its median."""
+    favour chain 2 by 5-7% there (BENCHMARKS.md, 2026-12-03). A cost that grows smoothly with the length is
+    read from its neighbours too; a step beyond the median's noise (a matmul kernel that changes with the row
+    count, as seen on CPUs) is kept. k = 0, the 1-token forward of plain decoding, runs kernels of its own and
+    keeps its median."""
     medians = {k: statistics.median(t) for k, t in times.items()}
     lengths, costs = sorted(k for k in medians if k > 0), dict(medians)
     for k in lengths:
