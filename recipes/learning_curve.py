@@ -3,36 +3,34 @@
     python recipes/learning_curve.py recipes/configs/learning_curve_smollm2.yaml --out results/learning-curve
 
 The config names evaluate.py result files and, for each evaluated folder, how many training steps it had seen.
-Training tokens = steps x batch size x mean tokens per training sequence (the data's samples, cut at max_len).
-Per drafter and category the dev-set points are fitted with acceptance = a + b * log2(tokens); the fit gives
-the tokens at which each goal would be reached and, at the throughput file's fastest measured rates on this
-class of CPU, the hours of training (target features computed online) and of generating that many fresh
-tokens. A log-linear trend of a curve that saturates is optimistic, so both figures are lower bounds.
+Training tokens = steps x batch size x mean tokens per training sequence (the samples the trainers keep, cut
+at max_len). Per drafter and category the dev-set points are fitted with acceptance = a + b * log2(tokens);
+the fit gives the tokens at which each goal would be reached and, at the throughput file's fastest measured
+rates on this class of CPU, the hours of training (target features computed online) and of generating that
+many fresh tokens. A log-linear trend of a curve that saturates is optimistic, so both figures are lower bounds.
 Writes OUT.json, OUT.png and prints a markdown table.
 """
 
 import argparse
-import gzip
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from data import restore_files
+from features import read_samples
 from hf_whiflash.checkpoint import write_text_atomically
 
-CATEGORIES = ("code", "tool", "math", "chat", "overall")
 
-
-def mean_sequence_tokens(data: Path, max_len: int) -> float:
-    lengths = []
-    for path in sorted(data.glob("samples.*.jsonl.gz")):
-        with gzip.open(path, "rt") as f:
-            lengths += [min(len(json.loads(line)["input_ids"]), max_len) for line in f]
-    if not lengths:
-        raise SystemExit(f"no samples.*.jsonl.gz in {data}: point `data` at a recipes/data.py archive")
-    return sum(lengths) / len(lengths)
+def mean_sequence_tokens(archive: Path, max_len: int) -> float:
+    """Mean tokens of the sequences the trainers train on: the archive's samples as read_samples gives them."""
+    with tempfile.TemporaryDirectory() as folder:
+        restore_files(archive, Path(folder))
+        samples = read_samples(Path(folder), max_len)
+    return sum(len(s["input_ids"]) for s in samples) / len(samples)
 
 
 def points(result_files: dict, route: str, tokens_per_step: float) -> list[dict]:

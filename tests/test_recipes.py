@@ -442,8 +442,9 @@ def test_every_recipe_explains_itself_with_help_and_writes_nothing():
 def test_learning_curve_finds_where_a_log_linear_trend_reaches_each_goal(tmp_path):
     """Points on acceptance = 1.2 + 0.1 * log2(tokens / 1000), each evaluated folder mapped to its steps: the fit
     recovers the trend, so acceptance 2.2 lies 10 doublings past 1000 tokens."""
-    with gzip.open(tmp_path / "samples.0.jsonl.gz", "wt") as f:  # 100 tokens a sequence; one longer than max_len
-        f.write(json.dumps({"input_ids": [1] * 100}) + "\n" + json.dumps({"input_ids": [1] * 300}) + "\n")
+    samples = [("a", 100, 10), ("b", 300, 10), ("c", 40, 39)]  # cut at max_len 100; "c" has no response to learn
+    with gzip.open(tmp_path / "samples.0.jsonl.gz", "wt") as f:  # so the trainers see 100 tokens a sequence
+        f.writelines(json.dumps({"id": i, "input_ids": [1] * n, "response_start": r}) + "\n" for i, n, r in samples)
     rows = [{"route": "eagle3", "folder": f"step-{steps}", "acceptance_length": {"overall": 1.2 + 0.1 * math.log2(
         steps * 2 * 100 / 1000), "code": 1.5}} for steps in (5, 10, 40)]  # 2 sequences a step
     (tmp_path / "acceptance.json").write_text(json.dumps({"results": rows}))
