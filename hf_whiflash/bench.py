@@ -293,8 +293,10 @@ def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list
                     prepare_oracle(target, systems["oracle"]["assistant_model"], ids, max_new_tokens, latency)
                 for key in (key for key in keys if key not in done):
                     name, repeat = key[2], key[3]
-                    runs.append(run_one(target, ids, name, systems[name], mode, max_new_tokens, seed + i, prompt,
-                                        latency, repeat))
+                    # Each repeat draws afresh (its own seed, the same for every system): sampled speed depends on
+                    # what is drawn, so repeats average over draws as well as over timing noise.
+                    runs.append(run_one(target, ids, name, systems[name], mode, max_new_tokens,
+                                        seed + i + repeat * len(prompts), prompt, latency, repeat))
                     bar.update(1)
                     assistant = whiflash_assistant(systems[name])
                     if trace is None and mode == GREEDY and assistant is not None and assistant.eagle3 \

@@ -19,17 +19,9 @@ import torch
 import transformers
 
 from .checkpoint import write_text_atomically
-from .latency import LatencyModel
+from .latency import DRAFT_LENGTHS, LENGTHS, LatencyModel
 from .names import DFLASH, EAGLE, GREEDY, SAMPLED
 from .targets import cpu_info
-
-# Lengths measured, interpolated in between: drafting time grows smoothly with the length (an EAGLE-3 step each,
-# one DFlash block picking more tokens), and so does the verify where it is not a step (latency._by_length reads
-# each length along its neighbours' trend anyway). Verifies of every length 0-15 in 12 rounds took twice the time
-# of these in 8 rounds, and chose no steadier (BENCHMARKS.md, 2026-12-03 evening).
-DRAFT_LENGTHS = (1, 2, 3, 4, 5, 6, 8, 11, 15)
-LENGTHS = (0, *DRAFT_LENGTHS)  # verified drafts per round (0: the 1-token forward of plain decoding)
-REPEATS = 8  # shuffled rounds timing every length once (latency._interleaved_times)
 
 
 def device_name(device: torch.device) -> str:
@@ -72,7 +64,7 @@ def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> Lat
                 return LatencyModel.from_dict(saved["latency"])
         except (ValueError, KeyError):
             pass  # unreadable: measured again and replaced
-    latency = LatencyModel.measure(assistant, lengths=LENGTHS, draft_lengths=DRAFT_LENGTHS, repeats=REPEATS)
+    latency = LatencyModel.measure(assistant)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, json.dumps({"key": key, "latency": latency.to_dict()}, indent=1))
     return latency

@@ -218,7 +218,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", nargs="+", choices=[GREEDY, SAMPLED], default=[GREEDY, SAMPLED],
                    help=f"decoding modes (sampling: temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']})")
     b.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default 128)")
-    b.add_argument("--repeats", type=int, default=1, help="runs per prompt and system; the median counts")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="runs per prompt and system, each sampling with its own seed; the median counts")
     b.add_argument("--out", help="output folder (default: results/bench-<time>); rerunning a killed bench with "
                                  "the same --out resumes it")
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -25,7 +25,14 @@ from .hook import cache_keyword
 from .sampling import default_processors, draft_picker
 from .stats import Clock
 
-LENGTHS = (1, 2, 4, 6, 8, 12, 15)
+# The measurement plan, the one every table follows (calibration, the router and entropy recipes): drafting time
+# grows smoothly with the length (an EAGLE-3 step each, one DFlash block picking more tokens), and so does the
+# verify where it is not a step (_by_length reads each length along its neighbours' trend anyway), so lengths
+# are measured sparsely and interpolated in between. Verifies of every length 0-15 in 12 rounds took twice the
+# time of these in 8 rounds, and chose no steadier (BENCHMARKS.md, 2026-12-03 evening).
+DRAFT_LENGTHS = (1, 2, 3, 4, 5, 6, 8, 11, 15)
+LENGTHS = (0, *DRAFT_LENGTHS)  # verified drafts per round (0: the 1-token forward of plain decoding)
+REPEATS = 8  # shuffled rounds timing every length once (_interleaved_times)
 
 
 @dataclass
@@ -61,14 +68,13 @@ class LatencyModel:
                    data.get("sample_row_s"), data.get("sample_draw_s", 0.0))
 
     @classmethod
-    def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = 12,
-                draft_lengths=None) -> "LatencyModel":
-        """Time the target's verify at `lengths` and the assistant's drafters at `draft_lengths` (default: the
-        positive `lengths`) after `context` random tokens (medians of `repeats`), with the kernels its
-        generations run (packed weights where they pay, kernels.py)."""
-        draft_lengths = [k for k in lengths if k > 0] if draft_lengths is None else list(draft_lengths)
+    def measure(cls, assistant, context: int = 256, lengths=LENGTHS, repeats: int = REPEATS,
+                draft_lengths=DRAFT_LENGTHS) -> "LatencyModel":
+        """Time the target's verify at `lengths` and the assistant's drafters at `draft_lengths` after `context`
+        random tokens (`repeats` shuffled rounds), with the kernels its generations run (packed weights where
+        they pay, kernels.py)."""
         with assistant.kernels.active():
-            return cls._measure(assistant, context, lengths, draft_lengths, repeats)
+            return cls._measure(assistant, context, lengths, list(draft_lengths), repeats)
 
     @classmethod
     @torch.no_grad()

@@ -152,6 +152,21 @@ def test_bench_warms_every_system_up_before_timing_any(tiny, monkeypatch):
     assert len(runs) == 2 * len(prompts) * len(systems)
 
 
+def test_bench_repeats_sample_afresh_and_greedy_repeats_agree(tiny):
+    """Sampled speed depends on what is drawn, so each repeat samples with its own seed; greedy repeats
+    generate the same tokens."""
+    from hf_whiflash import bench, load_target
+
+    target, tokenizer = load_target(str(tiny / "target"))
+    prompts = bench.load_prompts(str(tiny / "prompts.jsonl"), None)
+    systems = bench.build_systems(target, tiny / "drafters", ["plain"])
+    runs, _ = bench.benchmark(target, tokenizer, prompts, systems, ["greedy", "sampling"], 8, 2, 0, progress=False)
+    outputs = {(r.mode, r.prompt_id, r.repeat): r.output for r in runs}
+    differ = {mode: [outputs[mode, p["id"], 0] != outputs[mode, p["id"], 1] for p in prompts]
+              for mode in ("greedy", "sampling")}
+    assert not any(differ["greedy"]) and all(differ["sampling"])
+
+
 def test_bench_checks_out_first_keeps_every_finished_run_and_resumes(tiny, tmp_path, capsys, monkeypatch):
     """A bench killed midway keeps its finished runs (a torn last line is dropped) and the same command
     resumes, running only what is missing; an unwritable --out or another bench's folder fails before
