@@ -1,16 +1,18 @@
 """`whiflash bench`: every decoding system a transformers user could pick, on the same prompts and target.
 
-Systems run interleaved (the order rotates from prompt to prompt) so machine drift hits all of
-them alike. Every finished run is appended to `runs.jsonl` in the output folder at once, so a killed
-bench loses at most the run in progress, and rerunning the same command resumes where it stopped. Per system, mode (greedy / sampling) and prompt category: tokens/s, speedup over plain
-generate() (median of per-prompt ratios), acceptance length, share of rounds per paradigm, catch-up
-time as % of round time and peak extra memory (weights the system adds to the target's, plus the peak
-growth while generating). Writes bench.json, bench.md, speedup.png, trace.png.
+Systems run interleaved (the order rotates from prompt to prompt) so machine drift hits all of them alike.
+Every finished run is appended to `runs.jsonl` in the output folder at once, so a killed bench loses at most
+the run in progress, and rerunning the same command resumes where it stopped. Per system, mode (greedy /
+sampling) and prompt category: tokens/s, speedup over plain generate() (median of per-prompt ratios, with its
+95% bootstrap interval; `speedups` pairs any two systems the same way), acceptance length, share of rounds per
+paradigm, catch-up time as % of round time and peak extra memory (weights the system adds to the target's,
+plus the peak growth while generating). Writes bench.json, bench.md, speedup.png, trace.png.
 """
 
 import hashlib
 import json
 import os
+import random
 import statistics
 import sys
 import threading
@@ -360,14 +362,25 @@ class RunLog:
         write_text_atomically(self.out / "trace.json", json.dumps(trace))
 
 
+def speedups(runs: list[Run], mode: str, system: str, category: str = "overall",
+             baseline: str = "plain") -> list[float]:
+    """Per prompt that both ran: `system`'s tok/s over `baseline`'s, each the median of its repeats. Against
+    another drafting system (baseline="eagle3@3"), their median and median_interval tell whether one is faster
+    on these prompts: paired by prompt, the comparison is not blurred by how prompts differ from each other."""
+    def rates(name: str) -> dict[str, float]:
+        per_prompt = {}
+        for r in runs:
+            if r.mode == mode and r.system == name and category in ("overall", r.category):
+                per_prompt.setdefault(r.prompt_id, []).append(r.tokens_per_s)
+        return {prompt: statistics.median(values) for prompt, values in per_prompt.items()}
+
+    ours, theirs = rates(system), rates(baseline)
+    return [ours[prompt] / theirs[prompt] for prompt in ours if prompt in theirs]
+
+
 def summarize(runs: list[Run]) -> dict:
     """{mode: {system: {category|"overall": metrics}}}; speedup = median over prompts of tok/s vs plain."""
-    plain = {(r.mode, r.prompt_id): [] for r in runs}
-    plain_output = {}
-    for r in runs:
-        if r.system == "plain":
-            plain[r.mode, r.prompt_id].append(r.tokens_per_s)
-            plain_output[r.mode, r.prompt_id] = r.output
+    plain_output = {(r.mode, r.prompt_id): r.output for r in runs if r.system == "plain"}
     table = {}
     for mode in sorted({r.mode for r in runs}):
         for system in dict.fromkeys(r.system for r in runs):
@@ -376,11 +389,7 @@ def summarize(runs: list[Run]) -> dict:
                           and (category == "overall" or r.category == category)]
                 if not chosen:
                     continue
-                per_prompt = {}
-                for r in chosen:
-                    per_prompt.setdefault(r.prompt_id, []).append(r)
-                speedups = [statistics.median(x.tokens_per_s for x in rs) / statistics.median(plain[mode, pid])
-                            for pid, rs in per_prompt.items() if plain.get((mode, pid))]
+                ratios = speedups(runs, mode, system, category)
                 rounds = {}
                 for r in chosen:
                     for route, n in r.rounds_per_route.items():
@@ -393,9 +402,10 @@ def summarize(runs: list[Run]) -> dict:
                 compared = [r.output == plain_output[mode, r.prompt_id] for r in chosen
                             if mode == GREEDY and (mode, r.prompt_id) in plain_output]
                 table.setdefault(mode, {}).setdefault(system, {})[category] = {
-                    "prompts": len(per_prompt),
+                    "prompts": len({r.prompt_id for r in chosen}),
                     "tokens_per_s": statistics.median(r.tokens_per_s for r in chosen),
-                    "speedup": statistics.median(speedups) if speedups else None,
+                    "speedup": statistics.median(ratios) if ratios else None,
+                    "speedup_interval": median_interval(ratios) if ratios else None,
                     "acceptance": statistics.mean(acceptance) if acceptance else None,
                     "route_share": {k: v / drafting for k, v in rounds.items() if k != TARGET} if drafting else {},
                     "catch_up_pct": 100 * statistics.mean(catch_up) if catch_up else None,
@@ -407,6 +417,15 @@ def summarize(runs: list[Run]) -> dict:
     return table
 
 
+def median_interval(values: list[float], resamples: int = 1000) -> list[float]:
+    """95% bootstrap interval of the median of `values` (resampled with replacement): where the median speedup
+    could land on other prompts like these. On a 2-core VM two systems running the same chain differed by up
+    to 9% in a category of 20 prompts; the interval tells such noise from a real gap."""
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    return [medians[round(0.025 * resamples)], medians[round(0.975 * resamples) - 1]]
+
+
 def markdown(summary: dict, meta: dict) -> str:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Command: `{meta['command']}`  ",
@@ -415,7 +434,7 @@ def markdown(summary: dict, meta: dict) -> str:
     lines += [f"{name}: {text}  " for name, text in meta.get("draft_lengths", {}).items()] + [""]
     for mode, systems in summary.items():
         lines += [f"### {mode}", "",
-                  "| system | " + " | ".join(f"{c} speedup" for c in (*CATEGORIES, "overall"))
+                  "| system | " + " | ".join(f"{c} speedup" for c in CATEGORIES) + " | overall speedup (95% interval)"
                   + " | tok/s | acceptance | EAGLE-3 / DFlash rounds | catch-up % | routing % | tokens/cost-s"
                   " | extra peak MB | identical to plain |",
                   "|---" * (len(CATEGORIES) + 10) + "|"]
@@ -424,10 +443,12 @@ def markdown(summary: dict, meta: dict) -> str:
             share = overall["route_share"]
             routes = f"{100 * share.get(EAGLE, 0):.0f}% / {100 * share.get(DFLASH, 0):.0f}%" if share else "–"
             identical = "–" if overall["identical"] is None else f"{100 * overall['identical']:.0f}%"
+            interval = "" if overall["speedup_interval"] is None else " ({:.2f}-{:.2f})".format(
+                *overall["speedup_interval"])
             lines.append(f"| {system} | " + " | ".join(fmt(cats.get(c, {}).get("speedup"), ".2f") + "x"
                                                       for c in (*CATEGORIES, "overall"))
-                         + f" | {overall['tokens_per_s']:.1f} | {fmt(overall['acceptance'], '.2f')} | {routes} | "
-                         f"{fmt(overall['catch_up_pct'], '.1f')} | {fmt(overall['routing_pct'], '.2f')} | "
+                         + f"{interval} | {overall['tokens_per_s']:.1f} | {fmt(overall['acceptance'], '.2f')} | "
+                         f"{routes} | {fmt(overall['catch_up_pct'], '.1f')} | {fmt(overall['routing_pct'], '.2f')} | "
                          f"{fmt(overall['tokens_per_cost'], '.1f')} | {overall['peak_mb']:.0f} | {identical} |")
         lines.append("")
     return "\n".join(lines)

@@ -59,6 +59,8 @@ def test_bench_writes_json_markdown_and_plots(tiny, tmp_path, capsys):
     systems = result["summary"]["greedy"]
     assert set(systems) == {"plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy"}
     assert systems["plain"]["overall"]["speedup"] == pytest.approx(1.0)
+    assert all(c["speedup_interval"][0] <= c["speedup"] <= c["speedup_interval"][1]
+               for s in systems.values() for c in s.values())
     assert set(systems["eagle3"]["overall"]["route_share"]) == {"eagle3"}
     assert len(result["runs"]) == 2 * 4 * 5  # modes x prompts x systems
     assert all(systems[s]["overall"]["identical"] == 1.0 for s in systems)  # fp32 greedy: every output as plain's
@@ -204,3 +206,22 @@ def test_bench_checks_out_first_keeps_every_finished_run_and_resumes(tiny, tmp_p
     assert main(command) == 0 and not ran  # not finished (no bench.json), nothing missing: nothing runs
     assert main(command) == 0 and len(ran) == 8  # a finished bench run again is measured again
     assert "measuring again replaces it" in capsys.readouterr().err
+
+
+def test_paired_speedups_tell_a_small_gap_that_prompt_spread_hides():
+    """System b is 3% faster than a on every prompt (+-1% timing noise), while prompts run at 10-40 tok/s:
+    each system's speedup interval over plain overlaps the other's, b against a excludes 1.0."""
+    from hf_whiflash.bench import Run, median_interval, speedups
+
+    runs = []
+    for i in range(20):
+        plain = 10 + 1.5 * i  # tok/s of plain decoding on prompt i
+        gain = 1.5 + 0.05 * (i % 7)  # how much drafting pays on it
+        noise = [1 + 0.01 * ((7 * i + k) % 3 - 1) for k in range(3)]
+        for system, rate in (("plain", plain), ("a", plain * gain * noise[0]), ("b", plain * gain * 1.03 * noise[1])):
+            runs.append(Run(f"p{i}", "code", system, "greedy", 64, 64 / rate, 0.0))
+    a, b = (median_interval(speedups(runs, "greedy", s)) for s in ("a", "b"))
+    assert a[0] < b[0] < a[1] < b[1]  # overlapping
+    paired = speedups(runs, "greedy", "b", baseline="a")
+    assert len(paired) == 20 and 1.0 < median_interval(paired)[0] <= 1.03 <= median_interval(paired)[1]
+    assert speedups(runs, "greedy", "b", "tool") == []  # no prompts in that category
