@@ -49,9 +49,11 @@ class WhiFlashAssistant(nn.Module):
     `pack_weights`: on CPU, WhiFlash generations compute the Linear layers of the target and the drafters
     from weight copies packed for oneDNN (kernels.py: verifying several tokens then costs little more than
     one); None packs where a probe on this machine says it is faster, False saves the copies' memory.
-    `dynamic_lengths=True`: each round's draft is cut where the drafter's own confidence says verifying
-    more would lower the expected tokens per second of this machine's round costs (calibration.DraftCut);
-    the lengths above become caps (calibrated ones: the longest profiled chain, the drafter's block).
+    `dynamic_lengths`: whether each round's draft is cut where the drafter's own confidence says verifying
+    more would lower the expected tokens per second of this machine's round costs (calibration.DraftCut).
+    None (default): for every drafter whose length is calibrated (a calibrated EAGLE-3 chain then runs up to
+    its longest profiled length; a length you set stays fixed); True: for every drafter, the lengths you set
+    being caps; False: never (calibrated lengths: the one best fixed length).
     After a generate(), `stats` holds that generation's GenerationStats (per thread: generations in
     other threads, even with this same assistant, keep their own).
     """
@@ -59,7 +61,7 @@ class WhiFlashAssistant(nn.Module):
     def __init__(self, target, eagle3: Eagle3Drafter | None = None, dflash: DFlashDrafter | None = None,
                  policy: Policy | None = None, *, eagle_steps: int | None = None,
                  dflash_block_size: int | None = None, catch_up: str = "lazy", pack_weights: bool | None = None,
-                 dynamic_lengths: bool = False):
+                 dynamic_lengths: bool | None = None):
         super().__init__()
         if eagle3 is None and dflash is None:
             raise ValueError("WhiFlashAssistant needs at least one drafter: pass eagle3=..., dflash=... or both.")
@@ -76,39 +78,47 @@ class WhiFlashAssistant(nn.Module):
         self.dflash = dflash.attach(target) if dflash is not None else None
         self.policy = policy if policy is not None else EntropyPolicy()
         self.catch_up = catch_up
-        self.dynamic_lengths = dynamic_lengths
         self.kernels = PackedLinears([target, *self.drafters.values()], pack_weights)
         self.latency = None  # this machine's round costs, when the lengths or the policy need them
-        self.calibrated: dict[str, dict[str, int]] = {}  # mode -> route -> draft length chosen by calibration
-        self._set_draft_lengths(eagle_steps, dflash_block_size)
+        self.calibrated: dict[str, dict[str, int]] = {}  # mode -> route -> fixed draft length chosen by calibration
+        self._set_draft_lengths(eagle_steps, dflash_block_size, dynamic_lengths)
         # generate() validates an assistant through its config: same vocabulary as the target.
         self.config = PreTrainedConfig(vocab_size=text_config(target).vocab_size, architectures=["WhiFlashAssistant"])
         self._per_thread = threading.local()  # each thread's newest GenerationStats
         install_generator_hook()
 
-    def _set_draft_lengths(self, eagle_steps: int | None, dflash_block_size: int | None) -> None:
+    def _set_draft_lengths(self, eagle_steps: int | None, dflash_block_size: int | None,
+                           dynamic_lengths: bool | None) -> None:
         """Lengths given win; unset ones are calibrated per decoding mode for drafters with an acceptance profile,
-        else defaulted (a chain of 6, the drafter's own block)."""
+        else defaulted (a chain of 6, the drafter's own block). See the class docstring for `dynamic_lengths`."""
         unset = {EAGLE: eagle_steps is None, DFLASH: dflash_block_size is None}
         profiles = {route: d.tokens_per_round for route, d in self.drafters.items()
                     if unset[route] and d.tokens_per_round}
-        if profiles or self.policy.needs_costs or self.dynamic_lengths:  # the per-round cut weighs costs too
+        # The drafters whose draft is cut per round by confidence; the others draft their length every round.
+        if dynamic_lengths is None:
+            self.dynamic_routes = frozenset(profiles)  # the calibrated ones
+        else:
+            self.dynamic_routes = frozenset(self.drafters if dynamic_lengths else ())
+        if profiles or self.policy.needs_costs or self.dynamic_routes:  # the per-round cut weighs costs too
             self.latency = calibrated_latency(self, cache_root() / "calibration")
             self.policy.use_costs(self.latency)
         self.calibrated = {mode: {route: best_length(self.latency, route, profile[mode], mode == SAMPLED)
                                   for route, profile in profiles.items()} for mode in (GREEDY, SAMPLED)}
-        if self.dynamic_lengths:  # a drafter that pays here drafts up to its longest profiled length, cut per round
-            self.calibrated = {mode: {route: max(profiles[route][mode]) if k else 0 for route, k in chosen.items()}
-                               for mode, chosen in self.calibrated.items()}
         # The fixed settings (None: calibrated), which save_pretrained writes.
         self.eagle_steps = None if EAGLE in profiles else eagle_steps or 6
         block = self.dflash.block_size if self.dflash is not None else None
         self.dflash_block_size = None if DFLASH in profiles else dflash_block_size or block
         fixed = {EAGLE: self.eagle_steps, DFLASH: (self.dflash_block_size or 0) - 1}
-        # Mode -> route -> tokens drafted per round (before the length budget cuts it; 0: it never drafts): the
-        # one source of truth for the generator, bench and recipes.
-        self.draft_lengths = {mode: {route: chosen.get(route, fixed[route]) for route in self.drafters}
+        # Mode -> route -> tokens drafted per round at a fixed length (0: it never drafts): what the router weighs
+        # each route's round at.
+        self.fixed_lengths = {mode: {route: chosen.get(route, fixed[route]) for route in self.drafters}
                               for mode, chosen in self.calibrated.items()}
+        # Mode -> route -> the most tokens a round drafts, before the length budget cuts it: the one source of truth
+        # for the generator, bench and recipes. A calibrated chain cut per round may run to its longest profiled
+        # length; a DFlash block, drafted whole whatever the cut keeps, stays at its fixed size.
+        stretched = self.dynamic_routes & {EAGLE} & profiles.keys()
+        self.draft_lengths = {mode: {route: max(profiles[route][mode]) if k and route in stretched else k
+                                     for route, k in lengths.items()} for mode, lengths in self.fixed_lengths.items()}
 
     @property
     def drafters(self) -> dict[str, nn.Module]:
@@ -204,7 +214,7 @@ def build_assistant(target, target_name: str, mode: str = "whiflash", drafters: 
     error saying how to train them. `mode` picks the drafters (MODE_ROUTES); `policy` the router
     (default: the folder's own, or the entropy policy); `overrides`: eagle_steps, dflash_block_size."""
     routes = MODE_ROUTES[mode]
-    overrides = {k: v for k, v in overrides.items() if v}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     folder = drafters or shipped_drafters(target_name)
     if folder is None:
         raise FileNotFoundError(

@@ -119,9 +119,10 @@ NEEDS_DRAFTERS = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "or
 
 
 # A WhiFlash system's draft length setting after "@": eagle3@3 (a fixed chain of 3), dflash@7 (block of 7 drafts),
-# whiflash-entropy@dynamic (lengths cut per round by confidence, DraftCut); without one, calibrated lengths.
+# eagle3@fixed (the calibrated fixed length), eagle3@dynamic (every drafter's draft cut per round by confidence,
+# DraftCut); without one, the assistant's default: calibrated lengths, cut per round.
 FIXED_LENGTH = {"eagle3": "eagle_steps", "dflash": "dflash_block_size"}
-DYNAMIC = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural"}
+LENGTH_SETTINGS = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural"}  # take @fixed and @dynamic
 
 
 def split_system(name: str) -> tuple[str, dict]:
@@ -129,12 +130,12 @@ def split_system(name: str) -> tuple[str, dict]:
     base, _, setting = name.partition("@")
     if not setting:
         return base, {}
-    if setting == "dynamic" and base in DYNAMIC:
-        return base, {"dynamic_lengths": True}
+    if setting in ("dynamic", "fixed") and base in LENGTH_SETTINGS:
+        return base, {"dynamic_lengths": setting == "dynamic"}
     if setting.isdigit() and int(setting) > 0 and base in FIXED_LENGTH:
         return base, {FIXED_LENGTH[base]: int(setting) + (base == "dflash")}  # a block = last token + drafts
-    raise ValueError(f"system {name!r}: after '@' use a draft count (eagle3@3, dflash@7) or 'dynamic' "
-                     f"({', '.join(sorted(DYNAMIC))})")
+    raise ValueError(f"system {name!r}: after '@' use a draft count (eagle3@3, dflash@7), 'fixed' or 'dynamic' "
+                     f"({', '.join(sorted(LENGTH_SETTINGS))})")
 
 
 def check_systems(systems: list[str], drafters_folder, assistant_name: str | None = None) -> None:
@@ -182,8 +183,9 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
         "whiflash-entropy": lambda settings: assistant(ROUTES, settings, EntropyPolicy()),
         "whiflash-neural": lambda settings: assistant(ROUTES, settings,
                                                       NeuralPolicy.from_pretrained(folder / POLICY_FOLDER)),
-        # Routes with an OracleRouter made for each prompt by prepare_oracle (a plain policy until then).
-        "oracle": lambda settings: assistant(ROUTES, settings, EntropyPolicy()),
+        # Routes with an OracleRouter made for each prompt by prepare_oracle (a plain policy until then), whose
+        # hindsight replays fixed lengths.
+        "oracle": lambda _: assistant(ROUTES, {"dynamic_lengths": False}, EntropyPolicy()),
     }
     return {name: makers[base](settings) for name, (base, settings) in ((n, split_system(n)) for n in systems)}
 

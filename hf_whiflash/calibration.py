@@ -144,13 +144,19 @@ def _describe_mode(assistant, mode: str) -> str:
     names = {EAGLE: "EAGLE-3 chain {k}", DFLASH: "DFlash block {b}"}
     sampling, parts = mode == SAMPLED, []
     for route, k in assistant.draft_lengths[mode].items():
-        text = names[route].format(k=k, b=k + 1) if k else f"{route}: no drafting (plain decoding is faster here)"
-        if k and assistant.dynamic_lengths:
-            text = f"{text} at most, cut per round by confidence"
-        elif route in assistant.calibrated[mode] and k:
-            tokens = assistant.drafters[route].tokens_per_round[mode][k]
-            text += (f" (calibrated: {tokens:.2f} tokens/round, "
-                     f"{tokens / assistant.latency.round_seconds(route, k, sampling):.1f} tok/s expected)")
+        if not k:
+            parts.append(f"{route}: no drafting (plain decoding is faster here)")
+            continue
+        text = names[route].format(k=k, b=k + 1)
+        if route in assistant.dynamic_routes:
+            text += " at most, cut per round by confidence"
+        if route in assistant.calibrated[mode]:  # the expected rate of the best fixed length behind the choice
+            profile = assistant.drafters[route].tokens_per_round[mode]
+            best = assistant.fixed_lengths[mode][route]
+            expected = (f"{profile[best]:.2f} tokens/round, "
+                        f"{profile[best] / assistant.latency.round_seconds(route, best, sampling):.1f} tok/s expected")
+            text += (f" (best fixed: {names[route].format(k=best, b=best + 1)}, {expected})" if best != k
+                     else f" (calibrated: {expected})")
         parts.append(text)
     if assistant.latency is not None:
         parts.append(f"plain decoding {1 / assistant.latency.verify_seconds(0, sampling):.1f} tok/s expected")

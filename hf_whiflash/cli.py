@@ -212,8 +212,9 @@ def parser() -> argparse.ArgumentParser:
                         "whiflash-entropy, "
                         "whiflash-neural (needs a trained router in the drafters folder), oracle (hindsight "
                         "routing, greedy only; for measurement), plain-packed (plain decoding with WhiFlash's packed "
-                        "weights). A draft length after '@' fixes it (eagle3@3: chain of 3; dflash@7: 7 drafts a "
-                        "block); '@dynamic' cuts each round's draft by confidence (eagle3, dflash, whiflash-*) "
+                        "weights). Without '@', calibrated lengths cut per round by confidence; a draft length "
+                        "after '@' fixes it (eagle3@3: chain of 3; dflash@7: 7 drafts a block); '@fixed' keeps the "
+                        "calibrated length every round; '@dynamic' also cuts drafters without an acceptance profile "
                         "(default: %(default)s)")
     b.add_argument("--modes", nargs="+", choices=[GREEDY, SAMPLED], default=[GREEDY, SAMPLED],
                    help=f"decoding modes (sampling: temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']})")

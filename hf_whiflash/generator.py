@@ -29,12 +29,14 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         mode = SAMPLED if self.do_sample else GREEDY  # sampling accepts less and pays more per round: own lengths
         # Drafters with a draft length of 0 never draft here (calibration found plain decoding faster).
         self.draft_lengths = {route: k for route, k in assistant.draft_lengths[mode].items() if k > 0}
+        # What the policy weighs each route's round at: its fixed length (a chain cut per round costs what it drafts).
+        self.scored_lengths = {route: assistant.fixed_lengths[mode][route] for route in self.draft_lengths}
         self.drafters = {route: assistant.drafters[route] for route in self.draft_lengths}
         self.caches = {route: LazyCatchUpCache() for route in self.drafters}
-        # With dynamic lengths, each round's draft length is cut by the drafter's confidence (draft_lengths: the cap).
+        # Dynamic lengths: each round's draft length is cut by the drafter's confidence (draft_lengths: the cap).
         self.cuts = {route: DraftCut(assistant.latency, route, k, self.do_sample,
                                      (self.drafters[route].acceptance_by_confidence or {}).get(mode))
-                     for route, k in self.draft_lengths.items() if assistant.dynamic_lengths}
+                     for route, k in self.draft_lengths.items() if route in assistant.dynamic_routes}
         self.eager = assistant.catch_up == "eager"  # baseline: every drafter absorbs every verified position
         self.policy = assistant.policy.for_generation()
         self.stats = stats
@@ -127,7 +129,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
             return TARGET, 0
         lengths = {route: min(budget, k) for route, k in self.draft_lengths.items()}
         self.features = self.routing.features(self.entropy, self.top1, length_so_far - self.prompt_length)
-        route = self.policy.choose(self.features, lengths)
+        route = self.policy.choose(self.features, {route: min(budget, k) for route, k in self.scored_lengths.items()})
         if route not in lengths:
             raise ValueError(f"routing policy chose {route!r}, but this assistant only has {tuple(lengths)}")
         return route, lengths[route]

@@ -42,7 +42,8 @@ class Policy:
         return self
 
     def choose(self, features: RoundFeatures, lengths: dict[str, int]) -> str:
-        """The route of the next round: one of `lengths` (route -> tokens it would draft this round)."""
+        """The route of the next round: one of `lengths` (route -> tokens it would draft this round; for a chain
+        cut per round by confidence, its fixed calibrated length)."""
         raise NotImplementedError
 
     def observe(self, features: RoundFeatures, route: str, accepted: int, seconds: float) -> None:

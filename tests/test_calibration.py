@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_whiflash import CheckpointError, DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
-from hf_whiflash.calibration import DraftCut, best_length, calibrated_latency
+from hf_whiflash.calibration import DraftCut, best_length, calibrated_latency, describe
 from hf_whiflash.latency import LatencyModel, _by_length, _interleaved_times
 from hf_whiflash.names import DFLASH, EAGLE, GREEDY, SAMPLED, TARGET
 
@@ -152,19 +152,44 @@ def test_sampling_gets_its_own_length_where_processing_every_verified_row_costs_
 
 def test_calibrated_lengths_are_chosen_per_mode_and_saved_for_the_next_machine_to_choose(parts, tmp_path):
     target, eagle, dflash, _, _ = parts
-    assistant = WhiFlashAssistant(target, eagle, dflash)
+    assistant = WhiFlashAssistant(target, eagle, dflash, dynamic_lengths=False)
     latency = assistant.latency
     expected = {mode: {route: best_length(latency, route, d.tokens_per_round[mode], mode == SAMPLED)
                        for route, d in assistant.drafters.items()} for mode in (GREEDY, SAMPLED)}
-    assert assistant.calibrated == expected == assistant.draft_lengths
-    pinned = WhiFlashAssistant(target, eagle, dflash, eagle_steps=2)
+    assert assistant.calibrated == expected == assistant.draft_lengths and not assistant.dynamic_routes
+    pinned = WhiFlashAssistant(target, eagle, dflash, eagle_steps=2, dynamic_lengths=False)
     assert pinned.draft_lengths[GREEDY][EAGLE] == pinned.draft_lengths[SAMPLED][EAGLE] == 2
     assert EAGLE not in pinned.calibrated[GREEDY] and EAGLE not in pinned.calibrated[SAMPLED]
     settings = json.loads((assistant.save_pretrained(tmp_path / "folder") / "whiflash_config.json").read_text())
     assert settings["eagle_steps"] is None and settings["dflash_block_size"] is None
-    loaded = WhiFlashAssistant.from_pretrained(target, tmp_path / "folder")
+    loaded = WhiFlashAssistant.from_pretrained(target, tmp_path / "folder", dynamic_lengths=False)
     assert loaded.drafters[EAGLE].tokens_per_round == eagle.tokens_per_round
     assert loaded.draft_lengths == assistant.draft_lengths
+
+
+def test_by_default_calibrated_lengths_are_cut_per_round_and_set_ones_stay_fixed(parts, monkeypatch):
+    """Where a drafter pays, the default drafts up to its longest profiled length and cuts each round by
+    confidence; a length the user sets is drafted every round; a drafter that does not pay stays off."""
+    target, eagle, dflash, _, _ = parts
+    costs = LatencyModel({k: 0.050 + 0.001 * k for k in range(16)},
+                         {EAGLE: {k: 0.003 * k for k in range(1, 16)}, DFLASH: {k: 0.5 for k in range(1, 16)}},
+                         {EAGLE: {k: 0.004 * k for k in range(1, 16)}, DFLASH: {k: 0.5 for k in range(1, 16)}},
+                         sample_row_s=0.001)
+    monkeypatch.setattr("hf_whiflash.assistant.calibrated_latency", lambda *a, **kw: costs)
+    adaptive = WhiFlashAssistant(target, eagle, dflash)  # DFlash's 0.5 s block never pays
+    assert adaptive.dynamic_routes == {EAGLE, DFLASH}
+    assert adaptive.draft_lengths == {GREEDY: {EAGLE: 3, DFLASH: 0}, SAMPLED: {EAGLE: 3, DFLASH: 0}}
+    # The best fixed lengths, which the router weighs routes at: 1.9 tokens / 58 ms beats 2.0 / 62 ms and 1.6 / 54 ms.
+    assert adaptive.fixed_lengths == {GREEDY: {EAGLE: 2, DFLASH: 0}, SAMPLED: {EAGLE: 2, DFLASH: 0}}
+    assert describe(adaptive).startswith("greedy: EAGLE-3 chain 3 at most, cut per round by confidence (best fixed: "
+                                         "EAGLE-3 chain 2, 1.90 tokens/round, 32.8 tok/s expected); dflash: no drafting")
+    pinned = WhiFlashAssistant(target, eagle, dflash, eagle_steps=2)
+    assert pinned.dynamic_routes == {DFLASH} and pinned.draft_lengths[GREEDY][EAGLE] == 2
+    rounds = []
+    for assistant in (adaptive, pinned):
+        target.generate(PROMPT, max_new_tokens=40, do_sample=False, assistant_model=assistant)
+        rounds.append({r.drafted for r in assistant.stats.rounds[:-2] if r.route == EAGLE})  # before the budget cuts
+    assert rounds[0] <= {1, 2, 3} and rounds[0] != {3} and rounds[1] == {2}  # cut below the cap, or fixed
 
 
 def test_greedy_and_sampled_generations_draft_their_own_mode_s_length(parts, monkeypatch):
@@ -173,7 +198,7 @@ def test_greedy_and_sampled_generations_draft_their_own_mode_s_length(parts, mon
                          {EAGLE: {k: 0.008 * k for k in range(1, 16)}}, sample_row_s=0.010)
     monkeypatch.setattr("hf_whiflash.assistant.calibrated_latency", lambda *a, **kw: costs)
     eagle.tokens_per_round = {GREEDY: {1: 1.6, 2: 1.9, 3: 2.0}, SAMPLED: {1: 1.6, 2: 1.9, 3: 2.0}}
-    assistant = WhiFlashAssistant(target, eagle)
+    assistant = WhiFlashAssistant(target, eagle, dynamic_lengths=False)
     assert assistant.draft_lengths == {GREEDY: {EAGLE: 2}, SAMPLED: {EAGLE: 1}}
     drafted = {}
     for do_sample in (False, True):
@@ -253,7 +278,7 @@ def test_a_block_is_cut_where_expected_tokens_per_second_peak():
 @pytest.mark.parametrize("mode", ["eagle3", "whiflash"])
 def test_dynamic_lengths_never_change_greedy_output(target, tokenizer, mode):
     assistant = make_assistant(target, mode, "trained", dynamic_lengths=True, eagle_steps=8)
-    assert assistant.dynamic_lengths
+    assert assistant.dynamic_routes == set(assistant.drafters)
     drafted = set()
     for prompt in ("Write a Python function that checks whether a number is prime.",
                    "What is the capital of France? Answer in one sentence."):
