@@ -3,8 +3,7 @@
 from .assistant import WhiFlashAssistant
 from .cache import LazyCatchUpCache
 from .checkpoint import CheckpointError
-from .dflash import DFlashConfig, DFlashDrafter
-from .eagle3 import Eagle3Config, Eagle3Drafter
+from .drafters import DFlashConfig, DFlashDrafter, Eagle3Config, Eagle3Drafter, LookupDrafter
 from .routing import EntropyPolicy, NeuralPolicy, Policy, RoundFeatures
 from .stats import GenerationStats
 from .targets import DEFAULT_TARGET, IncompatibleDrafterError, load_target, shipped_drafters
@@ -20,6 +19,7 @@ __all__ = [
     "GenerationStats",
     "IncompatibleDrafterError",
     "LazyCatchUpCache",
+    "LookupDrafter",
     "NeuralPolicy",
     "Policy",
     "RoundFeatures",

@@ -16,12 +16,11 @@ from transformers import PreTrainedConfig
 
 from .calibration import best_length, calibrated_latency
 from .checkpoint import push_folder, resolve_folder, write_text_atomically
-from .dflash import DFlashDrafter
-from .eagle3 import Eagle3Drafter
+from .drafters import DFlashDrafter, Eagle3Drafter, LookupDrafter
 from .generator import WhiFlashCandidateGenerator
 from .hook import check_transformers_internals, install_generator_hook
 from .kernels import PackedLinears
-from .names import DFLASH, EAGLE, GREEDY, ROUTES, SAMPLED, SETTINGS_FILE
+from .names import DFLASH, EAGLE, GREEDY, LOOKUP, NEURAL_ROUTES, ROUTES, SAMPLED, SETTINGS_FILE
 from .routing import EntropyPolicy, NeuralPolicy, Policy
 from .stats import GenerationStats
 from .targets import cache_root, shipped_drafters, text_config
@@ -34,9 +33,12 @@ def write_settings(folder: Path, eagle_steps: int, dflash_block_size: int | None
 
 
 class WhiFlashAssistant(nn.Module):
-    """EAGLE-3 and/or DFlash drafters bound to one target, plus the routing policy between them.
+    """EAGLE-3, DFlash and lookup drafters bound to one target, plus the routing policy between them.
 
-    With one drafter it runs that paradigm alone (our EAGLE-3-only and DFlash-only baselines).
+    `lookup`: True (default) adds a lookup drafter with default settings (drafters/lookup.py: it proposes
+    what followed an earlier occurrence of the text's last few tokens; no weights), a LookupDrafter uses that
+    one, False none. With one drafter it runs that paradigm alone (our EAGLE-3-only, DFlash-only and
+    lookup-only baselines: `WhiFlashAssistant(target, eagle3=..., lookup=False)`).
     `eagle_steps` is the EAGLE-3 chain length, `dflash_block_size` the DFlash block (last verified
     token + block_size-1 drafts). Left unset, each is chosen for this machine when the drafter ships an
     acceptance profile: the length with the most expected tokens per second of round cost measured here
@@ -59,12 +61,14 @@ class WhiFlashAssistant(nn.Module):
     """
 
     def __init__(self, target, eagle3: Eagle3Drafter | None = None, dflash: DFlashDrafter | None = None,
-                 policy: Policy | None = None, *, eagle_steps: int | None = None,
+                 policy: Policy | None = None, *, lookup: LookupDrafter | bool = True, eagle_steps: int | None = None,
                  dflash_block_size: int | None = None, catch_up: str = "lazy", pack_weights: bool | None = None,
                  dynamic_lengths: bool | None = None):
         super().__init__()
-        if eagle3 is None and dflash is None:
-            raise ValueError("WhiFlashAssistant needs at least one drafter: pass eagle3=..., dflash=... or both.")
+        if not isinstance(lookup, (bool, LookupDrafter)):
+            raise TypeError(f"lookup must be True, False or a hf_whiflash.LookupDrafter, got {type(lookup).__name__}")
+        if eagle3 is None and dflash is None and not lookup:
+            raise ValueError("WhiFlashAssistant needs at least one drafter: pass eagle3=..., dflash=... or lookup=True.")
         if catch_up not in ("lazy", "eager"):
             raise ValueError(f"catch_up must be 'lazy' or 'eager', got {catch_up!r}")
         if (eagle_steps is not None and eagle_steps < 1) or (dflash_block_size is not None and dflash_block_size < 2):
@@ -76,9 +80,11 @@ class WhiFlashAssistant(nn.Module):
         object.__setattr__(self, "target", target)  # not a submodule: the assistant never saves or moves it
         self.eagle3 = eagle3.attach(target) if eagle3 is not None else None
         self.dflash = dflash.attach(target) if dflash is not None else None
+        self.lookup = (LookupDrafter() if lookup is True else lookup).attach(target) if lookup else None
         self.policy = policy if policy is not None else EntropyPolicy()
         self.catch_up = catch_up
-        self.kernels = PackedLinears([target, *self.drafters.values()], pack_weights)
+        self.kernels = PackedLinears([target, *(d for d in self.drafters.values() if isinstance(d, nn.Module))],
+                                     pack_weights)
         self.latency = None  # this machine's round costs, when the lengths or the policy need them
         self.calibrated: dict[str, dict[str, int]] = {}  # mode -> route -> fixed draft length chosen by calibration
         self._set_draft_lengths(eagle_steps, dflash_block_size, dynamic_lengths)
@@ -91,7 +97,7 @@ class WhiFlashAssistant(nn.Module):
                            dynamic_lengths: bool | None) -> None:
         """Lengths given win; unset ones are calibrated per decoding mode for drafters with an acceptance profile,
         else defaulted (a chain of 6, the drafter's own block). See the class docstring for `dynamic_lengths`."""
-        unset = {EAGLE: eagle_steps is None, DFLASH: dflash_block_size is None}
+        unset = {EAGLE: eagle_steps is None, DFLASH: dflash_block_size is None, LOOKUP: True}
         profiles = {route: d.tokens_per_round for route, d in self.drafters.items()
                     if unset[route] and d.tokens_per_round}
         # The drafters whose draft is cut per round by confidence; the others draft their length every round.
@@ -108,21 +114,24 @@ class WhiFlashAssistant(nn.Module):
         self.eagle_steps = None if EAGLE in profiles else eagle_steps or 6
         block = self.dflash.block_size if self.dflash is not None else None
         self.dflash_block_size = None if DFLASH in profiles else dflash_block_size or block
-        fixed = {EAGLE: self.eagle_steps, DFLASH: (self.dflash_block_size or 0) - 1}
+        fixed = {EAGLE: self.eagle_steps, DFLASH: (self.dflash_block_size or 0) - 1,
+                 LOOKUP: self.lookup.max_drafts if self.lookup is not None else 0}
         # Mode -> route -> tokens drafted per round at a fixed length (0: it never drafts): what the router weighs
         # each route's round at.
         self.fixed_lengths = {mode: {route: chosen.get(route, fixed[route]) for route in self.drafters}
                               for mode, chosen in self.calibrated.items()}
         # Mode -> route -> the most tokens a round drafts, before the length budget cuts it: the one source of truth
         # for the generator, bench and recipes. A calibrated chain cut per round may run to its longest profiled
-        # length; a DFlash block, drafted whole whatever the cut keeps, stays at its fixed size.
-        stretched = self.dynamic_routes & {EAGLE} & profiles.keys()
+        # length, and lookup to its longest proposal; a DFlash block, drafted whole whatever the cut keeps, stays at
+        # its fixed size.
+        stretched = self.dynamic_routes & {EAGLE, LOOKUP} & profiles.keys()
         self.draft_lengths = {mode: {route: max(profiles[route][mode]) if k and route in stretched else k
                                      for route, k in lengths.items()} for mode, lengths in self.fixed_lengths.items()}
 
     @property
     def drafters(self) -> dict[str, nn.Module]:
-        return {route: d for route, d in ((EAGLE, self.eagle3), (DFLASH, self.dflash)) if d is not None}
+        return {route: d for route, d in ((EAGLE, self.eagle3), (DFLASH, self.dflash), (LOOKUP, self.lookup))
+                if d is not None}
 
     @property
     def feature_layers(self) -> list[int]:
@@ -160,24 +169,28 @@ class WhiFlashAssistant(nn.Module):
     def from_pretrained(cls, target, folder_or_hub_id, *, routes: tuple[str, ...] | None = None,
                         policy: Policy | None = None, revision: str | None = None, token=None,
                         **overrides) -> "WhiFlashAssistant":
-        """Load a WhiFlash folder, local or a Hub repo: `eagle3/` and/or `dflash/` (Hub-format drafters) and
+        """Load a WhiFlash folder, local or a Hub repo: `eagle3/` and/or `dflash/` (Hub-format drafters), optionally
+        `lookup/` (the lookup drafter's settings and acceptance profile; without it, lookup's defaults) and
         `whiflash_config.json` (draft lengths and the routing policy). `routes` picks drafters (default: every
-        one the folder has)."""
+        one the folder has, and lookup)."""
         folder = resolve_folder(folder_or_hub_id, revision, token)
-        present = tuple(route for route in ROUTES if (folder / route).is_dir())
-        missing = [route for route in routes or () if route not in present]
+        present = tuple(route for route in NEURAL_ROUTES if (folder / route).is_dir())
+        missing = [route for route in routes or () if route not in (*present, LOOKUP)]
         if not present or missing:
-            raise FileNotFoundError(f"{folder} has no {'/ or '.join(missing or ROUTES)}/ drafter folder: "
+            raise FileNotFoundError(f"{folder} has no {'/ or '.join(missing or NEURAL_ROUTES)}/ drafter folder: "
                                     "a WhiFlash folder holds eagle3/ and/or dflash/ (see save_pretrained).")
-        routes = routes or present
+        routes = routes or (*present, LOOKUP)
         settings_path = folder / SETTINGS_FILE
         settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
         eagle3 = Eagle3Drafter.from_pretrained(folder / EAGLE) if EAGLE in routes else None
         dflash = DFlashDrafter.from_pretrained(folder / DFLASH) if DFLASH in routes else None
+        lookup = False if LOOKUP not in routes else True  # True: lookup with its default settings
+        if lookup and (folder / LOOKUP).is_dir():
+            lookup = LookupDrafter.from_pretrained(folder / LOOKUP)
         if policy is None:
             policy = policy_from_dict(settings.get("policy", {"type": "entropy"}), folder)
         kwargs = {k: settings[k] for k in ("eagle_steps", "dflash_block_size") if settings.get(k)} | overrides
-        return cls(target, eagle3, dflash, policy, **kwargs)
+        return cls(target, eagle3, dflash, policy, lookup=lookup, **kwargs)
 
     # --- the transformers hook (hook.py) calls these once per generate() ----------------------------
 
@@ -205,7 +218,7 @@ def policy_from_dict(settings: dict, folder: Path) -> Policy:
     raise ValueError(f"unknown routing policy type {kind!r} in {folder}/{SETTINGS_FILE} (known: 'entropy', 'neural')")
 
 
-MODE_ROUTES = {"whiflash": ROUTES, EAGLE: (EAGLE,), DFLASH: (DFLASH,)}  # the drafters each mode drafts with
+MODE_ROUTES = {"whiflash": ROUTES, EAGLE: (EAGLE,), DFLASH: (DFLASH,), LOOKUP: (LOOKUP,)}  # each mode's drafters
 
 
 def build_assistant(target, target_name: str, mode: str = "whiflash", drafters: str | None = None,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .names import DFLASH, EAGLE, GREEDY, POLICY_FOLDER, ROUTES, SAMPLED, SAMPLING, TARGET
+from .names import DFLASH, EAGLE, GREEDY, LOOKUP, POLICY_FOLDER, ROUTES, SAMPLED, SAMPLING, TARGET
 from .checkpoint import write_text_atomically
 from .stats import Clock
 
@@ -113,16 +113,16 @@ def load_prompts(source: str, per_category: int | None) -> list[dict]:
     return rows
 
 
-SYSTEMS = ("plain", "plain-packed", "prompt-lookup", "assisted", "eagle3", "dflash", "whiflash-entropy",
-           "whiflash-neural", "oracle")
-NEEDS_DRAFTERS = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural", "oracle"}
+SYSTEMS = ("plain", "plain-packed", "prompt-lookup", "assisted", "eagle3", "dflash", "lookup", "whiflash",
+           "whiflash-entropy", "whiflash-neural", "oracle")
+NEEDS_DRAFTERS = {"eagle3", "dflash", "lookup", "whiflash", "whiflash-entropy", "whiflash-neural", "oracle"}
 
 
 # A WhiFlash system's draft length setting after "@": eagle3@3 (a fixed chain of 3), dflash@7 (block of 7 drafts),
 # eagle3@fixed (the calibrated fixed length), eagle3@dynamic (every drafter's draft cut per round by confidence,
 # DraftCut); without one, the assistant's default: calibrated lengths, cut per round.
 FIXED_LENGTH = {"eagle3": "eagle_steps", "dflash": "dflash_block_size"}
-LENGTH_SETTINGS = {"eagle3", "dflash", "whiflash-entropy", "whiflash-neural"}  # take @fixed and @dynamic
+LENGTH_SETTINGS = {"eagle3", "dflash", "lookup", "whiflash", "whiflash-entropy", "whiflash-neural"}  # @fixed, @dynamic
 
 
 def split_system(name: str) -> tuple[str, dict]:
@@ -180,6 +180,8 @@ def build_systems(target, drafters_folder, systems: list[str], assistant_name: s
                                                               device=target.device)[0]},
         "eagle3": lambda settings: assistant((EAGLE,), settings),
         "dflash": lambda settings: assistant((DFLASH,), settings),
+        "lookup": lambda settings: assistant((LOOKUP,), settings),
+        "whiflash": lambda settings: assistant(ROUTES, settings),  # the folder's own router
         "whiflash-entropy": lambda settings: assistant(ROUTES, settings, EntropyPolicy()),
         "whiflash-neural": lambda settings: assistant(ROUTES, settings,
                                                       NeuralPolicy.from_pretrained(folder / POLICY_FOLDER)),
@@ -207,7 +209,8 @@ def prepare_oracle(target, assistant, ids, max_new_tokens: int, latency) -> None
     reference = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     lengths = assistant.draft_lengths[GREEDY]  # 0: that drafter does not draft on this machine
     hindsight = acceptance_tables(target, reference, ids.shape[1], assistant.eagle3 if lengths[EAGLE] else None,
-                                  assistant.dflash if lengths[DFLASH] else None, lengths[EAGLE], lengths[DFLASH] + 1)
+                                  assistant.dflash if lengths[DFLASH] else None, lengths[EAGLE], lengths[DFLASH] + 1,
+                                  assistant.lookup if lengths[LOOKUP] else None)
     assistant.policy = OracleRouter(hindsight.tables, latency)
 
 
@@ -303,8 +306,7 @@ def benchmark(target, tokenizer, prompts: list[dict], systems: dict, modes: list
                                         seed + i + repeat * len(prompts), prompt, latency, repeat))
                     bar.update(1)
                     assistant = whiflash_assistant(systems[name])
-                    if trace is None and mode == GREEDY and assistant is not None and assistant.eagle3 \
-                            and assistant.dflash:
+                    if trace is None and mode == GREEDY and assistant is not None and len(assistant.drafters) > 1:
                         trace = {"prompt_id": prompt["id"], "rounds": assistant.stats.to_dict()["rounds"]}
                         if log is not None:
                             log.save_trace(trace)
@@ -437,13 +439,13 @@ def markdown(summary: dict, meta: dict) -> str:
     for mode, systems in summary.items():
         lines += [f"### {mode}", "",
                   "| system | " + " | ".join(f"{c} speedup" for c in CATEGORIES) + " | overall speedup (95% interval)"
-                  + " | tok/s | acceptance | EAGLE-3 / DFlash rounds | catch-up % | routing % | tokens/cost-s"
+                  + " | tok/s | acceptance | EAGLE-3 / DFlash / lookup rounds | catch-up % | routing % | tokens/cost-s"
                   " | extra peak MB | identical to plain |",
                   "|---" * (len(CATEGORIES) + 10) + "|"]
         for system, cats in systems.items():
             overall = cats["overall"]
             share = overall["route_share"]
-            routes = f"{100 * share.get(EAGLE, 0):.0f}% / {100 * share.get(DFLASH, 0):.0f}%" if share else "–"
+            routes = " / ".join(f"{100 * share.get(r, 0):.0f}%" for r in ROUTES) if share else "–"
             identical = "–" if overall["identical"] is None else f"{100 * overall['identical']:.0f}%"
             interval = "" if overall["speedup_interval"] is None else " ({:.2f}-{:.2f})".format(
                 *overall["speedup_interval"])
@@ -452,8 +454,22 @@ def markdown(summary: dict, meta: dict) -> str:
                          + f"{interval} | {overall['tokens_per_s']:.1f} | {fmt(overall['acceptance'], '.2f')} | "
                          f"{routes} | {fmt(overall['catch_up_pct'], '.1f')} | {fmt(overall['routing_pct'], '.2f')} | "
                          f"{fmt(overall['tokens_per_cost'], '.1f')} | {overall['peak_mb']:.0f} | {identical} |")
-        lines.append("")
+        lines += ["", *route_shares(systems), ""]
     return "\n".join(lines)
+
+
+def route_shares(systems: dict) -> list[str]:
+    """Markdown table: per routing system and category, the share of drafting rounds each route drafted."""
+    routed = {name: cats for name, cats in systems.items() if len(cats["overall"]["route_share"]) > 1}
+    if not routed:
+        return []
+    lines = ["Rounds per route (" + " / ".join(ROUTES) + "):", "",
+             "| system | " + " | ".join((*CATEGORIES, "overall")) + " |", "|---" * (len(CATEGORIES) + 2) + "|"]
+    for name, cats in routed.items():
+        cells = [" / ".join(f"{100 * cats[c]['route_share'].get(r, 0):.0f}%" for r in ROUTES) if c in cats else "–"
+                 for c in (*CATEGORIES, "overall")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary: dict, trace: dict | None, out: Path) -> list[Path]:
@@ -488,9 +504,9 @@ def plot(summary: dict, trace: dict | None, out: Path) -> list[Path]:
 
 
 def plot_trace(trace: dict, path: Path, plt) -> None:
-    """One generation token by token: who proposed each token (EAGLE-3, DFlash, or the target's own
+    """One generation token by token: who proposed each token (EAGLE-3, DFlash, lookup, or the target's own
     correction/bonus), and where drafts were rejected."""
-    colours = {EAGLE: "tab:blue", DFLASH: "tab:orange", TARGET: "lightgrey"}
+    colours = {EAGLE: "tab:blue", DFLASH: "tab:orange", LOOKUP: "tab:green", TARGET: "lightgrey"}
     fig, ax = plt.subplots(figsize=(12, 2.6))
     x = 0
     for r in trace["rounds"]:
@@ -503,8 +519,8 @@ def plot_trace(trace: dict, path: Path, plt) -> None:
         x += 1
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles + [plt.Line2D([], [], marker="x", color="red", linestyle="")],
-              ["EAGLE-3 (accepted)", "DFlash (accepted)", "target (correction / bonus)", "draft rejected here"],
-              loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, fontsize=8)
+              ["EAGLE-3 (accepted)", "DFlash (accepted)", "lookup (accepted)", "target (correction / bonus)",
+               "draft rejected here"], loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=5, fontsize=8)
     ax.set_xlim(0, max(x, 1))
     ax.set_ylim(0, 1.5)
     ax.set_yticks([])

@@ -38,6 +38,15 @@ class LazyCatchUpCache(DynamicCache):
         self.pending_ids, self.pending_features = ([ids[:, split:]], [features[:, split:]]) if keep_last else ([], [])
         return ids[:, :split], features[:, :split]
 
+    def snapshot(self):
+        """What a draft changes (the cached length and the queue), for `restore`: calibration drafts repeatedly from
+        one state."""
+        return self.get_seq_length(), list(self.pending_ids), list(self.pending_features)
+
+    def restore(self, snapshot) -> None:
+        length, self.pending_ids, self.pending_features = snapshot[0], list(snapshot[1]), list(snapshot[2])
+        self.truncate(length)
+
     def truncate(self, length: int) -> None:
         """Drop K/V beyond the first `length` positions (the positions a drafter only drafted)."""
         extra = self.get_seq_length() - length

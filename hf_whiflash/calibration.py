@@ -20,7 +20,7 @@ import transformers
 
 from .checkpoint import write_text_atomically
 from .latency import DRAFT_LENGTHS, LENGTHS, LatencyModel
-from .names import DFLASH, EAGLE, GREEDY, SAMPLED
+from .names import DFLASH, EAGLE, GREEDY, LOOKUP, SAMPLED
 from .targets import cpu_info
 
 
@@ -47,9 +47,10 @@ def calibration_key(assistant) -> dict:
     return {"device": device_name(target.device), "threads": torch.get_num_threads(),
             "dtype": str(next(target.parameters()).dtype), "torch": torch.__version__,
             "transformers": transformers.__version__, "target": fingerprint(target),
-            "drafters": {route: fingerprint(d) for route, d in assistant.drafters.items()},
+            "drafters": {route: fingerprint(d) if isinstance(d, torch.nn.Module) else d.settings()
+                         for route, d in assistant.drafters.items()},
             "packed_weights": assistant.kernels.enabled, "lengths": [list(LENGTHS), list(DRAFT_LENGTHS)],
-            "method": 9}  # method: bumped when the measurement changes
+            "method": 10}  # method: bumped when the measurement changes
 
 
 def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:
@@ -97,7 +98,7 @@ class DraftCut:
 
     def __init__(self, latency: LatencyModel, route: str, max_length: int, sampling: bool = False,
                  by_confidence: list[float] | None = None):
-        self.max_length = max_length
+        self.max_length, self.mode = max_length, SAMPLED if sampling else GREEDY
         self.per_step = route == EAGLE  # an EAGLE-3 chain pays per step; a DFlash block is paid whole
         self.verify = [latency.verify_seconds(k, sampling) for k in range(max_length + 1)]  # by drafts k
         self.draft = [latency.draft_seconds(route, k, sampling) if k else 0.0 for k in range(max_length + 1)]
@@ -141,7 +142,7 @@ def describe(assistant) -> str:
 
 
 def _describe_mode(assistant, mode: str) -> str:
-    names = {EAGLE: "EAGLE-3 chain {k}", DFLASH: "DFlash block {b}"}
+    names = {EAGLE: "EAGLE-3 chain {k}", DFLASH: "DFlash block {b}", LOOKUP: "lookup {k} drafts"}
     sampling, parts = mode == SAMPLED, []
     for route, k in assistant.draft_lengths[mode].items():
         if not k:

@@ -1,7 +1,8 @@
 """One generate() call's drafting: transformers calls `get_candidates` and `update_candidate_strategy` alternately.
 
-A round, top to bottom in `get_candidates`: queue the newly verified target features in every drafter's
-LazyCatchUpCache -> the policy picks a route -> that drafter catches up (one K/V-only pass) and drafts ->
+A round, top to bottom in `get_candidates`: queue the newly verified tokens and target features in every
+drafter's cache (lookup indexes the tokens at once) -> the policy picks a route, knowing what lookup's index
+offers -> that drafter catches up (one K/V-only pass for a neural drafter) and drafts ->
 the draft is cut before any stop string -> transformers verifies the candidates (exact match, or
 speculative rejection sampling with the draft logits) -> `update_candidate_strategy` records the outcome.
 The generator never looks inside a drafter: both follow the same catch_up / draft protocol.
@@ -11,9 +12,8 @@ import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from .cache import LazyCatchUpCache
 from .calibration import DraftCut
-from .names import GREEDY, SAMPLED, TARGET
+from .names import GREEDY, LOOKUP, SAMPLED, TARGET
 from .routing import RoutingState, entropy_and_top1
 from .sampling import draft_picker
 from .stats import Clock, GenerationStats, Round
@@ -32,7 +32,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         # What the policy weighs each route's round at: its fixed length (a chain cut per round costs what it drafts).
         self.scored_lengths = {route: assistant.fixed_lengths[mode][route] for route in self.draft_lengths}
         self.drafters = {route: assistant.drafters[route] for route in self.draft_lengths}
-        self.caches = {route: LazyCatchUpCache() for route in self.drafters}
+        self.caches = {route: drafter.new_cache() for route, drafter in self.drafters.items()}
         # Dynamic lengths: each round's draft length is cut by the drafter's confidence (draft_lengths: the cap).
         self.cuts = {route: DraftCut(assistant.latency, route, k, self.do_sample,
                                      (self.drafters[route].acceptance_by_confidence or {}).get(mode))
@@ -109,8 +109,8 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         if not self.drafters:  # no drafter drafts on this machine: nothing needs target features
             return
         new = input_ids.shape[1] - 1 - self.num_verified
-        hidden_states = model_outputs.hidden_states
-        window = next(h for h in hidden_states if h is not None).shape[1]
+        hidden_states = model_outputs.hidden_states  # None when only lookup drafts: it reads the tokens alone
+        window = next(h for h in hidden_states if h is not None).shape[1] if hidden_states is not None else new
         if new > window:
             raise ValueError(
                 f"WhiFlash needs the target's hidden states for every position, but the first forward covered "
@@ -128,8 +128,19 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         if budget <= 0 or not self.draft_lengths:
             return TARGET, 0
         lengths = {route: min(budget, k) for route, k in self.draft_lengths.items()}
-        self.features = self.routing.features(self.entropy, self.top1, length_so_far - self.prompt_length)
-        route = self.policy.choose(self.features, {route: min(budget, k) for route, k in self.scored_lengths.items()})
+        scored = {route: min(budget, k) for route, k in self.scored_lengths.items()}
+        match = 0
+        if LOOKUP in lengths:  # lookup drafts its proposal, if its index has one: offered only then
+            proposal = self.drafters[LOOKUP].propose(self.caches[LOOKUP])
+            match, lengths[LOOKUP] = proposal.match, min(lengths[LOOKUP], len(proposal.tokens))
+            scored[LOOKUP] = min(scored[LOOKUP], lengths[LOOKUP])
+            if not lengths[LOOKUP]:
+                del lengths[LOOKUP], scored[LOOKUP]
+        if not lengths:
+            return TARGET, 0
+        self.features = self.routing.features(self.entropy, self.top1, length_so_far - self.prompt_length,
+                                              match, lengths.get(LOOKUP, 0))
+        route = self.policy.choose(self.features, scored)
         if route not in lengths:
             raise ValueError(f"routing policy chose {route!r}, but this assistant only has {tuple(lengths)}")
         return route, lengths[route]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .names import DFLASH, EAGLE, GREEDY, SAMPLED
+from .names import DFLASH, EAGLE, GREEDY, LOOKUP, SAMPLED, TARGET
 from .routing import RoutingState
 
 
@@ -24,13 +24,15 @@ class Hindsight:
     tables: dict[str, torch.Tensor]  # route -> accepted drafts [T-1-start]
     entropy: torch.Tensor  # [T-1-start] target entropy of the distribution that produced x_m
     top1: torch.Tensor  # [T-1-start] its top-1 probability
+    lookup_match: torch.Tensor | None = None  # [T-1-start] the lookup drafter's match length (0: none)
+    lookup_drafts: torch.Tensor | None = None  # [T-1-start] its proposal's length
 
 
 @torch.no_grad()
 def acceptance_tables(target, sequence: torch.Tensor, start: int, eagle=None, dflash=None, eagle_steps: int = 6,
-                      block_size: int | None = None) -> Hindsight:
+                      block_size: int | None = None, lookup=None) -> Hindsight:
     """sequence [1, T] (prompt + greedy continuation); the first round starts at m = `start` (the prompt
-    length). One target pass, then one teacher-forced pass per drafter."""
+    length). One target pass, then one teacher-forced pass per neural drafter; lookup replays its index."""
     layers = sorted({i for d in (eagle, dflash) if d is not None for i in d.feature_layers})
     out = target(sequence, output_hidden_states=layers)
     T = sequence.shape[1]
@@ -40,7 +42,32 @@ def acceptance_tables(target, sequence: torch.Tensor, start: int, eagle=None, df
         tables[EAGLE] = _eagle_table(eagle, sequence, out.hidden_states, start, eagle_steps)
     if dflash is not None:
         tables[DFLASH] = _dflash_table(dflash, sequence, out.hidden_states, start, block_size or dflash.block_size)
-    return Hindsight(tables, -(logp.exp() * logp).sum(-1), logp.exp().max(-1).values)
+    hindsight = Hindsight(tables, -(logp.exp() * logp).sum(-1), logp.exp().max(-1).values)
+    if lookup is not None:
+        proposals = lookup_proposals(lookup, sequence, start)
+        hindsight.tables[LOOKUP] = torch.tensor([lookup_accepted(p, sequence, start + i)
+                                                 for i, p in enumerate(proposals)])
+        hindsight.lookup_match = torch.tensor([p.match for p in proposals])
+        hindsight.lookup_drafts = torch.tensor([len(p.tokens) for p in proposals])
+    return hindsight
+
+
+def lookup_proposals(lookup, sequence: torch.Tensor, start: int) -> list:
+    """The lookup drafter's Proposal at every round start m = start..T-2, its index fed as the generator feeds it
+    (tokens 1..m verified)."""
+    index = lookup.new_cache()
+    index.enqueue(sequence[:, 1:start + 1])
+    proposals = []
+    for m in range(start, sequence.shape[1] - 1):
+        proposals.append(lookup.propose(index))
+        index.enqueue(sequence[:, m + 1:m + 2])
+    return proposals
+
+
+def lookup_accepted(proposal, sequence: torch.Tensor, m: int) -> int:
+    """Drafts of `proposal` (made at round start m) that match the sequence, before the first miss."""
+    truth = sequence[0, m + 1:m + 1 + len(proposal.tokens)].tolist()
+    return next((j for j, (draft, true) in enumerate(zip(proposal.tokens, truth)) if draft != true), len(truth))
 
 
 def leading_matches(predicted: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -110,6 +137,29 @@ def confidence_outcomes(target, sequence: torch.Tensor, start: int, processors, 
             sampled.append((q_x[valid], (p_x / q_x).clamp(max=1)[valid]))
         outcomes[route] = {mode: tuple(torch.cat(column) for column in zip(*pairs))
                            for mode, pairs in ((GREEDY, greedy), (SAMPLED, sampled))}
+    return outcomes
+
+
+@torch.no_grad()
+def lookup_outcomes(target, sequence: torch.Tensor, start: int, processors, lookup) -> list[tuple]:
+    """The lookup drafter's counterpart of the tables and chances: per round start m (as acceptance_tables) where
+    it matched, (match length, proposal length, greedy acceptances, sampling chances), the last two lists over its
+    drafts j = 1, 2, ...
+    while the drafts before j equal the sequence (past that the teacher-forced context is not the drafted one):
+    greedy 1 where draft j is the true token, else 0; sampling p(draft j), the target's probability after
+    `processors`, which is the chance speculative sampling accepts a one-hot draft."""
+    T = sequence.shape[1]
+    rows = target(sequence).logits[0].float()  # [T, V]: row i predicts token i+1
+    p = processors(sequence, rows).softmax(-1)
+    outcomes = []
+    for m, proposal in enumerate(lookup_proposals(lookup, sequence, start), start):
+        if not proposal.match:
+            continue
+        accepted = lookup_accepted(proposal, sequence, m)
+        reachable = min(accepted + 1, len(proposal.tokens), T - 1 - m)  # drafts whose prefix held
+        greedy = [float(j < accepted) for j in range(reachable)]
+        chances = [float(p[m + j, proposal.tokens[j]]) for j in range(reachable)]
+        outcomes.append((proposal.match, len(proposal.tokens), greedy, chances))
     return outcomes
 
 
@@ -183,21 +233,35 @@ def walk(table: torch.Tensor, budget: int) -> list[int]:
 
 
 def simulate_routing(hindsight: Hindsight, policy, latency, lengths: dict[str, int], epsilon: float = 0.0,
-                     rng=None):
-    """Walk one greedy generation routed by `policy` (with probability `epsilon` a random route instead),
-    drafting `lengths` (route -> draft length, as WhiFlashAssistant.draft_lengths[mode]), with the latency model
+                     rng=None, routes: tuple[str, ...] | None = None):
+    """Walk one greedy generation routed by `policy` (with probability `epsilon` a random route instead) over
+    `routes` (default: every route in the tables), drafting `lengths` (route -> draft length, as
+    WhiFlashAssistant.draft_lengths[mode]; lookup drafts its proposal up to that cap, and is offered only where
+    it matched, as in generation; a round with no route offered is a plain target step), with the latency model
     standing in for measured round times. Returns one record per round: (RoundFeatures, chosen route,
     accepted drafts of every route at that round start, modelled seconds)."""
-    routes = tuple(hindsight.tables)
-    lengths = {r: lengths[r] for r in routes}
+    routes = routes or tuple(hindsight.tables)
     state, records, m = RoutingState(routes), [], 0
     policy = policy.for_generation()
     while m < len(hindsight.entropy):
-        features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), position=m + 1)
-        # A shorter EAGLE-3 chain accepts min(a, k): its drafts are a prefix of the longer chain's.
-        accepted = {r: min(int(hindsight.tables[r][m]), lengths[r]) for r in routes}
-        route = rng.choice(routes) if epsilon and rng.random() < epsilon else policy.choose(features, lengths)
-        seconds = latency.round_seconds(route, lengths[route])
+        offered = {r: lengths[r] for r in routes}
+        match = 0
+        if LOOKUP in offered:
+            match = int(hindsight.lookup_match[m])
+            offered[LOOKUP] = min(offered[LOOKUP], int(hindsight.lookup_drafts[m]))
+            if not offered[LOOKUP]:
+                del offered[LOOKUP]
+        features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), m + 1, match,
+                                  offered.get(LOOKUP, 0))
+        # A shorter draft accepts min(a, k): its drafts are a prefix of the longer one's.
+        accepted = {r: min(int(hindsight.tables[r][m]), offered.get(r, 0)) for r in routes}
+        if not offered:  # nothing to draft: the target decodes one token
+            records.append((features, TARGET, accepted, latency.verify_seconds(0)))
+            state.record(TARGET, 0, records[-1][3])
+            m += 1
+            continue
+        route = rng.choice(tuple(offered)) if epsilon and rng.random() < epsilon else policy.choose(features, offered)
+        seconds = latency.round_seconds(route, offered[route])
         records.append((features, route, accepted, seconds))
         state.record(route, accepted[route], seconds)
         policy.observe(features, route, accepted[route], seconds)

@@ -81,8 +81,11 @@ class LatencyModel:
     def _measure(cls, assistant, context: int, lengths, draft_lengths: list[int], repeats: int) -> "LatencyModel":
         target, drafters = assistant.target, assistant.drafters
         vocab = target.config.get_text_config().vocab_size
-        prompt = torch.randint(0, vocab, (1, context), device=target.device,
-                               generator=torch.Generator(target.device).manual_seed(0))  # [1, context]
+        # Random tokens, twice over: the second half's suffix matches the first half, so lookup drafts its longest
+        # proposals (the costs of the neural drafters and the target do not depend on the tokens).
+        half = torch.randint(0, vocab, (1, context // 2), device=target.device,
+                             generator=torch.Generator(target.device).manual_seed(0))
+        prompt = half.repeat(1, 2)  # [1, context]
         cache = DynamicCache()
         cache_kwarg = cache_keyword(type(target))
         out = target(prompt, **{cache_kwarg: cache}, output_hidden_states=assistant.feature_layers)
@@ -172,16 +175,12 @@ def _median_error(times: list[float]) -> float:
 def _drafting(drafter, prompt, hidden_states):
     """`draft(k, pick)` from the state right after catching up on the prompt's context, and `reset()`, which
     puts back what a draft consumed."""
-    cache = LazyCatchUpCache()
-    cache.enqueue(prompt[:, 1:], drafter.features(hidden_states)[:, :-1])  # pairs (feature t, token t+1)
+    cache = drafter.new_cache()
+    features = drafter.features(hidden_states)  # None for lookup, which reads only the tokens
+    cache.enqueue(prompt[:, 1:], None if features is None else features[:, :-1])  # pairs (feature t, token t+1)
     drafter.catch_up(cache)
-    context, queued = cache.get_seq_length(), (cache.pending_ids, cache.pending_features)
-
-    def reset():
-        cache.truncate(context)
-        cache.pending_ids, cache.pending_features = list(queued[0]), list(queued[1])
-
-    return (lambda k, pick: drafter.draft(cache, k, pick)), reset
+    state = cache.snapshot()
+    return (lambda k, pick: drafter.draft(cache, k, pick)), (lambda: cache.restore(state))
 
 
 def _measured(sampling_cost):

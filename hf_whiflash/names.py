@@ -3,8 +3,9 @@
 import re
 from importlib import metadata
 
-EAGLE, DFLASH = "eagle3", "dflash"  # the drafting paradigms, also their subfolders in a WhiFlash folder
-ROUTES = (EAGLE, DFLASH)
+EAGLE, DFLASH, LOOKUP = "eagle3", "dflash", "lookup"  # the drafting routes, also their subfolders in a WhiFlash folder
+ROUTES = (EAGLE, DFLASH, LOOKUP)
+NEURAL_ROUTES = (EAGLE, DFLASH)  # the drafters with weights, which read the target's hidden states
 TARGET = "target"  # a round without drafts: the length budget left no room for any
 POLICY_FOLDER = "policy"  # a trained router inside a WhiFlash folder
 SETTINGS_FILE = "whiflash_config.json"  # draft lengths and routing policy of a WhiFlash folder

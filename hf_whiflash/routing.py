@@ -1,7 +1,8 @@
 """Routing: which drafter drafts the next round, decided from information available before drafting.
 
 `RoundFeatures` is what the candidate generator knows when a round starts (cheap to compute: one
-softmax over the target's logits at the last verified position plus running averages). A policy is a
+softmax over the target's logits at the last verified position, running averages, and what the lookup
+drafter's index offers: its match length and proposal). A policy is a
 `Policy`: `choose(features, lengths) -> route`, where `lengths` maps each route it may pick to the
 number of tokens that route would draft this round (the assistant's draft lengths, cut to the length
 budget), and optionally `observe(...)` to learn from the outcome of the round it chose.
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .latency import LatencyModel
-from .names import DFLASH, EAGLE, POLICY_FOLDER, ROUTES
+from .names import DFLASH, EAGLE, LOOKUP, POLICY_FOLDER, ROUTES
 
 
 @dataclass
@@ -30,6 +31,8 @@ class RoundFeatures:
     accepted_ema: dict[str, float] = field(default_factory=dict)  # per route: recent accepted drafted tokens
     seconds_ema: dict[str, float] = field(default_factory=dict)  # per route: recent round time (draft + verify)
     rounds_since: dict[str, int] = field(default_factory=dict)  # per route: rounds since it last drafted
+    lookup_match: int = 0  # length of the suffix the lookup drafter matched this round (0: no lookup this round)
+    lookup_drafts: int = 0  # tokens it proposes after the match (its round's draft length)
 
 
 class Policy:
@@ -62,65 +65,77 @@ class Policy:
 
 
 class EntropyPolicy(Policy):
-    """Pick the route with the best expected tokens per unit of round cost, per entropy regime.
+    """Pick the route with the best expected tokens per unit of round cost, per regime.
 
-    The target's entropy at the last verified position splits rounds into a confident regime
-    (entropy < `threshold`: structured text such as code, JSON or tool calls, where a parallel
-    DFlash block tends to be accepted far) and an uncertain one (open-ended text, where the
-    autoregressive EAGLE-3 chain holds up better). Within each regime the policy keeps a running
-    estimate of the accepted drafted tokens per route (starting from those priors) and scores
+    For the neural drafters the regime is the target's entropy at the last verified position: a
+    confident regime (entropy < `threshold`: structured text such as code, JSON or tool calls, where a
+    parallel DFlash block tends to be accepted far) and an uncertain one (open-ended text, where the
+    autoregressive EAGLE-3 chain holds up better). For lookup it is the length of this round's match
+    (1, 2, 3, 4 or more tokens): the longer the repeated suffix, the further its continuation holds.
+    Per route and regime the policy keeps a running estimate of the accepted drafted tokens (starting
+    from those priors) and scores
 
-        score(route) = (1 + accepted(route, regime)) / round_seconds(route) ** latency_weight
+        score(route) = (1 + min(accepted(route, regime), drafts)) / round_seconds(route) ** latency_weight
 
     `latency_weight` = 0 maximises tokens per round, 1 maximises tokens per second. An idle route
     is tried once again, because acceptance swings within a sequence and estimates of an idle route
     go stale: after `explore_every` rounds of its regime, times how far its score trails the best
     (once both routes' round times are known). A route scoring a quarter of the best waits four
     times as long, so a clearly worse drafter costs little, and a close one is checked often.
+    Lookup is offered only in rounds where it matched, so it needs no exploring.
     """
 
     # Defaults measured by recipes/tune_entropy.py (results/entropy_tuning.json) for the shipped SmolLM2 drafters:
-    # the best of 72 settings replayed on the dev set; priors are the mean accepted drafts per regime there.
+    # the best of the settings replayed on the dev set; priors are the mean accepted drafts per regime there.
+    # Priors: (confident, uncertain) for the neural drafters, by match length (1, 2, 3, 4+) for lookup.
+    PRIORS = {EAGLE: (0.72, 0.62), DFLASH: (0.31, 0.27), LOOKUP: (0.5, 1.2, 1.8, 2.6)}
+
     def __init__(self, threshold: float = 1.5, latency_weight: float = 1.0, explore_every: int = 32,
                  decay: float = 0.5, priors: dict | None = None):
         self.threshold, self.latency_weight = threshold, latency_weight
         self.explore_every, self.decay = explore_every, decay
-        self.priors = priors or {EAGLE: (0.72, 0.62), DFLASH: (0.31, 0.27)}  # (confident, uncertain)
-        self.accepted = {(r, regime): self.priors[r][regime] for r in ROUTES for regime in (0, 1)}
-        self.idle = {(r, regime): 0 for r in ROUTES for regime in (0, 1)}
+        self.priors = self.PRIORS | (priors or {})  # settings saved before lookup existed keep its defaults
+        self.accepted = {(r, regime): value for r, values in self.priors.items() for regime, value in enumerate(values)}
+        self.idle = {key: 0 for key in self.accepted}
 
     def for_generation(self) -> "EntropyPolicy":
         return EntropyPolicy(self.threshold, self.latency_weight, self.explore_every, self.decay, self.priors)
 
-    def regime(self, features: RoundFeatures) -> int:
+    def regime(self, route: str, features: RoundFeatures) -> int:
+        if route == LOOKUP:
+            return min(max(features.lookup_match, 1), len(self.priors[LOOKUP])) - 1
         return int(features.entropy >= self.threshold)
 
     def choose(self, features: RoundFeatures, lengths: dict[str, int]) -> str:
         routes = tuple(lengths)
         if len(routes) == 1:
             return routes[0]
-        regime = self.regime(features)
-        scores = {r: self._score(r, regime, features) for r in routes}
+        scores = {r: self._score(r, lengths[r], features) for r in routes}
         best = max(scores, key=scores.get)
         # Scores compare only when every route's round time is known (an untimed route costs 1.0).
         timed = all(r in features.seconds_ema for r in routes)
         for route in routes:
+            if route == LOOKUP:
+                continue
             gap = scores[best] / scores[route] if timed else 1.0  # scores > 0: accepted >= 0
-            if self.idle[route, regime] >= self.explore_every * gap:
+            if self.idle[route, self.regime(route, features)] >= self.explore_every * gap:
                 return route
         return best
 
-    def _score(self, route: str, regime: int, features: RoundFeatures) -> float:
-        seconds = features.seconds_ema.get(route)
+    def _score(self, route: str, drafts: int, features: RoundFeatures) -> float:
+        timed = features.seconds_ema
+        # A route not timed yet is taken to cost what the timed ones do: lookup, never explored, must not look slow.
+        seconds = timed.get(route) or (sum(timed.values()) / len(timed) if timed else None)
         cost = seconds ** self.latency_weight if seconds else 1.0
-        return (1.0 + self.accepted[route, regime]) / cost
+        return (1.0 + min(self.accepted[route, self.regime(route, features)], drafts)) / cost
 
     def observe(self, features: RoundFeatures, route: str, accepted: int, seconds: float) -> None:
-        regime = self.regime(features)
-        key = (route, regime)
+        key = (route, self.regime(route, features))
         self.accepted[key] += (1 - self.decay) * (accepted - self.accepted[key])
-        for other in ROUTES:
-            self.idle[other, regime] = 0 if other == route else self.idle[other, regime] + 1
+        for other in self.priors:
+            if other != LOOKUP:
+                regime = (other, self.regime(other, features))
+                self.idle[regime] = 0 if other == route else self.idle[regime] + 1
 
     def to_dict(self) -> dict:
         return {"type": "entropy", "threshold": self.threshold, "latency_weight": self.latency_weight,
@@ -140,10 +155,12 @@ class RoutingState:
         self.last_route: str | None = None
         self.last_accepted = 0
 
-    def features(self, entropy: float, top1: float, position: int) -> RoundFeatures:
+    def features(self, entropy: float, top1: float, position: int, lookup_match: int = 0,
+                 lookup_drafts: int = 0) -> RoundFeatures:
         return RoundFeatures(entropy=entropy, top1_prob=top1, position=position, last_route=self.last_route,
                              last_accepted=self.last_accepted, accepted_ema=dict(self.accepted_ema),
-                             seconds_ema=dict(self.seconds_ema), rounds_since=dict(self.rounds_since))
+                             seconds_ema=dict(self.seconds_ema), rounds_since=dict(self.rounds_since),
+                             lookup_match=lookup_match, lookup_drafts=lookup_drafts)
 
     def record(self, route: str, accepted: int, seconds: float) -> None:
         self.last_route, self.last_accepted = route, accepted
@@ -167,25 +184,25 @@ def ema(previous: float | None, value: float, decay: float = 0.5) -> float:
     return value if previous is None else decay * previous + (1 - decay) * value
 
 
-FEATURE_NAMES = ("entropy", "top1_prob", "last_accepted", "eagle3_ema", "dflash_ema", "eagle3_seen", "dflash_seen",
-                 "last_eagle3", "last_dflash", "eagle3_idle", "dflash_idle", "log_position")
+FEATURE_NAMES = ("entropy", "top1_prob", "last_accepted", "log_position", "lookup_match", "lookup_drafts",
+                 *(f"{route}_{what}" for route in ROUTES for what in ("ema", "seen", "last", "idle")))
 
 
 def feature_vector(f: RoundFeatures) -> list[float]:
     """RoundFeatures -> the NeuralPolicy's inputs (FEATURE_NAMES), each roughly in [0, 1]."""
+    per_route = [value for route in ROUTES for value in (
+        min(f.accepted_ema.get(route, 0.0), 16) / 16,  # its recent record
+        float(route in f.accepted_ema),  # whether it has drafted at all in this generation
+        float(f.last_route == route),
+        min(f.rounds_since.get(route, 0), 16) / 16)]
     return [
         min(f.entropy, 8.0) / 8.0 if f.entropy == f.entropy else 0.5,  # NaN before the first round
         f.top1_prob if f.top1_prob == f.top1_prob else 0.5,
         min(f.last_accepted, 16) / 16,
-        min(f.accepted_ema.get(EAGLE, 0.0), 16) / 16,
-        min(f.accepted_ema.get(DFLASH, 0.0), 16) / 16,
-        float(EAGLE in f.accepted_ema),
-        float(DFLASH in f.accepted_ema),
-        float(f.last_route == EAGLE),
-        float(f.last_route == DFLASH),
-        min(f.rounds_since.get(EAGLE, 0), 16) / 16,
-        min(f.rounds_since.get(DFLASH, 0), 16) / 16,
         min(1.0, math.log1p(f.position) / math.log(4096)),
+        min(f.lookup_match, 8) / 8,
+        min(f.lookup_drafts, 16) / 16,
+        *per_route,
     ]
 
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hf_whiflash.eagle3 import Eagle3Config
+from hf_whiflash.drafters.eagle3 import Eagle3Config
 from hf_whiflash.names import ROUTES
 from hf_whiflash.targets import HUB_ORIGINALS
 

@@ -16,9 +16,15 @@ from these profiles and the round costs it measures on the user's machine (calib
 Both files also get the acceptance by confidence that dynamic lengths read the drafter's confidence through
 (calibration.DraftCut): per bin of the drafter's probability of its draft, the share of dev-set drafts accepted
 (greedy) or their mean chance of acceptance (sampling), at the longest chain and the largest block.
+
+lookup/ (config.json with the lookup settings, default ones unless the folder has them, and acceptance.json)
+gets, per match length, the chance that draft j is accepted when the drafts before it were (greedy: the share
+of dev-set rounds; sampling: the target's mean probability of the draft, teacher-forced), and tokens per
+round by draft cap over the rounds where it matched. `--routes` limits what is profiled.
 """
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
@@ -26,11 +32,11 @@ import torch
 
 from evaluate import references
 
-from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, load_target
+from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, LookupDrafter, load_target
 from hf_whiflash.bench import load_prompts
 from hf_whiflash.checkpoint import write_acceptance
-from hf_whiflash.hindsight import acceptance_chances, acceptance_tables, confidence_outcomes, walk
-from hf_whiflash.names import CONFIDENCE_BINS, DFLASH, EAGLE, GREEDY, SAMPLED
+from hf_whiflash.hindsight import acceptance_chances, acceptance_tables, confidence_outcomes, lookup_outcomes, walk
+from hf_whiflash.names import CONFIDENCE_BINS, DFLASH, EAGLE, GREEDY, LOOKUP, ROUTES, SAMPLED
 from hf_whiflash.sampling import default_processors
 
 
@@ -77,6 +83,8 @@ def main() -> None:
                         help="DFlash block sizes profiled (default 4 8 16)")
     parser.add_argument("--draws", type=int, default=32,
                         help="sampled acceptance walks per prompt (default 32)")
+    parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES),
+                        help="what to profile (default: every drafter the folder has, and lookup)")
     parser.add_argument("--references", default="results/dev_references.jsonl",
                         help="cache of the target's greedy dev-set continuations (shared with evaluate.py)")
     args = parser.parse_args()
@@ -103,14 +111,14 @@ def main() -> None:
                                         generator=generator)[route] for ids, start in sequences]
         return {mode: acceptance_by_confidence([o[mode] for o in outcomes]) for mode in (GREEDY, SAMPLED)}
 
-    if (folder / EAGLE).is_dir():
+    if (folder / EAGLE).is_dir() and EAGLE in args.routes:
         eagle = {"eagle": Eagle3Drafter.from_pretrained(folder / EAGLE, read_profile=False).attach(target)}
         profile = measured(eagle, EAGLE, range(1, args.max_chain + 1), eagle_steps=args.max_chain)
         confidence = by_confidence(eagle, EAGLE, eagle_steps=args.max_chain)
         write_acceptance(folder / EAGLE, profile, confidence)
         show("EAGLE-3 tokens per round by chain length", profile)
         show("EAGLE-3 acceptance by confidence bin", confidence)
-    if (folder / DFLASH).is_dir():
+    if (folder / DFLASH).is_dir() and DFLASH in args.routes:
         dflash = {"dflash": DFlashDrafter.from_pretrained(folder / DFLASH, read_profile=False).attach(target)}
         profile = {GREEDY: {}, SAMPLED: {}}
         for block in args.dflash_blocks:
@@ -120,6 +128,40 @@ def main() -> None:
         write_acceptance(folder / DFLASH, profile, confidence)
         show("DFlash tokens per round by draft length (block size - 1)", profile)
         show("DFlash acceptance by confidence bin", confidence)
+    if LOOKUP in args.routes:
+        lookup = LookupDrafter.from_pretrained(folder / LOOKUP) if (folder / LOOKUP).is_dir() else LookupDrafter()
+        outcomes = [o for ids, start in sequences for o in lookup_outcomes(target, ids, start, processors, lookup)]
+        lookup.acceptance_by_match = {mode: by_match(outcomes, column) for mode, column in ((GREEDY, 2), (SAMPLED, 3))}
+        lookup.tokens_per_round = {mode: lookup_tokens_per_round(outcomes, lookup.acceptance_by_match[mode],
+                                                                 lookup.max_drafts)
+                                   for mode in (GREEDY, SAMPLED)}
+        lookup.save_pretrained(folder / LOOKUP)
+        print(f"lookup matched in {len(outcomes)} of {sum(budgets)} dev-set round starts")
+        show("lookup tokens per round where it matched, by draft cap", lookup.tokens_per_round)
+        for mode, chances in lookup.acceptance_by_match.items():
+            show(f"lookup acceptance by draft position, {mode}, match", chances)
+
+
+def by_match(outcomes: list[tuple], column: int) -> dict[int, list[float]]:
+    """lookup_outcomes' rounds -> match length -> per draft position j, the mean of `column` (2: greedy acceptance,
+    3: sampling chance) over the rounds whose drafts before j held, pulled towards that position's mean over
+    every match length by one pseudo-round (so a rarely reached position is not 0 or 1 by chance)."""
+    longest = max(len(o[column]) for o in outcomes)
+    pooled = [statistics.mean(o[column][j] for o in outcomes if len(o[column]) > j) for j in range(longest)]
+    profile = {}
+    for match in sorted({o[0] for o in outcomes}):
+        rounds = [o[column] for o in outcomes if o[0] == match]
+        profile[match] = [(sum(r[j] for r in rounds if len(r) > j) + pooled[j]) /
+                          (sum(len(r) > j for r in rounds) + 1) for j in range(longest)]
+    return profile
+
+
+def lookup_tokens_per_round(outcomes: list[tuple], chances: dict[int, list[float]], max_drafts: int) -> dict:
+    """Draft cap k -> expected tokens per round (1 + expected accepted drafts by `chances`) over the matched rounds,
+    each drafting min(k, its proposal's length)."""
+    def expected(match: int, drafts: int) -> float:
+        return 1 + sum(math.prod(chances[match][:j]) for j in range(1, drafts + 1))
+    return {k: statistics.mean(expected(o[0], min(k, o[1])) for o in outcomes) for k in range(1, max_drafts + 1)}
 
 
 def show(title: str, profile: dict) -> None:

@@ -4,11 +4,12 @@
 
 1. Latency: measure each paradigm's round cost on this machine (hf_whiflash.latency.LatencyModel).
 2. Labels: per training sample (never the dev set), one target pass and teacher-forced passes of both
-   drafters give, at every round start, how many drafts each would get accepted (hindsight).
+   neural drafters, and a replay of the lookup index, give at every round start how many drafts each
+   would get accepted (hindsight; lookup: 0 where it has no match, and it is offered only where it has).
 3. Trajectories: walk each sample as generation would, with a behaviour policy mixing random routes
    and the entropy policy; every round records the RoundFeatures the engine computes (RoutingState,
    with the latency model standing in for measured seconds) and both paradigms' acceptance there.
-4. Fit the MLP to predict both acceptances (full information: both labels at every state) and save
+4. Fit the MLP to predict every route's acceptance (full information: all labels at every state) and save
    the policy folder; `--install FOLDER` also writes it into a WhiFlash folder as its router.
 """
 
@@ -28,8 +29,8 @@ from hf_whiflash import WhiFlashAssistant, load_target
 from hf_whiflash.assistant import write_settings
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.names import DFLASH, EAGLE, GREEDY, ROUTES, SETTINGS_FILE
-from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, feature_vector
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, LOOKUP, ROUTES, SETTINGS_FILE
+from hf_whiflash.routing import FEATURE_NAMES, EntropyPolicy, NeuralPolicy, feature_vector
 
 
 def trajectory(hindsight, latency: LatencyModel, lengths: dict, epsilon: float, rng: random.Random):
@@ -39,10 +40,13 @@ def trajectory(hindsight, latency: LatencyModel, lengths: dict, epsilon: float, 
     return ([feature_vector(f) for f, _, _, _ in records], [[a[r] for r in ROUTES] for _, _, a, _ in records])
 
 
-def hindsight_best(accepted: torch.Tensor, latency: LatencyModel, lengths: dict) -> torch.Tensor:
-    """[N] index of the route with the most tokens per second, knowing the acceptances."""
+def hindsight_best(accepted: torch.Tensor, latency: LatencyModel, lengths: dict, features: torch.Tensor) -> torch.Tensor:
+    """[N] index of the route with the most tokens per second, knowing the acceptances (lookup where it was
+    offered: its proposal's length, a feature, is not 0)."""
     cost = torch.tensor([latency.round_seconds(r, lengths[r]) for r in ROUTES])
-    return ((1 + accepted) / cost).argmax(-1)
+    rate = (1 + accepted) / cost
+    rate[:, ROUTES.index(LOOKUP)] *= features[:, FEATURE_NAMES.index("lookup_drafts")] > 0
+    return rate.argmax(-1)
 
 
 def main() -> None:
@@ -66,7 +70,7 @@ def main() -> None:
     for sample in tqdm(samples[: config["samples"]], desc="hindsight labels"):
         sequence = torch.tensor([sample["input_ids"]])
         hindsight = acceptance_tables(target, sequence, sample["response_start"], assistant.eagle3, assistant.dflash,
-                                      lengths[EAGLE], lengths[DFLASH] + 1)
+                                      lengths[EAGLE], lengths[DFLASH] + 1, assistant.lookup)
         for _ in range(config["trajectories_per_sample"]):
             x, y = trajectory(hindsight, latency, lengths, config["epsilon"], rng)
             xs += x
@@ -79,7 +83,8 @@ def main() -> None:
     with torch.no_grad():
         held_out = features[split:], accepted[split:]
         predicted = policy(held_out[0])
-    agreement = (hindsight_best(predicted, latency, lengths) == hindsight_best(held_out[1], latency, lengths))
+    agreement = (hindsight_best(predicted, latency, lengths, held_out[0])
+                 == hindsight_best(held_out[1], latency, lengths, held_out[0]))
     report = {"states": len(features), "train_mse": train_loss,
               "held_out_mse": float(torch.nn.functional.mse_loss(predicted, held_out[1])),
               "held_out_agrees_with_hindsight_best": float(agreement.float().mean()),

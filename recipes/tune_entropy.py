@@ -24,7 +24,7 @@ from hf_whiflash import DEFAULT_TARGET, WhiFlashAssistant, load_target
 from hf_whiflash.bench import CATEGORIES, load_prompts
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
-from hf_whiflash.names import DFLASH, EAGLE, GREEDY, POLICY_FOLDER, ROUTES
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, LOOKUP, POLICY_FOLDER, ROUTES
 from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, OracleRouter, Policy
 
 GRID = {"threshold": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], "latency_weight": [0.0, 0.5, 1.0], "explore_every": [4, 8, 16, 32]}
@@ -39,14 +39,18 @@ class Always(Policy):
 
 
 def tokens_per_second(records) -> float:
-    return sum(a[r] + 1 for _, r, a, _ in records) / sum(s for _, _, _, s in records)
+    return sum(a.get(r, 0) + 1 for _, r, a, _ in records) / sum(s for _, _, _, s in records)
 
 
 def measured_priors(hindsights: dict, threshold: float, lengths: dict) -> dict:
-    """Mean accepted drafts per route in each entropy regime (confident, uncertain): the policy's starting
-    estimates, measured instead of guessed."""
-    priors = {}
-    for route in ROUTES:
+    """Mean accepted drafts per route in each regime: entropy (confident, uncertain) for the neural drafters,
+    match length (1, 2, 3, 4+; where it matched) for lookup. The policy's starting estimates, measured instead of
+    guessed."""
+    matches = torch.cat([h.lookup_match for h in hindsights.values()]).clamp(max=len(EntropyPolicy.PRIORS[LOOKUP]))
+    table = torch.cat([h.tables[LOOKUP].clamp(max=lengths[LOOKUP]) for h in hindsights.values()]).float()
+    priors = {LOOKUP: tuple(round(float(table[matches == n].mean()), 2) if (matches == n).any() else prior
+                            for n, prior in enumerate(EntropyPolicy.PRIORS[LOOKUP], 1))}
+    for route in (EAGLE, DFLASH):
         table = torch.cat([h.tables[route].clamp(max=lengths[route]) for h in hindsights.values()]).float()
         uncertain = torch.cat([h.entropy >= threshold for h in hindsights.values()])
         priors[route] = tuple(round(float(t.mean()), 2) if t.numel() else 0.0
@@ -54,11 +58,11 @@ def measured_priors(hindsights: dict, threshold: float, lengths: dict) -> dict:
     return priors
 
 
-def score(policy_for, hindsights: dict, latency, lengths) -> dict:
-    """Tokens per modelled second per category and overall (pooled over prompts)."""
+def score(policy_for, hindsights: dict, latency, lengths, routes: tuple[str, ...] | None = None) -> dict:
+    """Tokens per modelled second per category and overall (pooled over prompts), routing over `routes` (all)."""
     pooled = {c: [] for c in (*CATEGORIES, "overall")}
     for (category, _), hindsight in hindsights.items():
-        records = simulate_routing(hindsight, policy_for(hindsight), latency, lengths)
+        records = simulate_routing(hindsight, policy_for(hindsight), latency, lengths, routes=routes)
         pooled[category] += records
         pooled["overall"] += records
     return {c: tokens_per_second(r) for c, r in pooled.items() if r}
@@ -93,9 +97,10 @@ def main() -> None:
         ref = refs[p["id"]]
         hindsights[p["category"], p["id"]] = acceptance_tables(
             target, torch.tensor([ref["ids"]]), ref["prompt_length"], assistant.eagle3, assistant.dflash,
-            longest_chain, lengths[DFLASH] + 1)
-    rows = {"always-eagle3": score(lambda h: Always(EAGLE), hindsights, latency, lengths),
-            "always-dflash": score(lambda h: Always(DFLASH), hindsights, latency, lengths),
+            longest_chain, lengths[DFLASH] + 1, assistant.lookup)
+    rows = {"always-eagle3": score(lambda h: Always(EAGLE), hindsights, latency, lengths, (EAGLE,)),
+            "always-dflash": score(lambda h: Always(DFLASH), hindsights, latency, lengths, (DFLASH,)),
+            "always-lookup": score(lambda h: Always(LOOKUP), hindsights, latency, lengths, (LOOKUP,)),
             "oracle": score(lambda h: OracleRouter(h.tables, latency), hindsights, latency, lengths)}
     if (Path(args.drafters) / POLICY_FOLDER).is_dir():
         neural = NeuralPolicy.from_pretrained(Path(args.drafters) / POLICY_FOLDER)
@@ -109,15 +114,15 @@ def main() -> None:
     # The EAGLE-3 chain length, replayed exactly from the same tables (a chain of k accepts min(a, k)).
     chains = {f"always-eagle3 chain {k}": k for k in range(1, longest_chain + 1) if k != lengths[EAGLE]}
     for name, k in chains.items():
-        rows[name] = score(lambda h: Always(EAGLE), hindsights, latency, {**lengths, EAGLE: k})
+        rows[name] = score(lambda h: Always(EAGLE), hindsights, latency, {**lengths, EAGLE: k}, (EAGLE,))
     # DFlash blocks attend to each other, so another block size needs its own teacher-forced pass.
     blocks = {f"always-dflash block {b}": b for b in args.dflash_blocks}
     for name, block in blocks.items():
         tables = {key: acceptance_tables(target, torch.tensor([refs[key[1]]["ids"]]), refs[key[1]]["prompt_length"],
                                          dflash=assistant.dflash, block_size=block) for key in hindsights}
-        rows[name] = score(lambda h: Always(DFLASH), tables, latency, {**lengths, DFLASH: block - 1})
+        rows[name] = score(lambda h: Always(DFLASH), tables, latency, {**lengths, DFLASH: block - 1}, (DFLASH,))
     best = max((k for k in rows if k.startswith("entropy")), key=lambda k: rows[k]["overall"])
-    for name in ("always-eagle3", *chains, "always-dflash", *blocks, "oracle", "neural", best):
+    for name in ("always-eagle3", *chains, "always-dflash", *blocks, "always-lookup", "oracle", "neural", best):
         if name in rows:
             print(f"{name:60s} " + " ".join(f"{c} {v:6.1f}" for c, v in rows[name].items()))
     mean_best = statistics.mean(rows[best][c] for c in CATEGORIES)

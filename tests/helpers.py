@@ -127,7 +127,7 @@ class RoutePattern(Policy):
     def choose(self, features, lengths):
         route = self.pattern[self.i % len(self.pattern)]
         self.i += 1
-        return route
+        return route if route in lengths or route != "lookup" else next(iter(lengths))  # lookup: where it matched
 
     def to_dict(self):
         return {"type": "pattern", "pattern": self.pattern}

@@ -3,7 +3,7 @@
 import torch
 
 from hf_whiflash.names import DFLASH, EAGLE, GREEDY, ROUTES
-from hf_whiflash.routing import EntropyPolicy, NeuralPolicy, RoundFeatures, RoutingState, feature_vector
+from hf_whiflash.routing import FEATURE_NAMES, EntropyPolicy, NeuralPolicy, RoundFeatures, RoutingState, feature_vector
 
 LATENCY = {"verify_s": {1: 0.05, 15: 0.12}, "draft_s": {EAGLE: {1: 0.003, 15: 0.045}, DFLASH: {1: 0.012, 15: 0.015}}}
 LENGTHS = {EAGLE: 6, DFLASH: 15}
@@ -97,7 +97,7 @@ def test_routing_state_tracks_what_the_features_report():
     assert f.accepted_ema == {EAGLE: 3.0, DFLASH: 7.0}
     assert f.rounds_since == {EAGLE: 1, DFLASH: 0}
     vector = feature_vector(f)
-    assert len(vector) == 12 and all(0.0 <= v <= 1.0 for v in vector)
+    assert len(vector) == len(FEATURE_NAMES) and all(0.0 <= v <= 1.0 for v in vector)
 
 
 def test_an_eagle_steps_override_is_what_the_router_scores_and_what_is_drafted(tiny):
@@ -108,7 +108,8 @@ def test_an_eagle_steps_override_is_what_the_router_scores_and_what_is_drafted(t
     from hf_whiflash import WhiFlashAssistant
 
     target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
-    assistant = WhiFlashAssistant.from_pretrained(target, tiny / "drafters", eagle_steps=2, dflash_block_size=5)
+    assistant = WhiFlashAssistant.from_pretrained(target, tiny / "drafters", routes=(EAGLE, DFLASH), eagle_steps=2,
+                                                  dflash_block_size=5)
     assert isinstance(assistant.policy, NeuralPolicy)  # the folder's router, trained with other lengths
     asked, costed = [], []
     choose, round_seconds = assistant.policy.choose, assistant.policy.latency.round_seconds

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
+from hf_whiflash import DFlashDrafter, Eagle3Drafter, LookupDrafter, WhiFlashAssistant
 from hf_whiflash.names import SAMPLING
 from hf_whiflash.sampling import default_processors, draft_picker
 from helpers import RoutePattern
@@ -57,14 +57,18 @@ def chi_square_p_value(counts: Counter, expected_probs: dict, draws: int) -> flo
     return chisquare(observed, expected).pvalue
 
 
-def sample_counts(model, assistant, draws: int, temperature: float, top_p: float = 1.0) -> Counter:
+def sample_counts(model, assistant, draws: int, temperature: float, top_p: float = 1.0) -> tuple[Counter, Counter]:
+    """The generated continuations' counts, and per route the drafts proposed and rejected over all draws."""
     torch.manual_seed(1234)
-    counts = Counter()
+    counts, drafts = Counter(), Counter()
     for _ in range(draws):
         out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=temperature,
                              top_k=None, top_p=top_p, assistant_model=assistant)
         counts[tuple(out[0, PROMPT.shape[1]:].tolist())] += 1
-    return counts
+        for r in assistant.stats.rounds:
+            drafts[r.route, "drafted"] += r.drafted
+            drafts[r.route, "rejected"] += r.drafted > r.accepted
+    return counts, drafts
 
 
 def assistant_for(model, mode: str) -> WhiFlashAssistant:
@@ -72,17 +76,21 @@ def assistant_for(model, mode: str) -> WhiFlashAssistant:
     if mode == "eagle3-sub-vocabulary":  # drafts 4 of the 6 tokens, as trained heads draft 8k of 49k
         eagle = Eagle3Drafter.for_target(model, draft_vocab_size=4, seed=2)
         eagle.set_draft_vocab(torch.tensor([0, 2, 3, 5]))
-    dflash = DFlashDrafter.for_target(model, seed=3) if mode != "eagle3" else None
-    policy = RoutePattern(["dflash", "eagle3"]) if mode == "whiflash" else None
-    return WhiFlashAssistant(model, eagle, dflash, policy, eagle_steps=3, dflash_block_size=4)
+    dflash = DFlashDrafter.for_target(model, seed=3) if mode not in ("eagle3", "lookup") else None
+    eagle = eagle if mode != "lookup" else None
+    policy = RoutePattern(["lookup", "dflash", "eagle3"]) if mode == "whiflash" else None
+    # Lookup on single tokens, so that in a 6-token vocabulary it proposes in most rounds (one-hot drafts).
+    lookup = LookupDrafter(min_match=1, max_match=2, max_drafts=3) if mode in ("whiflash", "lookup") else False
+    return WhiFlashAssistant(model, eagle, dflash, policy, lookup=lookup, eagle_steps=3, dflash_block_size=4)
 
 
 def check_lossless(model, mode: str, draws: int, top_p: float = 1.0):
     temperature = 0.9
     assistant = assistant_for(model, mode)
-    counts = sample_counts(model, assistant, draws, temperature, top_p)
-    stats = assistant.stats  # of the last draw: drafts were proposed and some were rejected overall
-    assert stats.rounds and stats.rounds[0].drafted > 0
+    counts, drafts = sample_counts(model, assistant, draws, temperature, top_p)
+    routes = {"whiflash": ("eagle3", "dflash", "lookup"), "eagle3-sub-vocabulary": ("eagle3",)}.get(mode, (mode,))
+    for route in routes:  # every route drafted, and saw rejections
+        assert drafts[route, "drafted"] > 0 and drafts[route, "rejected"] > 0, (route, drafts)
     exact = exact_distribution(model, temperature, top_p)
     assert chi_square_p_value(counts, exact, draws) > 1e-3, f"{mode}: samples do not follow the target"
     # Power: the same draws are clearly distinguishable from the target at a slightly different temperature
@@ -93,7 +101,8 @@ def check_lossless(model, mode: str, draws: int, top_p: float = 1.0):
 
 # A head drafting a sub-vocabulary processes (top-p) and samples its rows at that size: the target's top-p
 # distribution, tokens the head cannot draft included, must come out exactly (the 20k-draw test: whole vocabulary).
-@pytest.mark.parametrize("mode, top_p", [("eagle3-sub-vocabulary", 0.8), ("dflash", 1.0), ("whiflash", 1.0)])
+@pytest.mark.parametrize("mode, top_p", [("eagle3-sub-vocabulary", 0.8), ("dflash", 1.0), ("lookup", 0.8),
+                                         ("whiflash", 1.0)])
 def test_sampling_is_lossless_sample(tiny, mode, top_p):
     check_lossless(tiny, mode, draws=2500, top_p=top_p)
 
@@ -155,6 +164,6 @@ def test_calibration_samples_with_the_processors_generate_builds(tiny, model_set
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["eagle3", "dflash", "whiflash"])
+@pytest.mark.parametrize("mode", ["eagle3", "dflash", "lookup", "whiflash"])
 def test_sampling_is_lossless_20k_draws(tiny, mode):
     check_lossless(tiny, mode, draws=20000)

@@ -15,9 +15,10 @@ No embedding and no LM head: both are the target's.
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, DrafterConfig, HubMixin
+from ..cache import LazyCatchUpCache
+from ..checkpoint import CheckpointError, DrafterConfig, HubMixin
+from ..targets import IncompatibleDrafterError, drafter_fields, text_config
 from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, bind, init_weights, positions_from
-from .targets import IncompatibleDrafterError, drafter_fields, text_config
 
 
 def default_target_layers(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -210,6 +211,9 @@ class DFlashDrafter(HubMixin, nn.Module):
             cache.update(k, v, i)
 
     # --- the inference protocol: catch up, then draft (the candidate generator and LatencyModel) -----
+
+    def new_cache(self) -> LazyCatchUpCache:
+        return LazyCatchUpCache()
 
     def catch_up(self, cache) -> int:
         """Absorb every position queued in `cache` with one K/V-only pass (context enters the drafter only as

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, DrafterConfig, HubMixin
+from ..cache import LazyCatchUpCache
+from ..checkpoint import CheckpointError, DrafterConfig, HubMixin
+from ..targets import IncompatibleDrafterError, drafter_fields, text_config
 from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, bind, causal_mask, init_weights, positions_from
-from .targets import IncompatibleDrafterError, drafter_fields, text_config
 
 
 def default_feature_layers(num_target_layers: int) -> list[int]:
@@ -269,6 +270,9 @@ class Eagle3Drafter(HubMixin, nn.Module):
         cache.update(*self.context_kv(next_ids, hidden, cache.get_seq_length()), 0)
 
     # --- the inference protocol: catch up, then draft (the candidate generator and LatencyModel) -----
+
+    def new_cache(self) -> LazyCatchUpCache:
+        return LazyCatchUpCache()
 
     def catch_up(self, cache) -> int:
         """Absorb the verified pairs queued in `cache` with one K/V-only pass, except the newest: the first
