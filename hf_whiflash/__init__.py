@@ -6,6 +6,7 @@ from .checkpoint import CheckpointError
 from .dflash import DFlashConfig, DFlashDrafter
 from .eagle3 import Eagle3Config, Eagle3Drafter
 from .routing import EntropyPolicy, NeuralPolicy, Policy, RoundFeatures
+from .settings import SettingsError
 from .stats import GenerationStats
 from .targets import DEFAULT_TARGET, IncompatibleDrafterError, load_target, shipped_drafters
 
@@ -23,6 +24,7 @@ __all__ = [
     "NeuralPolicy",
     "Policy",
     "RoundFeatures",
+    "SettingsError",
     "WhiFlashAssistant",
     "load_target",
     "shipped_drafters",

@@ -205,9 +205,13 @@ def writer_lock(folder: Path, waiting_note: str | None = None):
     name there (temporary_sibling) was left by a writer that died: no live process is writing it. A pid in the
     name could not tell that as surely (pids are reused, and a folder shared between containers sees pids from
     other namespaces). `waiting_note` is printed when another writer holds the lock (for long waits).
+    Not reentrant: its holder must not write files into `folder` itself through replace_atomically (which takes it).
     """
-    import fcntl  # POSIX only: imported here so that the package itself still imports everywhere
-
+    try:
+        import fcntl  # POSIX only
+    except ImportError:  # Windows: no lock (a file that a live writer holds open cannot be removed there anyway)
+        yield
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         try:
@@ -279,6 +283,8 @@ def replace_folder_atomically(folder: Path, write) -> None:
     RENAME_EXCHANGE); elsewhere it is renamed to a temporary name just before the new one is renamed into place,
     and between those two renames (microseconds) `folder` does not exist. A writer killed in between leaves both
     under temporary names: the next writer removes them, and a reader finds no folder until then.
+    Each path a reader opens is in the old folder or the new one; a load that straddles the swap may still
+    fail (the old files are removed right after it) and is then simply repeated.
     """
     remove_leftovers(folder)
     tmp = temporary_sibling(folder)
@@ -290,7 +296,11 @@ def replace_folder_atomically(folder: Path, write) -> None:
         elif not _exchange(tmp, folder):
             old = temporary_sibling(folder)
             os.rename(folder, old)
-            os.rename(tmp, folder)
+            try:
+                os.rename(tmp, folder)
+            except BaseException:
+                os.rename(old, folder)  # the old folder back rather than none
+                raise
             tmp = old
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old folder
@@ -300,7 +310,9 @@ def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or filesystem cannot."""
     import ctypes
 
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28, musl >= 1.2.5
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2

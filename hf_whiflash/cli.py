@@ -258,7 +258,7 @@ def main(argv=None) -> int:
 
     try:
         return args.run(args)
-    except (FileNotFoundError, CheckpointError, SettingsError) as error:  # what to install, train or pass: the message says
+    except (FileNotFoundError, CheckpointError, SettingsError) as error:  # the message says what to fix
         print(f"error: {error}", file=sys.stderr)
         return 2
 

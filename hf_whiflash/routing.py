@@ -82,7 +82,8 @@ class EntropyPolicy(Policy):
     # What each setting allows: the constructor and whiflash_config.json's "policy" are checked with these.
     rules = {"threshold": number(0), "latency_weight": number(0), "explore_every": integer(1), "decay": number(0, 1),
              "priors": Rule("an object {route: [accepted drafts when confident, when uncertain]} of numbers >= 0 "
-                            f"for the routes {list(ROUTES)}, or null (the defaults)", lambda v: v is None or _priors(v))}
+                            f"for at least the routes {list(ROUTES)}, or null (the defaults)",
+                            lambda v: v is None or _priors(v))}
 
     # Defaults measured by recipes/tune_entropy.py (results/entropy_tuning.json) for the shipped SmolLM2 drafters:
     # the best of 72 settings replayed on the dev set; priors are the mean accepted drafts per regime there.
@@ -136,8 +137,8 @@ class EntropyPolicy(Policy):
 
 
 def _priors(value) -> bool:
-    return isinstance(value, dict) and set(value) == set(ROUTES) and all(
-        isinstance(p, (list, tuple)) and len(p) == 2 and all(number(0).accepts(x) for x in p) for p in value.values())
+    return isinstance(value, dict) and set(ROUTES) <= set(value) and all(
+        isinstance(p, (list, tuple)) and len(p) >= 2 and all(number(0).accepts(x) for x in p) for p in value.values())
 
 
 class RoutingState:

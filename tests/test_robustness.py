@@ -117,7 +117,8 @@ def test_the_router_is_written_atomically_with_the_umask_s_modes(tmp_path, monke
     """Before: policy/model.safetensors was written in place, with mode 0600 under umask 022."""
     written = []
     real = checkpoint.replace_atomically
-    monkeypatch.setattr(checkpoint, "replace_atomically", lambda path, write: written.append(path.name) or real(path, write))
+    monkeypatch.setattr(checkpoint, "replace_atomically",
+                        lambda path, write: written.append(path.name) or real(path, write))
     previous = os.umask(0o022)
     try:
         folder = NeuralPolicy(COSTS.to_dict(), hidden=8).save_pretrained(tmp_path / "policy")
@@ -258,6 +259,13 @@ def test_invalid_settings_are_refused_at_load_naming_file_key_and_value(target, 
     edit_settings(settings_folder, change)
     with pytest.raises(ValueError, match=re.escape(str(settings_folder / SETTINGS_FILE)) + ".*" + message):
         WhiFlashAssistant.from_pretrained(target, settings_folder)
+
+
+def test_the_cli_reports_invalid_settings_without_a_traceback(tiny, settings_folder, capsys):
+    edit_settings(settings_folder, '{"eagle_steps": 3')
+    assert main(["generate", "hi", "--target", str(tiny / "target"), "--drafters", str(settings_folder),
+                 "--mode", "eagle3", "--no-compare"]) == 2
+    assert f"error: {settings_folder / SETTINGS_FILE} is not valid JSON" in capsys.readouterr().err
 
 
 def test_null_means_unset(target, settings_folder):
