@@ -212,8 +212,10 @@ class NeuralPolicy(Policy, nn.Module):
     """
 
     needs_costs = True
+    rules = {"hidden": integer(1), "latency_weight": number(0)}  # the constructor's and config.json's
 
     def __init__(self, latency: dict, hidden: int = 32, latency_weight: float = 1.0):
+        check({"hidden": hidden, "latency_weight": latency_weight}, self.rules, "NeuralPolicy")
         super().__init__()
         self.latency = LatencyModel.from_dict(latency)  # until use_costs: the training machine's
         self.hidden, self.latency_weight = hidden, latency_weight
@@ -266,12 +268,11 @@ class NeuralPolicy(Policy, nn.Module):
         """Errors name the file: an unreadable config.json or model.safetensors, or a missing or invalid setting."""
         folder = Path(folder)
         config = read_config(folder)
-        where = f"{folder / 'config.json'}"
+        where = str(folder / "config.json")
         if config.get("features") != list(FEATURE_NAMES):
             raise CheckpointError(f"{where} was trained on features {config.get('features')}, this version "
-                             f"computes {list(FEATURE_NAMES)}: retrain it with recipes/train_router.py")
-        sizes = check({"hidden": config.get("hidden"), "latency_weight": config.get("latency_weight")},
-                      {"hidden": integer(1), "latency_weight": number(0)}, where)
+                                  f"computes {list(FEATURE_NAMES)}: retrain it with recipes/train_router.py")
+        sizes = check({key: config.get(key) for key in cls.rules}, cls.rules, where)
         try:
             policy = cls(config["latency"], **sizes | overrides)
         except (KeyError, TypeError, ValueError, AttributeError) as error:

@@ -195,7 +195,10 @@ def unlisted_damage(folder: Path) -> str | None:
 
 def load_target(name_or_path: str = DEFAULT_TARGET, *, dtype: torch.dtype | str = torch.float32, device=None):
     """(model, tokenizer) for a packaged name, a Hub id or a local folder; the model is in eval mode.
-    `dtype`: a torch dtype, its name ("float32", "bfloat16"), or "auto" (see resolve_dtype)."""
+    `dtype`: a torch dtype, its name ("float32", "bfloat16"), or "auto" (see resolve_dtype).
+    Any other name is a Hub id to transformers, whose Hub client retries a name it cannot reach for some
+    seconds (~27 s offline) before its error; HF_HUB_OFFLINE=1 fails at once. Names are not guessed at here:
+    a one-word Hub id is as valid as a typo."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_target(name_or_path)
