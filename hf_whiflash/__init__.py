@@ -5,6 +5,7 @@ from .cache import LazyCatchUpCache
 from .checkpoint import CheckpointError
 from .drafters import DFlashConfig, DFlashDrafter, Eagle3Config, Eagle3Drafter, LookupDrafter
 from .routing import EntropyPolicy, NeuralPolicy, Policy, RoundFeatures
+from .settings import SettingsError
 from .stats import GenerationStats
 from .targets import DEFAULT_TARGET, IncompatibleDrafterError, load_target, shipped_drafters
 
@@ -23,6 +24,7 @@ __all__ = [
     "NeuralPolicy",
     "Policy",
     "RoundFeatures",
+    "SettingsError",
     "WhiFlashAssistant",
     "load_target",
     "shipped_drafters",

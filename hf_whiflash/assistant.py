@@ -15,15 +15,21 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from .calibration import best_length, calibrated_latency
-from .checkpoint import push_folder, resolve_folder, write_text_atomically
+from .checkpoint import (push_folder, read_json_object, replace_folder_atomically, resolve_folder,
+                         write_text_atomically, writer_lock)
 from .drafters import DFlashDrafter, Eagle3Drafter, LookupDrafter
 from .generator import WhiFlashCandidateGenerator
 from .hook import check_transformers_internals, install_generator_hook
 from .kernels import PackedLinears
 from .names import DFLASH, EAGLE, GREEDY, LOOKUP, NEURAL_ROUTES, ROUTES, SAMPLED, SETTINGS_FILE
 from .routing import EntropyPolicy, NeuralPolicy, Policy
+from .settings import Rule, SettingsError, check, integer, json_object
 from .stats import GenerationStats
 from .targets import cache_root, shipped_drafters, text_config
+
+
+# The draft lengths a user or whiflash_config.json may set (None: calibrated, or the default).
+LENGTH_RULES = {"eagle_steps": integer(1, unset=True), "dflash_block_size": integer(2, unset=True)}
 
 
 def write_settings(folder: Path, eagle_steps: int, dflash_block_size: int | None, policy: Policy) -> None:
@@ -58,6 +64,8 @@ class WhiFlashAssistant(nn.Module):
     being caps; False: never (calibrated lengths: the one best fixed length).
     After a generate(), `stats` holds that generation's GenerationStats (per thread: generations in
     other threads, even with this same assistant, keep their own).
+    Beam search (num_beams > 1) is not speculative: transformers then runs its own beam search without the
+    assistant (logging a warning), so the output is plain beam search's, at plain speed.
     """
 
     def __init__(self, target, eagle3: Eagle3Drafter | None = None, dflash: DFlashDrafter | None = None,
@@ -71,8 +79,7 @@ class WhiFlashAssistant(nn.Module):
             raise ValueError("WhiFlashAssistant needs at least one drafter: pass eagle3=..., dflash=... or lookup=True.")
         if catch_up not in ("lazy", "eager"):
             raise ValueError(f"catch_up must be 'lazy' or 'eager', got {catch_up!r}")
-        if (eagle_steps is not None and eagle_steps < 1) or (dflash_block_size is not None and dflash_block_size < 2):
-            raise ValueError("eagle_steps must be >= 1 and dflash_block_size >= 2")
+        check({"eagle_steps": eagle_steps, "dflash_block_size": dflash_block_size}, LENGTH_RULES, "WhiFlashAssistant")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a hf_whiflash.Policy (choose(features, lengths), optionally observe and "
                             f"for_generation), got {type(policy).__name__}: subclass Policy")
@@ -150,14 +157,23 @@ class WhiFlashAssistant(nn.Module):
     # --- persistence: one folder with a Hub-format subfolder per drafter ----------------------------
 
     def save_pretrained(self, folder) -> Path:
+        """Write `folder` as one unit: built in a temporary sibling, then put in place of an existing folder whole
+        (replace_folder_atomically), so that a reader, or a save killed at any point, sees the old folder or the
+        new one, never a mix. An existing folder is replaced only if it is empty or a WhiFlash folder."""
         folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with writer_lock(folder.parent):
+            check_replaceable(folder)
+            replace_folder_atomically(folder, self._write_parts)
+        return folder
+
+    def _write_parts(self, folder: Path) -> None:
         for route, drafter in self.drafters.items():
             drafter.save_pretrained(folder / route)
         if hasattr(self.policy, "save_pretrained"):
             self.policy.save_pretrained(folder / self.policy.to_dict()["folder"])
         # Calibrated lengths belong to this machine: the folder leaves them (None) to be calibrated where it is used.
         write_settings(folder, self.eagle_steps, self.dflash_block_size, self.policy)
-        return folder
 
     def push_to_hub(self, repo_id: str, *, token=None, private: bool | None = None, model_card: str | None = None,
                     commit_message: str = "Upload WhiFlash assistant") -> str:
@@ -172,7 +188,8 @@ class WhiFlashAssistant(nn.Module):
         """Load a WhiFlash folder, local or a Hub repo: `eagle3/` and/or `dflash/` (Hub-format drafters), optionally
         `lookup/` (the lookup drafter's settings and acceptance profile; without it, lookup's defaults) and
         `whiflash_config.json` (draft lengths and the routing policy). `routes` picks drafters (default: every
-        one the folder has, and lookup)."""
+        one the folder has, and lookup). Every setting is checked here, with the constructor's rules (LENGTH_RULES,
+        EntropyPolicy.rules): errors name the file, the key, the value and what is allowed."""
         folder = resolve_folder(folder_or_hub_id, revision, token)
         present = tuple(route for route in NEURAL_ROUTES if (folder / route).is_dir())
         missing = [route for route in routes or () if route not in (*present, LOOKUP)]
@@ -180,8 +197,7 @@ class WhiFlashAssistant(nn.Module):
             raise FileNotFoundError(f"{folder} has no {'/ or '.join(missing or NEURAL_ROUTES)}/ drafter folder: "
                                     "a WhiFlash folder holds eagle3/ and/or dflash/ (see save_pretrained).")
         routes = routes or (*present, LOOKUP)
-        settings_path = folder / SETTINGS_FILE
-        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        settings = read_settings(folder)
         eagle3 = Eagle3Drafter.from_pretrained(folder / EAGLE) if EAGLE in routes else None
         dflash = DFlashDrafter.from_pretrained(folder / DFLASH) if DFLASH in routes else None
         lookup = False if LOOKUP not in routes else True  # True: lookup with its default settings
@@ -189,7 +205,7 @@ class WhiFlashAssistant(nn.Module):
             lookup = LookupDrafter.from_pretrained(folder / LOOKUP)
         if policy is None:
             policy = policy_from_dict(settings.get("policy", {"type": "entropy"}), folder)
-        kwargs = {k: settings[k] for k in ("eagle_steps", "dflash_block_size") if settings.get(k)} | overrides
+        kwargs = {k: settings[k] for k in LENGTH_RULES if settings.get(k) is not None} | overrides
         return cls(target, eagle3, dflash, policy, lookup=lookup, **kwargs)
 
     # --- the transformers hook (hook.py) calls these once per generate() ----------------------------
@@ -209,13 +225,40 @@ class WhiFlashAssistant(nn.Module):
         return WhiFlashCandidateGenerator(self, stats, generation_config, logits_processor, tokenizer)
 
 
+def check_replaceable(folder: Path) -> None:
+    """save_pretrained replaces a folder whole: refuse one that holds anything but a WhiFlash folder."""
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / SETTINGS_FILE).is_file())):
+        raise FileExistsError(f"{folder} exists and is not a WhiFlash folder (no {SETTINGS_FILE}); save_pretrained "
+                              "replaces the folder whole: choose a new or empty folder, or remove this one.")
+
+
+def read_settings(folder: Path) -> dict:
+    """whiflash_config.json, its draft lengths checked ({} without one: lengths unset, the entropy policy)."""
+    path = folder / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    settings = read_json_object(path)
+    check({k: settings[k] for k in LENGTH_RULES if k in settings}, LENGTH_RULES, str(path))
+    return settings
+
+
+# whiflash_config.json's "policy" of type "neural": the subfolder that holds the trained router.
+NEURAL_RULES = {"folder": Rule("the name of the subfolder that holds the trained router",
+                               lambda v: isinstance(v, str) and bool(v))}
+
+
 def policy_from_dict(settings: dict, folder: Path) -> Policy:
-    kind = settings.get("type", "entropy")
+    """The routing policy whiflash_config.json's "policy" describes, checked with the constructor's rules."""
+    where = f"{folder / SETTINGS_FILE}: policy"
+    settings = dict(json_object(settings, where))
+    kind = settings.pop("type", "entropy")
     if kind == "entropy":
-        return EntropyPolicy(**{k: v for k, v in settings.items() if k != "type"})
+        return EntropyPolicy(**check(settings, EntropyPolicy.rules, where))
     if kind == "neural":
-        return NeuralPolicy.from_pretrained(folder / settings["folder"])
-    raise ValueError(f"unknown routing policy type {kind!r} in {folder}/{SETTINGS_FILE} (known: 'entropy', 'neural')")
+        if "folder" not in settings:
+            raise SettingsError(f"{where}: folder is missing; expected {NEURAL_RULES['folder'].allowed}")
+        return NeuralPolicy.from_pretrained(folder / check(settings, NEURAL_RULES, where)["folder"])
+    raise SettingsError(f"{where}: type = {kind!r} is not allowed; expected 'entropy' or 'neural'")
 
 
 MODE_ROUTES = {"whiflash": ROUTES, EAGLE: (EAGLE,), DFLASH: (DFLASH,), LOOKUP: (LOOKUP,)}  # each mode's drafters

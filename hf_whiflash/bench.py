@@ -107,6 +107,9 @@ def added_weights_mb(target, extra: dict) -> float:
 def load_prompts(source: str, per_category: int | None) -> list[dict]:
     """`dev`, `held-out` (the packaged prompt sets) or a jsonl file of {"id", "category", "messages"}."""
     path = PROMPT_SETS.get(source) or Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {source}: no such file; use 'dev', 'held-out' or a jsonl of "
+                                '{"id", "category", "messages"} rows')
     rows = [json.loads(line) for line in path.open()]
     if per_category is not None:
         rows = [r for c in CATEGORIES for r in [r for r in rows if r["category"] == c][:per_category]]

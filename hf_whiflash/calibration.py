@@ -13,6 +13,7 @@ drafters).
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,12 +63,22 @@ def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> Lat
         try:
             saved = json.loads(path.read_text())
             if saved["key"] == key:
-                return LatencyModel.from_dict(saved["latency"])
-        except (ValueError, KeyError):
-            pass  # unreadable: measured again and replaced
+                return cached_latency(saved["latency"], assistant.drafters)
+        except (ValueError, KeyError, TypeError, AttributeError) as damage:  # a damaged entry is measured again
+            warnings.warn(f"{path} is a damaged calibration cache entry ({damage!r}): measuring the round costs again "
+                          "and replacing it", stacklevel=2)
     latency = LatencyModel.measure(assistant)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, json.dumps({"key": key, "latency": latency.to_dict()}, indent=1))
+    return latency
+
+
+def cached_latency(table: dict, drafters: dict) -> LatencyModel:
+    """A cached round-cost table, refused (ValueError) unless it has costs for every drafter."""
+    latency = LatencyModel.from_dict(table)
+    missing = sorted(set(drafters) - set(latency.draft_s))
+    if missing:
+        raise ValueError(f"no draft costs for {missing}")
     return latency
 
 

@@ -4,11 +4,17 @@ Both drafters load and save through `HubMixin`; the config is kept as the dict t
 `save_pretrained` writes back the same keys (and other engines keep reading what we write).
 """
 
+import contextlib
 import copy
+import errno
+import glob
 import json
 import os
+import re
 import secrets
+import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .names import ACCEPTANCE_FILE, CONFIDENCE_BINS, GREEDY, SAMPLED
+from .settings import Rule, check, integer, json_object
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -29,11 +36,20 @@ class DrafterConfig:
     """A drafter's config.json as a dict, with attribute access and the derived fields both drafters need."""
 
     required: tuple[str, ...] = ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+    # The numbers the drafter is built from, checked when read (other keys are kept as they are); nested_rules:
+    # the same for a nested object (e.g. dflash_config).
+    rules: dict[str, Rule] = {key: integer(1) for key in required} | {
+        "num_key_value_heads": integer(1, unset=True), "head_dim": integer(1, unset=True)}
+    nested_rules: dict[str, dict[str, Rule]] = {}
 
     def __init__(self, raw: dict, source: str = "config.json"):
-        missing = [key for key in self.required if key not in raw]
+        missing = [key for key in self.required if key not in json_object(raw, source)]
         if missing:
             raise CheckpointError(f"{source}: missing required field(s) {missing} for {type(self).__name__}.")
+        check({key: raw[key] for key in self.rules if key in raw}, self.rules, source)
+        for name, rules in self.nested_rules.items():
+            nested = json_object(raw.get(name) or {}, f"{source}: {name}")
+            check({key: nested[key] for key in rules if key in nested}, rules, f"{source}: {name}")
         self.__dict__["raw"] = copy.deepcopy(raw)
         self.__dict__["source"] = source
 
@@ -123,10 +139,16 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; is this a drafter checkpoint folder?")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; errors name the file."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is truncated or corrupted.") from exc
+    return json_object(data, str(path))
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -175,24 +197,131 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     return state, files
 
 
+@contextlib.contextmanager
+def writer_lock(folder: Path, waiting_note: str | None = None):
+    """The right to write into `folder`: an exclusive flock on the folder itself.
+
+    The kernel releases it when its holder exits or is killed, so whoever holds it knows that every temporary
+    name there (temporary_sibling) was left by a writer that died: no live process is writing it. A pid in the
+    name could not tell that as surely (pids are reused, and a folder shared between containers sees pids from
+    other namespaces). `waiting_note` is printed when another writer holds the lock (for long waits).
+    Not reentrant: its holder must not write files into `folder` itself through replace_atomically (which takes it).
+    """
+    try:
+        import fcntl  # POSIX only
+    except ImportError:  # Windows: no lock (a file that a live writer holds open cannot be removed there anyway)
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting_note:
+                print(waiting_note, file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A hidden name beside `path` that a writer of `path` writes to before renaming it into place."""
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+
+
+# The temporary names writers of NAME use beside it: temporary_sibling's, and those of older versions (drafter and
+# settings files: .NAME.PID.HEX.tmp; converted targets: .NAME.partial-HEX).
+LEFTOVER = re.compile(r"\.(tmp-[0-9a-f]+|partial-[0-9a-f]+|\d+\.[0-9a-f]+\.tmp)")
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove what killed writers of `path` left beside it (files or folders under a temporary name), saying so.
+    Call it holding writer_lock(path.parent), so that no live writer is among them. A leftover this user may not
+    remove (a shared folder) stays: it is hidden and never read."""
+    prefix = f".{path.name}"
+    for stale in path.parent.glob(f"{glob.escape(prefix)}.*"):
+        if not LEFTOVER.fullmatch(stale.name[len(prefix):]):
+            continue
+        print(f"removing {stale}, left by a writer that was killed", file=sys.stderr)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
 def replace_atomically(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, so an interrupted save never leaves a half file.
+    """Write through a temporary file in the same folder, so an interrupted save never leaves a half file; the
+    leftovers of earlier interrupted writes of `path` are removed first.
 
     The saved file gets the permissions of any new file (0666 minus the umask), so a folder shared with other
     users stays readable by them: the temporary file is created with 0666 for the kernel to apply the umask
     (mkstemp would force 0600), and that mode is put back after `write`, since safetensors writes 0600 files.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    mode = stat.S_IMODE(os.fstat(fd).st_mode)
-    os.close(fd)
+    with writer_lock(path.parent):
+        remove_leftovers(path)
+        tmp = temporary_sibling(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def replace_folder_atomically(folder: Path, write) -> None:
+    """Build a folder with `write(tmp)` in a temporary sibling, then put it in place of `folder` whole (never merged
+    into an existing one), so that a reader sees the old folder or the new one, never a mix. The caller holds
+    writer_lock(folder.parent); leftovers of killed writes of `folder` are removed first.
+
+    An existing folder is swapped with the new one in one step where the system can (Linux renameat2 with
+    RENAME_EXCHANGE); elsewhere it is renamed to a temporary name just before the new one is renamed into place,
+    and between those two renames (microseconds) `folder` does not exist. A writer killed in between leaves both
+    under temporary names: the next writer removes them, and a reader finds no folder until then.
+    Each path a reader opens is in the old folder or the new one; a load that straddles the swap may still
+    fail (the old files are removed right after it) and is then simply repeated.
+    """
+    remove_leftovers(folder)
+    tmp = temporary_sibling(folder)
+    tmp.mkdir()  # not mkdtemp, which makes it 0700: other users of a shared folder could not read it
     try:
         write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        if not folder.exists():
+            os.rename(tmp, folder)
+        elif not _exchange(tmp, folder):
+            old = temporary_sibling(folder)
+            os.rename(folder, old)
+            try:
+                os.rename(tmp, folder)
+            except BaseException:
+                os.rename(old, folder)  # the old folder back rather than none
+                raise
+            tmp = old
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old folder
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or filesystem cannot."""
+    import ctypes
+
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28, musl >= 1.2.5
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -117,15 +117,15 @@ def cmd_bench(args) -> int:
                     modes=args.modes, systems=args.systems, seed=args.seed, requested_dtype=args.dtype)
     try:  # everything that can be checked before the models load (which takes a while)
         bench.check_systems(args.systems, drafters, args.assistant)
+        prompts = bench.load_prompts(args.prompts, args.per_category)
         log = bench.RunLog(out, settings)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if log.runs:
         print(f"resuming: {len(log.runs)} runs already in {out}/runs.jsonl", file=sys.stderr)
     print(f"loading {args.target} and the systems' models...", file=sys.stderr)
     target, tokenizer = load_target(args.target, dtype=args.dtype)
-    prompts = bench.load_prompts(args.prompts, args.per_category)
     systems = bench.build_systems(target, drafters, args.systems, args.assistant)
     lengths = {name: describe(a) for name, a in ((n, bench.whiflash_assistant(e)) for n, e in systems.items()) if a}
     for name, text in lengths.items():
@@ -161,6 +161,13 @@ def cmd_calibrate(args) -> int:
           f"{next(target.parameters()).dtype} (ms):\n\n{latency_table(latency)}\n")
     print(f"draft lengths: {describe(assistant)}")
     return 0
+
+
+def at_least_1(text: str) -> int:
+    """An argparse type: argument errors come before anything loads."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -206,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
                                        "with --target Qwen2.5-Coder-1.5B-Instruct (needs ~9 GB RAM)")
     b.add_argument("--prompts", default="dev", help="'dev' (packaged dev set), 'held-out' (prompts no training or tuning "
                    "saw) or a jsonl of {id, category, messages}")
-    b.add_argument("--per-category", type=int, help="use the first N prompts of each category (default: all)")
+    b.add_argument("--per-category", type=at_least_1, help="use the first N prompts of each category (default: all)")
     b.add_argument("--systems", nargs="+", default=["plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy"],
                    help="systems to compare: plain, prompt-lookup, assisted (needs --assistant), eagle3, dflash, "
                         "whiflash-entropy, "
@@ -219,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", nargs="+", choices=[GREEDY, SAMPLED], default=[GREEDY, SAMPLED],
                    help=f"decoding modes (sampling: temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']})")
     b.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default 128)")
-    b.add_argument("--repeats", type=int, default=1,
+    b.add_argument("--repeats", type=at_least_1, default=1,
                    help="runs per prompt and system, each sampling with its own seed; the median counts")
     b.add_argument("--out", help="output folder (default: results/bench-<time>); rerunning a killed bench with "
                                  "the same --out resumes it")
@@ -247,10 +254,11 @@ def main(argv=None) -> int:
     if getattr(args, "max_new_tokens", 1) < 1:
         parser().error("--max-new-tokens must be at least 1")
     from .checkpoint import CheckpointError
+    from .settings import SettingsError
 
     try:
         return args.run(args)
-    except (FileNotFoundError, CheckpointError) as error:  # what to install, train or pass: the message says
+    except (FileNotFoundError, CheckpointError, SettingsError) as error:  # the message says what to fix
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -8,17 +8,17 @@ number of tokens that route would draft this round (the assistant's draft length
 budget), and optionally `observe(...)` to learn from the outcome of the round it chose.
 """
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import CheckpointError, read_config, read_weights, write_folder
 from .latency import LatencyModel
 from .names import DFLASH, EAGLE, LOOKUP, POLICY_FOLDER, ROUTES
+from .settings import Rule, check, integer, number
 
 
 @dataclass
@@ -85,6 +85,13 @@ class EntropyPolicy(Policy):
     Lookup is offered only in rounds where it matched, so it needs no exploring.
     """
 
+    # What each setting allows: the constructor and whiflash_config.json's "policy" are checked with these.
+    rules = {"threshold": number(0), "latency_weight": number(0), "explore_every": integer(1), "decay": number(0, 1),
+             "priors": Rule("an object {route: [accepted drafts per regime, >= 0]} over the routes "
+                            f"{list(ROUTES)} (regimes: confident, uncertain; lookup: match length 1, 2, 3, 4+), "
+                            "or null (the defaults); a route left out keeps its defaults",
+                            lambda v: v is None or _priors(v))}
+
     # Defaults measured by recipes/tune_entropy.py (results/entropy_tuning.json) for the shipped SmolLM2 drafters:
     # the best of the settings replayed on the dev set; priors are the mean accepted drafts per regime there.
     # Priors: (confident, uncertain) for the neural drafters, by match length (1, 2, 3, 4+) for lookup.
@@ -92,6 +99,8 @@ class EntropyPolicy(Policy):
 
     def __init__(self, threshold: float = 1.5, latency_weight: float = 1.0, explore_every: int = 32,
                  decay: float = 0.5, priors: dict | None = None):
+        check({"threshold": threshold, "latency_weight": latency_weight, "explore_every": explore_every,
+               "decay": decay, "priors": priors}, self.rules, "EntropyPolicy")
         self.threshold, self.latency_weight = threshold, latency_weight
         self.explore_every, self.decay = explore_every, decay
         self.priors = self.PRIORS | (priors or {})  # settings saved before lookup existed keep its defaults
@@ -141,6 +150,11 @@ class EntropyPolicy(Policy):
         return {"type": "entropy", "threshold": self.threshold, "latency_weight": self.latency_weight,
                 "explore_every": self.explore_every, "decay": self.decay,
                 "priors": {r: list(p) for r, p in self.priors.items()}}
+
+
+def _priors(value) -> bool:
+    return isinstance(value, dict) and set(ROUTES) <= set(value) and all(
+        isinstance(p, (list, tuple)) and len(p) >= 2 and all(number(0).accepts(x) for x in p) for p in value.values())
 
 
 class RoutingState:
@@ -216,8 +230,10 @@ class NeuralPolicy(Policy, nn.Module):
     """
 
     needs_costs = True
+    rules = {"hidden": integer(1), "latency_weight": number(0)}  # the constructor's and config.json's
 
     def __init__(self, latency: dict, hidden: int = 32, latency_weight: float = 1.0):
+        check({"hidden": hidden, "latency_weight": latency_weight}, self.rules, "NeuralPolicy")
         super().__init__()
         self.latency = LatencyModel.from_dict(latency)  # until use_costs: the training machine's
         self.hidden, self.latency_weight = hidden, latency_weight
@@ -260,24 +276,31 @@ class NeuralPolicy(Policy, nn.Module):
         return {"type": "neural", "folder": POLICY_FOLDER}
 
     def save_pretrained(self, folder) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """config.json and model.safetensors, each written atomically with the umask's file modes."""
         config = {"features": list(FEATURE_NAMES), "routes": list(ROUTES), "hidden": self.hidden,
                   "latency_weight": self.latency_weight, "latency": self.latency.to_dict()}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
-        return folder
+        return write_folder(Path(folder), config, self.state_dict(), safe_serialization=True)
 
     @classmethod
     def from_pretrained(cls, folder, **overrides) -> "NeuralPolicy":
+        """Errors name the file: an unreadable config.json or model.safetensors, or a missing or invalid setting."""
         folder = Path(folder)
-        config = json.loads((folder / "config.json").read_text())
-        if config["features"] != list(FEATURE_NAMES):
-            raise ValueError(f"{folder}/config.json was trained on features {config['features']}, this version "
-                             f"computes {list(FEATURE_NAMES)}: retrain it with recipes/train_router.py")
-        kwargs = {"hidden": config["hidden"], "latency_weight": config["latency_weight"]} | overrides
-        policy = cls(config["latency"], **kwargs)
-        policy.load_state_dict(load_file(folder / "model.safetensors"))
+        config = read_config(folder)
+        where = str(folder / "config.json")
+        if config.get("features") != list(FEATURE_NAMES):
+            raise CheckpointError(f"{where} was trained on features {config.get('features')}, this version "
+                                  f"computes {list(FEATURE_NAMES)}: retrain it with recipes/train_router.py")
+        sizes = check({key: config.get(key) for key in cls.rules}, cls.rules, where)
+        try:
+            policy = cls(config["latency"], **sizes | overrides)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{where}: latency is not a round-cost table ({error!r}); retrain the router with "
+                                  "recipes/train_router.py") from None
+        state, files = read_weights(folder)
+        try:
+            policy.load_state_dict(state)
+        except RuntimeError as error:
+            raise CheckpointError(f"{files[0]}: the weights do not match {where} ({error})") from None
         return policy.eval()
 
 

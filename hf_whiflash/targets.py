@@ -5,12 +5,10 @@ default ~/.cache/hf_whiflash); later loads read that folder directly (well under
 it against the manifest written at conversion: a damaged folder is converted again.
 """
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import secrets
 import shutil
 import stat
 import sys
@@ -21,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import CheckpointError, weight_files, write_text_atomically
+from .checkpoint import (CheckpointError, replace_folder_atomically, weight_files, write_text_atomically,
+                         writer_lock)
 
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 
@@ -196,7 +195,10 @@ def unlisted_damage(folder: Path) -> str | None:
 
 def load_target(name_or_path: str = DEFAULT_TARGET, *, dtype: torch.dtype | str = torch.float32, device=None):
     """(model, tokenizer) for a packaged name, a Hub id or a local folder; the model is in eval mode.
-    `dtype`: a torch dtype, its name ("float32", "bfloat16"), or "auto" (see resolve_dtype)."""
+    `dtype`: a torch dtype, its name ("float32", "bfloat16"), or "auto" (see resolve_dtype).
+    Any other name is a Hub id to transformers, whose Hub client retries a name it cannot reach for some
+    seconds (~27 s offline) before its error; HF_HUB_OFFLINE=1 fails at once. Names are not guessed at here:
+    a one-word Hub id is as valid as a typo."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_target(name_or_path)
@@ -281,44 +283,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def conversion_lock(root: Path):
-    """The right to convert into `root` (the cache): an exclusive flock on the folder itself.
-
-    The kernel releases it when its holder exits or is killed, so whoever holds it knows that every
-    `.*.partial-*` folder there was left by a conversion that died: no live process is writing it. A pid in
-    the folder name could not tell that as surely (pids are reused, and a cache shared between containers
-    sees pids from other namespaces). A second process waits here rather than converting the same target again.
-    """
-    import fcntl  # POSIX only: imported here so that the package itself still imports everywhere
-
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process that is converting a target into {root}", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def convert_packaged(spec: PackagedGGUF, folder: Path) -> None:
-    """GGUF -> safetensors folder, under the conversion lock: a damaged folder and leftovers of killed
-    conversions are removed first, and a folder another process converted while this one waited is kept."""
+    """GGUF -> safetensors folder, under the cache's writer lock: a damaged folder and leftovers of killed
+    conversions are removed first, and a folder another process converted while this one waited is kept. Built
+    in a temporary sibling and renamed into place, so an interrupted conversion never leaves a folder that
+    later loads."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with conversion_lock(folder.parent):
+    with writer_lock(folder.parent, f"waiting for another process that is converting a target into {folder.parent}"):
         damage = converted_damage(folder)
         if damage is None:
             return
         if folder.exists():
             print(f"{folder} is damaged ({damage}); converting {spec.filename} into it again", file=sys.stderr)
             remove_damaged(folder, damage)
-        for stale in folder.parent.glob(f".{folder.name}.partial-*"):
-            print(f"removing {stale}, left by a conversion that was killed", file=sys.stderr)
-            shutil.rmtree(stale, ignore_errors=True)
-        build_converted(spec, folder)
+        replace_folder_atomically(folder, lambda tmp: build_converted(spec, tmp, folder.name))
 
 
 def remove_damaged(folder: Path, damage: str) -> None:
@@ -329,39 +307,32 @@ def remove_damaged(folder: Path, damage: str) -> None:
                       "the next load converts the target into it again.") from exc
 
 
-def build_converted(spec: PackagedGGUF, folder: Path) -> None:
-    """Built in a temporary sibling and renamed into place, so an interrupted conversion never leaves a
-    folder that later loads."""
+def build_converted(spec: PackagedGGUF, tmp: Path, name: str) -> None:
+    """The converted folder `name`, written into `tmp`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = folder.parent / f".{folder.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not mkdtemp, which makes it 0700: other users of a shared cache could not read the target
-    try:
-        (tmp / "source").mkdir()
-        gguf = packaged_gguf(spec, tmp / "source")
-        actual = sha256_of(gguf)
-        if actual != spec.sha256:
-            raise ValueError(
-                f"{gguf} has SHA256 {actual}, expected {spec.sha256}: the file is corrupted or a different release. "
-                f"Reinstall with: {spec.install_command} --force-reinstall"
-            )
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        shutil.rmtree(tmp / "source")  # a joined GGUF is not kept: the converted folder is what loads
-        # The weights are already dequantised to fp32; drop the GGUF marker so the folder saves and reloads plainly.
-        model.hf_quantizer = None
-        del model.config.quantization_config
-        model.config.name_or_path = folder.name
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "whiflash_source.json").write_text(json.dumps({"packages": list(spec.pip_specs), "gguf": spec.filename,
-                                                              "sha256": spec.sha256}, indent=2))
-        # safetensors writes 0600 files; give every file the mode of any new file (0666 minus the umask, as
-        # mkdir applied it to the folder) so that the cache can be shared.
-        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
-        for path in tmp.iterdir():
-            path.chmod(file_mode)
-        write_manifest(tmp)  # last: it lists every other file, checked on each load
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "source").mkdir()
+    gguf = packaged_gguf(spec, tmp / "source")
+    actual = sha256_of(gguf)
+    if actual != spec.sha256:
+        raise ValueError(
+            f"{gguf} has SHA256 {actual}, expected {spec.sha256}: the file is corrupted or a different release. "
+            f"Reinstall with: {spec.install_command} --force-reinstall"
+        )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    shutil.rmtree(tmp / "source")  # a joined GGUF is not kept: the converted folder is what loads
+    # The weights are already dequantised to fp32; drop the GGUF marker so the folder saves and reloads plainly.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.config.name_or_path = name
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "whiflash_source.json").write_text(json.dumps({"packages": list(spec.pip_specs), "gguf": spec.filename,
+                                                          "sha256": spec.sha256}, indent=2))
+    # safetensors writes 0600 files; give every file the mode of any new file (0666 minus the umask, as
+    # mkdir applied it to the folder) so that the cache can be shared.
+    file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
+    for path in tmp.iterdir():
+        path.chmod(file_mode)
+    write_manifest(tmp)  # last: it lists every other file, checked on each load

@@ -169,7 +169,7 @@ def test_leftovers_of_killed_conversions_are_removed_by_the_next_one(tiny_gguf, 
     assert [p.name for p in cache.iterdir()] == [DEFAULT_TARGET] and len(tiny_gguf) == 1
     err = capsys.readouterr().err
     assert "waiting for another process that is converting a target into" in err
-    assert f"removing {killed}, left by a conversion that was killed" in err and f"removing {live}" in err
+    assert f"removing {killed}, left by a writer that was killed" in err and f"removing {live}" in err
 
 
 def test_damaged_converted_target_is_detected_and_converted_again(tiny_gguf, capsys):

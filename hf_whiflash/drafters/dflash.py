@@ -17,6 +17,7 @@ from torch import nn
 
 from ..cache import LazyCatchUpCache
 from ..checkpoint import CheckpointError, DrafterConfig, HubMixin
+from ..settings import integer, integers
 from ..targets import IncompatibleDrafterError, drafter_fields, text_config
 from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, bind, init_weights, positions_from
 
@@ -31,6 +32,10 @@ def default_target_layers(num_target_layers: int, num_draft_layers: int) -> list
 
 class DFlashConfig(DrafterConfig):
     required = DrafterConfig.required + ("num_hidden_layers",)
+    # A block of 1 would never draft; layer ids and the mask id are read at the top level or in dflash_config.
+    ids = {"block_size": integer(2), "target_layer_ids": integers(0), "mask_token_id": integer(0)}
+    rules = DrafterConfig.rules | ids | {"num_hidden_layers": integer(1), "num_target_layers": integer(1)}
+    nested_rules = {"dflash_config": ids}
 
     @property
     def dflash(self) -> dict:

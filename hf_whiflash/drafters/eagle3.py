@@ -17,6 +17,7 @@ from torch import nn
 
 from ..cache import LazyCatchUpCache
 from ..checkpoint import CheckpointError, DrafterConfig, HubMixin
+from ..settings import integer, integers
 from ..targets import IncompatibleDrafterError, drafter_fields, text_config
 from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, bind, causal_mask, init_weights, positions_from
 
@@ -28,6 +29,10 @@ def default_feature_layers(num_target_layers: int) -> list[int]:
 
 class Eagle3Config(DrafterConfig):
     """Llama config.json of an EAGLE-3 head (`LlamaForCausalLM` or `LlamaForCausalLMEagle3`; we never dispatch on it)."""
+
+    rules = DrafterConfig.rules | {"num_hidden_layers": integer(1), "draft_vocab_size": integer(1, unset=True),
+                                   "target_hidden_size": integer(1, unset=True)}
+    nested_rules = {"eagle_config": {"eagle_aux_hidden_state_layer_ids": integers(0, unset=True)}}
 
     @property
     def draft_vocab_size(self) -> int:
@@ -205,7 +210,9 @@ class Eagle3Drafter(HubMixin, nn.Module):
 
     def attach(self, target) -> "Eagle3Drafter":
         """Check this head fits `target`, share its embedding, move to its device and dtype. Returns the bound
-        head: this one, or a copy when this one is already bound to another target (see layers.bind)."""
+        head: this one, or a copy when this one is already bound to another target (see layers.bind).
+        Only shapes can be checked: a head trained for another target of the same width, depth and vocabulary
+        attaches without error and simply gets (almost) no drafts accepted, which GenerationStats shows."""
         tc = text_config(target)
         embedding = target.get_input_embeddings()
         problems = []
