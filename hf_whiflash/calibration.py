@@ -97,7 +97,8 @@ def best_length(latency: LatencyModel, route: str, tokens_per_round: dict[int, f
 
 
 class DraftCut:
-    """Per-round draft length from the drafter's own confidence, lossless by construction (it only decides how
+    """Per-round draft length from the drafter's own confidence (lookup: the profiled chances of its match, which
+    it passes as confidences), lossless by construction (it only decides how
     many drafts go to verification). With a_j the chance that the j-th draft is accepted given that the ones
     before it were, k drafts promise E_k = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens for this machine's
     calibrated cost of the round. a_j is the drafter's confidence c_j in its j-th draft (its probability of the
@@ -105,7 +106,7 @@ class DraftCut:
     share of dev-set drafts in c_j's bin; sampled drafts are accepted far less often than their confidence
     says), else c_j itself. An EAGLE-3 chain stops once one more step (assumed as likely accepted as the last)
     would lower E / cost; a DFlash block, drafted whole, keeps the k with the best E_k / cost (greedy or
-    sampling costs). `max_length` caps both."""
+    sampling costs), and so does lookup's proposal. `max_length` caps them all."""
 
     def __init__(self, latency: LatencyModel, route: str, max_length: int, sampling: bool = False,
                  by_confidence: list[float] | None = None):
@@ -161,7 +162,7 @@ def _describe_mode(assistant, mode: str) -> str:
             continue
         text = names[route].format(k=k, b=k + 1)
         if route in assistant.dynamic_routes:
-            text += " at most, cut per round by confidence"
+            text += " at most, cut per round by " + ("its match's profile" if route == LOOKUP else "confidence")
         if route in assistant.calibrated[mode]:  # the expected rate of the best fixed length behind the choice
             profile = assistant.drafters[route].tokens_per_round[mode]
             best = assistant.fixed_lengths[mode][route]

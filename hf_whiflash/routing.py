@@ -94,8 +94,10 @@ class EntropyPolicy(Policy):
 
     # Defaults measured by recipes/tune_entropy.py (results/entropy_tuning.json) for the shipped SmolLM2 drafters:
     # the best of the settings replayed on the dev set; priors are the mean accepted drafts per regime there.
-    # Priors: (confident, uncertain) for the neural drafters, by match length (1, 2, 3, 4+) for lookup.
-    PRIORS = {EAGLE: (0.72, 0.62), DFLASH: (0.31, 0.27), LOOKUP: (0.5, 1.2, 1.8, 2.6)}
+    # Priors: (confident, uncertain) for the neural drafters; by match length (1, 2, 3, 4+) for lookup, its expected
+    # accepted drafts on the dev set at 8 drafts (lookup/acceptance.json, greedy; a 1-token match, possible only with
+    # min_match=1, gets the 2-token value).
+    PRIORS = {EAGLE: (0.72, 0.62), DFLASH: (0.31, 0.27), LOOKUP: (1.39, 1.39, 1.88, 3.56)}
 
     def __init__(self, threshold: float = 1.5, latency_weight: float = 1.0, explore_every: int = 32,
                  decay: float = 0.5, priors: dict | None = None):
@@ -153,7 +155,7 @@ class EntropyPolicy(Policy):
 
 
 def _priors(value) -> bool:
-    return isinstance(value, dict) and set(ROUTES) <= set(value) and all(
+    return isinstance(value, dict) and set(value) <= set(ROUTES) and all(
         isinstance(p, (list, tuple)) and len(p) >= 2 and all(number(0).accepts(x) for x in p) for p in value.values())
 
 

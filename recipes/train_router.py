@@ -58,7 +58,9 @@ def main() -> None:
     rng, out = random.Random(config.get("seed", 0)), Path(config["out"])
     torch.manual_seed(config.get("seed", 0))
     target, _ = load_target(config["target"])
-    assistant = WhiFlashAssistant.from_pretrained(target, config["drafters"], eagle_steps=config["eagle_steps"],
+    # The folder's own router is what gets replaced: it may not even load (trained on older features).
+    assistant = WhiFlashAssistant.from_pretrained(target, config["drafters"], policy=EntropyPolicy(),
+                                                  eagle_steps=config["eagle_steps"],
                                                   dflash_block_size=config["dflash_block_size"])
     lengths = assistant.draft_lengths[GREEDY]  # the hindsight tables replay greedy generation
     latency = LatencyModel.measure(assistant)

@@ -57,7 +57,7 @@ def test_a_sampled_lookup_draft_is_one_hot():
 
 
 def test_bad_lookup_settings_name_the_setting():
-    with pytest.raises(ValueError, match="max_drafts"):
+    with pytest.raises(ValueError, match="max_drafts = 0"):
         LookupDrafter(max_drafts=0)
     with pytest.raises(ValueError, match="max_match"):
         LookupDrafter(min_match=3, max_match=2)

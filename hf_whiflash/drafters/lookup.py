@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import write_text_atomically
+from ..checkpoint import read_json_object, write_text_atomically
 from ..names import ACCEPTANCE_FILE, GREEDY, SAMPLED
+from ..settings import SettingsError, check, integer
 
 CONFIG_FILE = "config.json"
 
@@ -78,15 +79,14 @@ class LookupDrafter:
 
     feature_layers: list[int] = []  # reads no target hidden states
     acceptance_by_confidence = None  # its cut reads acceptance_by_match instead
+    rules = {"min_match": integer(1), "max_match": integer(1), "max_drafts": integer(1)}  # config.json's too
 
     def __init__(self, min_match: int = 2, max_match: int = 4, max_drafts: int = 8,
                  tokens_per_round: dict[str, dict[int, float]] | None = None,
-                 acceptance_by_match: dict[str, dict[int, list[float]]] | None = None):
-        for name, value in (("min_match", min_match), ("max_match", max_match), ("max_drafts", max_drafts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LookupDrafter {name} must be an integer >= 1, got {value!r}")
+                 acceptance_by_match: dict[str, dict[int, list[float]]] | None = None, *, source: str = "LookupDrafter"):
+        check({"min_match": min_match, "max_match": max_match, "max_drafts": max_drafts}, self.rules, source)
         if max_match < min_match:
-            raise ValueError(f"LookupDrafter max_match ({max_match}) must be >= min_match ({min_match})")
+            raise SettingsError(f"{source}: max_match ({max_match}) must be >= min_match ({min_match})")
         self.min_match, self.max_match, self.max_drafts = min_match, max_match, max_drafts
         self.tokens_per_round = tokens_per_round  # mode -> draft cap -> expected tokens per round, or None
         self.acceptance_by_match = acceptance_by_match  # mode -> match length -> [chance of draft j | j-1 accepted]
@@ -156,12 +156,8 @@ class LookupDrafter:
     @classmethod
     def from_pretrained(cls, folder) -> "LookupDrafter":
         folder = Path(folder)
-        settings = _read_json(folder / CONFIG_FILE)
-        unknown = set(settings) - {"min_match", "max_match", "max_drafts"}
-        if unknown:
-            raise ValueError(f"{folder / CONFIG_FILE}: unknown lookup settings {sorted(unknown)} "
-                             "(known: min_match, max_match, max_drafts)")
-        profile = _read_json(folder / ACCEPTANCE_FILE) if (folder / ACCEPTANCE_FILE).is_file() else {}
+        settings = check(read_json_object(folder / CONFIG_FILE), cls.rules, str(folder / CONFIG_FILE))
+        profile = read_json_object(folder / ACCEPTANCE_FILE) if (folder / ACCEPTANCE_FILE).is_file() else {}
         try:
             tokens = {mode: {int(k): float(v) for k, v in profile["tokens_per_round"][mode].items()}
                       for mode in (GREEDY, SAMPLED)} if profile else None
@@ -169,18 +165,8 @@ class LookupDrafter:
                                for n, chances in profile["acceptance_by_match"][mode].items()}
                         for mode in (GREEDY, SAMPLED)} if profile else None
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise ValueError(f"{folder / ACCEPTANCE_FILE} is not a lookup acceptance profile ({error!r}): expected "
+            raise SettingsError(f"{folder / ACCEPTANCE_FILE} is not a lookup acceptance profile ({error!r}): expected "
                              '{"tokens_per_round": {"greedy": {"<cap>": <tokens>, ...}, "sampling": {...}}, '
                              '"acceptance_by_match": {"greedy": {"<match length>": [<chance>, ...]}, '
                              '"sampling": {...}}}') from None
-        return cls(**settings, tokens_per_round=tokens, acceptance_by_match=by_match)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+        return cls(**settings, tokens_per_round=tokens, acceptance_by_match=by_match, source=str(folder / CONFIG_FILE))
