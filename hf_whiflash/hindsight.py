@@ -77,10 +77,13 @@ def leading_matches(predicted: torch.Tensor, truth: torch.Tensor, valid: torch.T
 
 @torch.no_grad()
 def acceptance_chances(target, sequence: torch.Tensor, start: int, processors, eagle=None, dflash=None,
-                       eagle_steps: int = 6, block_size: int | None = None) -> dict[str, torch.Tensor]:
+                       eagle_steps: int = 6, block_size: int | None = None,
+                       argmax: bool = False) -> dict[str, torch.Tensor]:
     """Sampling's counterpart of the tables: route -> [R, k], for every round start m (as acceptance_tables)
     and draft j, the chance that speculative sampling accepts draft j, sum_x min(p(x), q(x)) with p and q the
     target's and the drafter's distributions after `processors` (a LogitsProcessorList; temperature, top-p).
+    `argmax`: for drafts that are q's most likely token instead of a draw from q (one-hot drafts, lossless too):
+    p(argmax q).
 
     Drafter and target are teacher-forced on `sequence`: draft j's context holds the true tokens where real
     sampling would hold the accepted drafts, which are the true tokens only mostly, so the chances describe
@@ -93,10 +96,10 @@ def acceptance_chances(target, sequence: torch.Tensor, start: int, processors, e
     if eagle is not None:
         logits, positions = _eagle_chains(eagle, sequence, out.hidden_states, start, eagle_steps)
         vocab = eagle.to_target_ids(torch.arange(logits.shape[-1], device=sequence.device))  # [Vd]: target ids
-        chances[EAGLE] = _chance(logits, out.logits[0], positions, T, processors, sequence, vocab)
+        chances[EAGLE] = _chance(logits, out.logits[0], positions, T, processors, sequence, vocab, argmax)
     if dflash is not None:
         chances[DFLASH] = torch.cat([
-            _chance(logits, out.logits[0], positions, T, processors, sequence)
+            _chance(logits, out.logits[0], positions, T, processors, sequence, argmax=argmax)
             for logits, positions in _dflash_blocks(dflash, sequence, out.hidden_states, start,
                                                     block_size or dflash.block_size)])
     return chances
@@ -163,11 +166,14 @@ def lookup_outcomes(target, sequence: torch.Tensor, start: int, processors, look
     return outcomes
 
 
-def _chance(draft_logits, target_logits, positions, T, processors, sequence, vocab=None) -> torch.Tensor:
-    """Draft logits [R, k, Vd] for the tokens at `positions` [R, k] -> acceptance chances [R, k] (0 past T)."""
+def _chance(draft_logits, target_logits, positions, T, processors, sequence, vocab=None,
+            argmax: bool = False) -> torch.Tensor:
+    """Draft logits [R, k, Vd] for the tokens at `positions` [R, k] -> acceptance chances [R, k] (0 past T) of a
+    draft sampled from them, or with `argmax` of their most likely token."""
     R, k, _ = draft_logits.shape
     p, q = _processed(draft_logits, target_logits, positions, T, processors, sequence, vocab)
-    return torch.minimum(p, q).sum(-1).view(R, k) * (positions < T)
+    chance = p.gather(-1, q.argmax(-1, keepdim=True))[:, 0] if argmax else torch.minimum(p, q).sum(-1)
+    return chance.view(R, k) * (positions < T)
 
 
 def _processed(draft_logits, target_logits, positions, T, processors, sequence, vocab=None):

@@ -83,6 +83,10 @@ def main() -> None:
                         help="DFlash block sizes profiled (default 4 8 16)")
     parser.add_argument("--draws", type=int, default=32,
                         help="sampled acceptance walks per prompt (default 32)")
+    parser.add_argument("--argmax-drafts", action="store_true",
+                        help="only compare, per neural drafter, sampling's tokens per round when its drafts are "
+                             "sampled (as generation drafts) and when they are its argmax (one-hot drafts); "
+                             "writes nothing")
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES),
                         help="what to profile (default: every drafter the folder has, and lookup)")
     parser.add_argument("--references", default="results/dev_references.jsonl",
@@ -98,12 +102,16 @@ def main() -> None:
     budgets = [len(r["ids"]) - r["prompt_length"] - 1 for r in refs]  # the prefill produced the first new token
     processors = default_processors(target)
 
-    def measured(drafters: dict, route: str, lengths, **length_setting) -> dict[str, dict[int, float]]:
+    def measured(drafters: dict, route: str, lengths, argmax=False, **length_setting) -> dict[str, dict[int, float]]:
         tables = [acceptance_tables(target, ids, start, **drafters, **length_setting).tables[route]
                   for ids, start in sequences]
-        chances = [acceptance_chances(target, ids, start, processors, **drafters, **length_setting)[route]
-                   for ids, start in sequences]
+        chances = [acceptance_chances(target, ids, start, processors, **drafters, **length_setting,
+                                      argmax=argmax)[route] for ids, start in sequences]
         return mode_profiles(tables, chances, budgets, lengths, args.draws)
+
+    if args.argmax_drafts:
+        compare_argmax_drafts(folder, target, measured)
+        return
 
     def by_confidence(drafters: dict, route: str, **length_setting) -> dict[str, list[float]]:
         generator = torch.Generator().manual_seed(0)
@@ -140,6 +148,19 @@ def main() -> None:
         show("lookup tokens per round where it matched, by draft cap", lookup.tokens_per_round)
         for mode, chances in lookup.acceptance_by_match.items():
             show(f"lookup acceptance by draft position, {mode}, match", chances)
+
+
+def compare_argmax_drafts(folder: Path, target, measured) -> None:
+    """Sampling's tokens per round with sampled and with argmax drafts, per neural drafter and draft length."""
+    setups = {EAGLE: (Eagle3Drafter, "eagle", {"eagle_steps": 8}, range(1, 9)),
+              DFLASH: (DFlashDrafter, "dflash", {"block_size": 16}, [15])}
+    for route, (cls, name, length_setting, lengths) in setups.items():
+        if (folder / route).is_dir():
+            drafters = {name: cls.from_pretrained(folder / route, read_profile=False).attach(target)}
+            for argmax in (False, True):
+                profile = measured(drafters, route, lengths, argmax, **length_setting)[SAMPLED]
+                show(f"{route} sampling tokens per round, {'argmax' if argmax else 'sampled'} drafts",
+                     {"by draft length": profile})
 
 
 def by_match(outcomes: list[tuple], column: int) -> dict[int, list[float]]:

@@ -140,10 +140,10 @@ def random_drafters(target):
 
 def make_assistant(target, mode: str, kind: str, reference=None, policy=None, perfect=False,
                    **kwargs) -> WhiFlashAssistant:
-    """mode: eagle3 | dflash | whiflash; kind: random | trained (the shipped drafters) | scripted (drafts
-    follow `reference`, partly right unless `perfect`)."""
+    """mode: eagle3 | dflash | whiflash (both, and lookup); kind: random | trained (the shipped drafters) | scripted
+    (drafts follow `reference`, partly right unless `perfect`)."""
     if kind == "trained":
-        routes = {"eagle3": ("eagle3",), "dflash": ("dflash",), "whiflash": ("eagle3", "dflash")}[mode]
+        routes = {"eagle3": ("eagle3",), "dflash": ("dflash",), "whiflash": ("eagle3", "dflash", "lookup")}[mode]
         # Fixed lengths: calibration may find that a drafter does not pay on this machine, and these tests need drafts.
         kwargs = {"eagle_steps": 2, "dflash_block_size": 16} | kwargs
         return WhiFlashAssistant.from_pretrained(target, shipped_drafters(DEFAULT_TARGET), routes=routes,
@@ -162,4 +162,4 @@ def make_assistant(target, mode: str, kind: str, reference=None, policy=None, pe
             if drafter is not None:
                 drafter.script = script
         policy = CountingPolicy(policy, script)
-    return WhiFlashAssistant(target, eagle, dflash, policy, **kwargs)
+    return WhiFlashAssistant(target, eagle, dflash, policy, lookup=mode == "whiflash", **kwargs)

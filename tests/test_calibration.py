@@ -36,29 +36,29 @@ def parts(tiny, tmp_path, monkeypatch):
 
 def test_costs_are_measured_once_then_reused_and_remeasured_when_the_key_changes(parts):
     target, eagle, dflash, measured, cache = parts
-    first = WhiFlashAssistant(target, eagle, dflash)
+    first = WhiFlashAssistant(target, eagle, dflash, lookup=False)
     assert len(measured) == 1 and len(list(cache.glob("*.json"))) == 1
     costs = first.latency
     assert set(costs.sampled_draft_s) == set(costs.draft_s) == {EAGLE, DFLASH} and costs.sample_row_s > 0
     assert costs.sample_draw_s > 0
-    second = WhiFlashAssistant(target, eagle, dflash)
+    second = WhiFlashAssistant(target, eagle, dflash, lookup=False)
     assert len(measured) == 1 and second.latency == first.latency  # from the cache
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:
-        WhiFlashAssistant(target, eagle, dflash)  # another thread count: other costs
+        WhiFlashAssistant(target, eagle, dflash, lookup=False)  # another thread count: other costs
     finally:
         torch.set_num_threads(threads)
     assert len(measured) == 2
     with torch.no_grad():
         eagle.fc.weight.mul_(1.5)  # other drafter weights: measured again
-    WhiFlashAssistant(target, eagle, dflash)
+    WhiFlashAssistant(target, eagle, dflash, lookup=False)
     assert len(measured) == 3 and len(list(cache.glob("*.json"))) == 3
 
 
 def test_a_torn_cache_file_is_measured_again_and_a_killed_write_keeps_the_old_one(parts, monkeypatch):
     target, eagle, dflash, measured, cache = parts
-    assistant = WhiFlashAssistant(target, eagle, dflash)
+    assistant = WhiFlashAssistant(target, eagle, dflash, lookup=False)
     (path,) = cache.glob("*.json")
     path.write_text(path.read_text()[:40])  # what a non-atomic writer killed midway would leave
     with pytest.warns(UserWarning, match="damaged calibration cache entry"):
@@ -153,17 +153,18 @@ def test_sampling_gets_its_own_length_where_processing_every_verified_row_costs_
 
 def test_calibrated_lengths_are_chosen_per_mode_and_saved_for_the_next_machine_to_choose(parts, tmp_path):
     target, eagle, dflash, _, _ = parts
-    assistant = WhiFlashAssistant(target, eagle, dflash, dynamic_lengths=False)
+    assistant = WhiFlashAssistant(target, eagle, dflash, lookup=False, dynamic_lengths=False)
     latency = assistant.latency
     expected = {mode: {route: best_length(latency, route, d.tokens_per_round[mode], mode == SAMPLED)
                        for route, d in assistant.drafters.items()} for mode in (GREEDY, SAMPLED)}
     assert assistant.calibrated == expected == assistant.draft_lengths and not assistant.dynamic_routes
-    pinned = WhiFlashAssistant(target, eagle, dflash, eagle_steps=2, dynamic_lengths=False)
+    pinned = WhiFlashAssistant(target, eagle, dflash, lookup=False, eagle_steps=2, dynamic_lengths=False)
     assert pinned.draft_lengths[GREEDY][EAGLE] == pinned.draft_lengths[SAMPLED][EAGLE] == 2
     assert EAGLE not in pinned.calibrated[GREEDY] and EAGLE not in pinned.calibrated[SAMPLED]
     settings = json.loads((assistant.save_pretrained(tmp_path / "folder") / "whiflash_config.json").read_text())
     assert settings["eagle_steps"] is None and settings["dflash_block_size"] is None
-    loaded = WhiFlashAssistant.from_pretrained(target, tmp_path / "folder", dynamic_lengths=False)
+    loaded = WhiFlashAssistant.from_pretrained(target, tmp_path / "folder", routes=(EAGLE, DFLASH),
+                                              dynamic_lengths=False)
     assert loaded.drafters[EAGLE].tokens_per_round == eagle.tokens_per_round
     assert loaded.draft_lengths == assistant.draft_lengths
 
@@ -177,14 +178,14 @@ def test_by_default_calibrated_lengths_are_cut_per_round_and_set_ones_stay_fixed
                          {EAGLE: {k: 0.004 * k for k in range(1, 16)}, DFLASH: {k: 0.5 for k in range(1, 16)}},
                          sample_row_s=0.001)
     monkeypatch.setattr("hf_whiflash.assistant.calibrated_latency", lambda *a, **kw: costs)
-    adaptive = WhiFlashAssistant(target, eagle, dflash)  # DFlash's 0.5 s block never pays
+    adaptive = WhiFlashAssistant(target, eagle, dflash, lookup=False)  # DFlash's 0.5 s block never pays
     assert adaptive.dynamic_routes == {EAGLE, DFLASH}
     assert adaptive.draft_lengths == {GREEDY: {EAGLE: 3, DFLASH: 0}, SAMPLED: {EAGLE: 3, DFLASH: 0}}
     # The best fixed lengths, which the router weighs routes at: 1.9 tokens / 58 ms beats 2.0 / 62 ms and 1.6 / 54 ms.
     assert adaptive.fixed_lengths == {GREEDY: {EAGLE: 2, DFLASH: 0}, SAMPLED: {EAGLE: 2, DFLASH: 0}}
     assert describe(adaptive).startswith("greedy: EAGLE-3 chain 3 at most, cut per round by confidence (best fixed: "
                                          "EAGLE-3 chain 2, 1.90 tokens/round, 32.8 tok/s expected); dflash: no drafting")
-    pinned = WhiFlashAssistant(target, eagle, dflash, eagle_steps=2)
+    pinned = WhiFlashAssistant(target, eagle, dflash, lookup=False, eagle_steps=2)
     assert pinned.dynamic_routes == {DFLASH} and pinned.draft_lengths[GREEDY][EAGLE] == 2
     rounds = []
     for assistant in (adaptive, pinned):
@@ -199,7 +200,7 @@ def test_greedy_and_sampled_generations_draft_their_own_mode_s_length(parts, mon
                          {EAGLE: {k: 0.008 * k for k in range(1, 16)}}, sample_row_s=0.010)
     monkeypatch.setattr("hf_whiflash.assistant.calibrated_latency", lambda *a, **kw: costs)
     eagle.tokens_per_round = {GREEDY: {1: 1.6, 2: 1.9, 3: 2.0}, SAMPLED: {1: 1.6, 2: 1.9, 3: 2.0}}
-    assistant = WhiFlashAssistant(target, eagle, dynamic_lengths=False)
+    assistant = WhiFlashAssistant(target, eagle, lookup=False, dynamic_lengths=False)
     assert assistant.draft_lengths == {GREEDY: {EAGLE: 2}, SAMPLED: {EAGLE: 1}}
     drafted = {}
     for do_sample in (False, True):
@@ -238,7 +239,7 @@ def test_a_machine_where_no_draft_pays_generates_plainly_and_identically(parts, 
     slow = LatencyModel({0: 0.01, 15: 1.0}, {EAGLE: {1: 1.0}, DFLASH: {1: 1.0}}, {EAGLE: {1: 1.0}, DFLASH: {1: 1.0}},
                         sample_row_s=0.001)
     monkeypatch.setattr("hf_whiflash.assistant.calibrated_latency", lambda *a, **kw: slow)
-    assistant = WhiFlashAssistant(target, eagle, dflash)
+    assistant = WhiFlashAssistant(target, eagle, dflash, lookup=False)
     assert assistant.draft_lengths == {GREEDY: {EAGLE: 0, DFLASH: 0}, SAMPLED: {EAGLE: 0, DFLASH: 0}}
     out = target.generate(PROMPT, max_new_tokens=20, do_sample=False, assistant_model=assistant)
     assert torch.equal(out, target.generate(PROMPT, max_new_tokens=20, do_sample=False))

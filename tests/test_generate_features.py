@@ -22,7 +22,7 @@ def test_statistics_are_readable_after_generate(target, tokenizer):
     assistant = make_assistant(target, "whiflash", "scripted", reference=reference)
     target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=assistant)
     stats = assistant.stats
-    assert stats.rounds and set(stats.routes) <= {"eagle3", "dflash", "target"}
+    assert stats.rounds and set(stats.routes) <= {"eagle3", "dflash", "lookup", "target"}
     assert sum(r.accepted + 1 for r in stats.rounds) == 48 - 1  # the prefill produced the first token
     assert all(0 <= r.accepted <= r.drafted == len(r.draft_ids) for r in stats.rounds)
     summary = stats.summary()
@@ -178,7 +178,7 @@ def test_assistant_bound_to_another_model_raises(target, tokenizer):
 def test_constructor_rejects_bad_options(target):
     eagle, dflash = random_drafters(target)
     with pytest.raises(ValueError, match="at least one drafter"):
-        WhiFlashAssistant(target)
+        WhiFlashAssistant(target, lookup=False)
     with pytest.raises(ValueError, match="catch_up"):
         WhiFlashAssistant(target, eagle, catch_up="sometimes")
     with pytest.raises(ValueError, match="eagle_steps"):
@@ -224,7 +224,7 @@ def test_whiflash_folder_round_trip_and_errors(target, tmp_path):
     eagle, dflash = random_drafters(target)
     WhiFlashAssistant(target, eagle, dflash, eagle_steps=4, dflash_block_size=8).save_pretrained(tmp_path / "both")
     loaded = WhiFlashAssistant.from_pretrained(target, tmp_path / "both")
-    assert (loaded.eagle_steps, loaded.dflash_block_size, set(loaded.drafters)) == (4, 8, {"eagle3", "dflash"})
+    assert (loaded.eagle_steps, loaded.dflash_block_size, set(loaded.drafters)) == (4, 8, {"eagle3", "dflash", "lookup"})
     only = WhiFlashAssistant.from_pretrained(target, tmp_path / "both", routes=("dflash",))
     assert set(only.drafters) == {"dflash"}
     WhiFlashAssistant(target, dflash=dflash).save_pretrained(tmp_path / "dflash-only")

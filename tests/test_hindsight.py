@@ -96,7 +96,7 @@ def test_oracle_realises_the_hindsight_best_route(setup):
     target, assistant, reference, hindsight = setup
     latency = LatencyModel.from_dict({"verify_s": {1: 1.0}, "draft_s": {EAGLE: {1: 0.0}, DFLASH: {1: 0.0}}})
     oracle = OracleRouter(hindsight.tables, latency)
-    routed = WhiFlashAssistant(target, assistant.eagle3, assistant.dflash, oracle,
+    routed = WhiFlashAssistant(target, assistant.eagle3, assistant.dflash, oracle, lookup=False,
                                eagle_steps=assistant.eagle_steps, dflash_block_size=assistant.dflash_block_size)
     out = target.generate(PROMPT, max_new_tokens=NEW, do_sample=False, assistant_model=routed)
     assert torch.equal(out, reference)

@@ -481,7 +481,7 @@ def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["dflash", "whiflash_config.json"]
     target = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
     assistant = WhiFlashAssistant.from_pretrained(target, out)
-    assert set(assistant.drafters) == {"dflash"} and assistant.dflash.fc.weight.dtype == torch.float32
+    assert set(assistant.drafters) == {"dflash", "lookup"} and assistant.dflash.fc.weight.dtype == torch.float32
     assert subprocess.run(ship + ["--out", str(out)], cwd=repo / "recipes", capture_output=True, text=True,
                           timeout=120).returncode == 2
     # --update swaps in one retrained drafter and keeps the rest of the folder (here: the DFlash drafter and the
@@ -496,7 +496,7 @@ def test_ship_assembles_a_folder_with_one_drafter(tiny, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert (out / "whiflash_config.json").read_text() == settings and not (out / "eagle3" / "acceptance.json").exists()
     assistant = WhiFlashAssistant.from_pretrained(target, out)
-    assert set(assistant.drafters) == {"eagle3", "dflash"}
+    assert set(assistant.drafters) == {"eagle3", "dflash", "lookup"}  # lookup: on by default, with its defaults
     assert sorted(p.name for p in out.parent.iterdir()) == ["shipped"]  # no partial or old folder left behind
 
 

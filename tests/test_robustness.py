@@ -64,7 +64,7 @@ def leftovers(folder) -> list[str]:
 
 def test_saving_an_eagle3_only_assistant_over_a_full_folder_replaces_it_whole(target, new, old):
     new.save_pretrained(old)
-    assert sorted(p.name for p in old.iterdir()) == ["eagle3", SETTINGS_FILE]  # no old dflash/ or policy/
+    assert sorted(p.name for p in old.iterdir()) == ["eagle3", "lookup", SETTINGS_FILE]  # no old dflash/ or policy/
     loaded = WhiFlashAssistant.from_pretrained(target, old)
     assert loaded.dflash is None and loaded.eagle_steps == 2 and loaded.policy.threshold == 0.7
 
@@ -94,7 +94,7 @@ def test_a_folder_that_is_not_a_whiflash_folder_is_not_replaced(new, tmp_path):
 def test_without_an_atomic_swap_the_old_folder_is_still_replaced_whole(target, new, old, monkeypatch):
     monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # a system without renameat2
     new.save_pretrained(old)
-    assert sorted(p.name for p in old.iterdir()) == ["eagle3", SETTINGS_FILE] and leftovers(old) == []
+    assert sorted(p.name for p in old.iterdir()) == ["eagle3", "lookup", SETTINGS_FILE] and leftovers(old) == []
 
 
 def test_leftovers_of_killed_writes_are_removed_by_the_next_writer(new, old, tmp_path):

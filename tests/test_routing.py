@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_whiflash.names import DFLASH, EAGLE, GREEDY, ROUTES
+from hf_whiflash.names import DFLASH, EAGLE, GREEDY, LOOKUP, ROUTES
 from hf_whiflash.routing import FEATURE_NAMES, EntropyPolicy, NeuralPolicy, RoundFeatures, RoutingState, feature_vector
 
 LATENCY = {"verify_s": {1: 0.05, 15: 0.12}, "draft_s": {EAGLE: {1: 0.003, 15: 0.045}, DFLASH: {1: 0.012, 15: 0.015}}}
@@ -15,12 +15,14 @@ def features(entropy: float, **state) -> RoundFeatures:
 
 
 def synthetic_task(n: int, seed: int = 0):
-    """Code-like rounds (low entropy): DFlash accepts 10 drafts, EAGLE-3 4. Prose (high entropy): DFlash 0, EAGLE-3 3."""
+    """Code-like rounds (low entropy): DFlash accepts 10 drafts, EAGLE-3 4. Prose (high entropy): DFlash 0, EAGLE-3 3.
+    Lookup never matches here (0)."""
     g = torch.Generator().manual_seed(seed)
     entropy = torch.rand(n, generator=g) * 4
     confident = entropy < 1.0
-    accepted = torch.stack([torch.where(confident, 4.0, 3.0), torch.where(confident, 10.0, 0.0)], dim=-1)
-    accepted += torch.randn(n, 2, generator=g).abs() * 0.5  # noisy labels
+    accepted = torch.stack([torch.where(confident, 4.0, 3.0), torch.where(confident, 10.0, 0.0),
+                            torch.zeros(n)], dim=-1)  # ROUTES order
+    accepted[:, :2] += torch.randn(n, 2, generator=g).abs() * 0.5  # noisy labels
     x = torch.tensor([feature_vector(features(float(e))) for e in entropy])
     return x, accepted
 
@@ -95,7 +97,7 @@ def test_routing_state_tracks_what_the_features_report():
     f = state.features(0.5, 0.9, position=20)
     assert f.last_route == DFLASH and f.last_accepted == 7
     assert f.accepted_ema == {EAGLE: 3.0, DFLASH: 7.0}
-    assert f.rounds_since == {EAGLE: 1, DFLASH: 0}
+    assert f.rounds_since == {EAGLE: 1, DFLASH: 0, LOOKUP: 3}
     vector = feature_vector(f)
     assert len(vector) == len(FEATURE_NAMES) and all(0.0 <= v <= 1.0 for v in vector)
 
