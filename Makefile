@@ -50,13 +50,13 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/whiflash bench --quick --systems plain plain-packed prompt-lookup eagle3 dflash whiflash-entropy whiflash-neural \
-		oracle --out results/bench-quick
+	$(VENV)/bin/whiflash bench --quick --systems plain plain-packed prompt-lookup eagle3 dflash lookup whiflash \
+		whiflash-entropy oracle --out results/bench-quick
 
 # Every dev prompt (20 per category) at the quick run's 64 new tokens, so the two compare (67 min on 2 cores).
 bench-full: $(STAMP)
-	$(VENV)/bin/whiflash bench --max-new-tokens 64 --systems plain plain-packed prompt-lookup eagle3 dflash \
-		whiflash-entropy whiflash-neural oracle --out results/bench-full
+	$(VENV)/bin/whiflash bench --max-new-tokens 64 --systems plain plain-packed prompt-lookup eagle3 dflash lookup \
+		whiflash whiflash-entropy oracle --out results/bench-full
 
 # Issue 13's loop; every step resumes where a killed run stopped. Restore the committed data (datasets/) and
 # generate DATA_MINUTES more of it, train both shipped drafters further on it (configs' init_from), then

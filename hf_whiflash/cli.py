@@ -214,8 +214,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", default="dev", help="'dev' (packaged dev set), 'held-out' (prompts no training or tuning "
                    "saw) or a jsonl of {id, category, messages}")
     b.add_argument("--per-category", type=at_least_1, help="use the first N prompts of each category (default: all)")
-    b.add_argument("--systems", nargs="+", default=["plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy"],
-                   help="systems to compare: plain, prompt-lookup, assisted (needs --assistant), eagle3, dflash, "
+    b.add_argument("--systems", nargs="+", default=["plain", "prompt-lookup", "eagle3", "dflash", "lookup", "whiflash"],
+                   help="systems to compare: plain, prompt-lookup (transformers' own), assisted (needs --assistant), "
+                        "eagle3, dflash, lookup (each route alone), whiflash (every route, the folder's router), "
                         "whiflash-entropy, "
                         "whiflash-neural (needs a trained router in the drafters folder), oracle (hindsight "
                         "routing, greedy only; for measurement), plain-packed (plain decoding with WhiFlash's packed "

@@ -86,11 +86,15 @@ def test_bench_with_the_neural_router_and_the_oracle(tiny, tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"), "--prompts",
                  str(tiny / "prompts.jsonl"), "--max-new-tokens", "8", "--out", str(out), "--systems", "plain",
-                 "eagle3", "whiflash-neural", "oracle"]) == 0
+                 "eagle3", "lookup", "whiflash", "whiflash-neural", "oracle"]) == 0
     result = json.loads((out / "bench.json").read_text())
     assert "oracle" in result["summary"]["greedy"] and "oracle" not in result["summary"]["sampling"]
     neural = result["summary"]["greedy"]["whiflash-neural"]["overall"]
     assert neural["tokens_per_cost"] > 0 and 0 <= neural["routing_pct"] < 100
+    shares = result["summary"]["greedy"]["lookup"]["overall"]["route_share"]
+    assert set(shares) <= {"lookup"}  # lookup alone drafts only lookup rounds (where it matched)
+    assert "Rounds per route" in (out / "bench.md").read_text() or not any(
+        len(cats["overall"]["route_share"]) > 1 for cats in result["summary"]["greedy"].values())
 
 
 @pytest.mark.parametrize("systems,message", [
