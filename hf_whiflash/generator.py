@@ -5,7 +5,8 @@ drafter's cache (lookup indexes the tokens at once) -> the policy picks a route,
 offers -> that drafter catches up (one K/V-only pass for a neural drafter) and drafts ->
 the draft is cut before any stop string -> transformers verifies the candidates (exact match, or
 speculative rejection sampling with the draft logits) -> `update_candidate_strategy` records the outcome.
-The generator never looks inside a drafter: both follow the same catch_up / draft protocol.
+The generator never looks inside a drafter: all follow the same catch_up / draft protocol, and lookup also
+answers `propose` before routing (its match is a round feature, and it is offered only where it matched).
 """
 
 import torch

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .cache import LazyCatchUpCache
 from .hook import cache_keyword
 from .sampling import default_processors, draft_picker
 from .stats import Clock

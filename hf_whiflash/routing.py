@@ -123,7 +123,8 @@ class EntropyPolicy(Policy):
             return routes[0]
         scores = {r: self._score(r, lengths[r], features) for r in routes}
         best = max(scores, key=scores.get)
-        # Scores compare only when every route's round time is known (an untimed route costs 1.0).
+        # How far a route trails counts only once every route's round time is known; lookup is offered only where it
+        # matched, so it is never explored.
         timed = all(r in features.seconds_ema for r in routes)
         for route in routes:
             if route == LOOKUP:
@@ -145,8 +146,8 @@ class EntropyPolicy(Policy):
         self.accepted[key] += (1 - self.decay) * (accepted - self.accepted[key])
         for other in self.priors:
             if other != LOOKUP:
-                regime = (other, self.regime(other, features))
-                self.idle[regime] = 0 if other == route else self.idle[regime] + 1
+                idle = (other, self.regime(other, features))
+                self.idle[idle] = 0 if other == route else self.idle[idle] + 1
 
     def to_dict(self) -> dict:
         return {"type": "entropy", "threshold": self.threshold, "latency_weight": self.latency_weight,

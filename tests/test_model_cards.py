@@ -88,14 +88,20 @@ def test_cards_name_the_library_that_loads_them_and_a_pipeline(kind):
     assert data.library_name == "hf-whiflash" and data.pipeline_tag == "text-generation"
 
 
-def test_router_card_oracle_fraction_is_its_own_table():
+def test_router_card_speedups_are_the_measured_ones():
+    """The router card's table and its headline metric are the bench run it cites, rounded."""
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(REPO / "model_cards" / CARDS["router"])
-    (fraction,) = [r.metric_value for r in card.data.eval_results if r.metric_type == "oracle_fraction"]
-    overall = {row.split("|")[1].strip(): float(row.split("|")[-2]) for row in card.text.splitlines()
-               if row.startswith("| ") and row.split("|")[-2].strip().replace(".", "").isdigit()}
-    assert fraction == round(overall["neural router (this card)"] / overall["hindsight oracle"], 2)
+    summary = json.loads((REPO / "results" / "bench-routes-xeon-amx" / "bench.json").read_text())["summary"]["greedy"]
+    rows = {"EAGLE-3 alone": "eagle3", "lookup alone": "lookup", "routed by this router": "whiflash"}
+    table = {row.split("|")[1].strip(): [float(cell) for cell in row.split("|")[2:-1]]
+             for row in card.text.splitlines() if row.startswith("| ") and row.split("|")[1].strip() in rows}
+    for name, system in rows.items():
+        measured = [round(summary[system][c]["speedup"], 2) for c in ("code", "tool", "math", "chat", "overall")]
+        assert table[name] == measured, name
+    (headline,) = [r.metric_value for r in card.data.eval_results if r.metric_type == "speedup"]
+    assert headline == round(summary["whiflash"]["overall"]["speedup"], 2)
 
 
 def test_shipped_configs_point_only_at_code_that_ships():

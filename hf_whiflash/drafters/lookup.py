@@ -19,8 +19,8 @@ profiles, for the "does it pay here" decision) and, per match length, the chance
 when the drafts before it were (`acceptance_by_match`, for cutting each round's proposal and for the router).
 """
 
+import copy
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +93,11 @@ class LookupDrafter:
         self.vocab_size, self.device = None, torch.device("cpu")
 
     def attach(self, target) -> "LookupDrafter":
-        """Draft ids on the target's device; one-hot draft rows as wide as its logits."""
-        self.vocab_size = target.get_output_embeddings().weight.shape[0]
-        self.device = target.device
-        return self
+        """A copy that drafts ids on the target's device and one-hot rows as wide as its logits (a copy: the same
+        settings may serve assistants of other targets)."""
+        bound = copy.copy(self)
+        bound.vocab_size, bound.device = target.get_output_embeddings().weight.shape[0], target.device
+        return bound
 
     def settings(self) -> dict:
         return {"min_match": self.min_match, "max_match": self.max_match, "max_drafts": self.max_drafts}
@@ -114,11 +115,6 @@ class LookupDrafter:
 
     def propose(self, cache: LookupIndex) -> Proposal:
         return cache.propose(self.max_drafts)
-
-    def expected_accepted(self, mode: str, proposal: Proposal) -> float | None:
-        """Expected accepted drafts of `proposal` by the acceptance profile (None without one)."""
-        chances = self.chances(mode, proposal)
-        return None if chances is None else sum(math.prod(chances[:j]) for j in range(1, len(chances) + 1))
 
     def chances(self, mode: str, proposal: Proposal) -> list[float] | None:
         """Per draft of `proposal`: the profiled chance it is accepted when the drafts before it were."""
