@@ -57,17 +57,17 @@ def test_bench_writes_json_markdown_and_plots(tiny, tmp_path, capsys):
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
     systems = result["summary"]["greedy"]
-    assert set(systems) == {"plain", "prompt-lookup", "eagle3", "dflash", "whiflash-entropy"}
+    assert set(systems) == {"plain", "prompt-lookup", "eagle3", "dflash", "lookup", "whiflash"}
     assert systems["plain"]["overall"]["speedup"] == pytest.approx(1.0)
     assert all(c["speedup_interval"][0] <= c["speedup"] <= c["speedup_interval"][1]
                for s in systems.values() for c in s.values())
     assert set(systems["eagle3"]["overall"]["route_share"]) == {"eagle3"}
-    assert len(result["runs"]) == 2 * 4 * 5  # modes x prompts x systems
+    assert len(result["runs"]) == 2 * 4 * 6  # modes x prompts x systems
     assert all(systems[s]["overall"]["identical"] == 1.0 for s in systems)  # fp32 greedy: every output as plain's
     assert result["summary"]["sampling"]["eagle3"]["overall"]["identical"] is None
     assert (out / "speedup.png").stat().st_size > 1000 and (out / "trace.png").stat().st_size > 1000
     table = (out / "bench.md").read_text()
-    assert "| whiflash-entropy |" in table and "Command: `whiflash bench" in table
+    assert "| whiflash |" in table and "Command: `whiflash bench" in table
 
 
 def test_generate_for_a_target_without_drafters_says_how_to_train_them(tiny, capsys):
