@@ -136,7 +136,8 @@ class WhiFlashAssistant(nn.Module):
                                      for route, k in lengths.items()} for mode, lengths in self.fixed_lengths.items()}
 
     @property
-    def drafters(self) -> dict[str, nn.Module]:
+    def drafters(self) -> dict:
+        """Route -> drafter: the neural ones (nn.Module) and the LookupDrafter, each with new_cache/catch_up/draft."""
         return {route: d for route, d in ((EAGLE, self.eagle3), (DFLASH, self.dflash), (LOOKUP, self.lookup))
                 if d is not None}
 
