@@ -15,7 +15,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .calibration import DraftCut
 from .names import GREEDY, LOOKUP, SAMPLED, TARGET
-from .routing import RoutingState, entropy_and_top1
+from .routing import RoutingState, entropy_and_top1, offered
 from .sampling import draft_picker
 from .stats import Clock, GenerationStats, Round
 
@@ -128,15 +128,10 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         budget = self.max_length - length_so_far - 1
         if budget <= 0 or not self.draft_lengths:
             return TARGET, 0
-        lengths = {route: min(budget, k) for route, k in self.draft_lengths.items()}
-        scored = {route: min(budget, k) for route, k in self.scored_lengths.items()}
-        match = 0
-        if LOOKUP in lengths:  # lookup drafts its proposal, if its index has one: offered only then
-            proposal = self.drafters[LOOKUP].propose(self.caches[LOOKUP])
-            match, lengths[LOOKUP] = proposal.match, min(lengths[LOOKUP], len(proposal.tokens))
-            scored[LOOKUP] = min(scored[LOOKUP], lengths[LOOKUP])
-            if not lengths[LOOKUP]:
-                del lengths[LOOKUP], scored[LOOKUP]
+        proposal = self.drafters[LOOKUP].propose(self.caches[LOOKUP]) if LOOKUP in self.drafters else None
+        match, proposed = (proposal.match, len(proposal.tokens)) if proposal else (0, 0)
+        lengths = offered({route: min(budget, k) for route, k in self.draft_lengths.items()}, proposed)
+        scored = offered({route: min(budget, k) for route, k in self.scored_lengths.items()}, proposed)
         if not lengths:
             return TARGET, 0
         self.features = self.routing.features(self.entropy, self.top1, length_so_far - self.prompt_length,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .names import DFLASH, EAGLE, GREEDY, LOOKUP, SAMPLED, TARGET
-from .routing import RoutingState
+from .routing import RoutingState, offered
 
 
 @dataclass
@@ -250,24 +250,20 @@ def simulate_routing(hindsight: Hindsight, policy, latency, lengths: dict[str, i
     state, records, m = RoutingState(routes), [], 0
     policy = policy.for_generation()
     while m < len(hindsight.entropy):
-        offered = {r: lengths[r] for r in routes}
-        match = 0
-        if LOOKUP in offered:
-            match = int(hindsight.lookup_match[m])
-            offered[LOOKUP] = min(offered[LOOKUP], int(hindsight.lookup_drafts[m]))
-            if not offered[LOOKUP]:
-                del offered[LOOKUP]
+        match, proposed = (int(hindsight.lookup_match[m]), int(hindsight.lookup_drafts[m])) if LOOKUP in routes \
+            else (0, 0)
+        offer = offered({r: lengths[r] for r in routes}, proposed)
         features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), m + 1, match,
-                                  offered.get(LOOKUP, 0))
+                                  offer.get(LOOKUP, 0))
         # A shorter draft accepts min(a, k): its drafts are a prefix of the longer one's.
-        accepted = {r: min(int(hindsight.tables[r][m]), offered.get(r, 0)) for r in routes}
-        if not offered:  # nothing to draft: the target decodes one token
+        accepted = {r: min(int(hindsight.tables[r][m]), offer.get(r, 0)) for r in routes}
+        if not offer:  # nothing to draft: the target decodes one token
             records.append((features, TARGET, accepted, latency.verify_seconds(0)))
             state.record(TARGET, 0, records[-1][3])
             m += 1
             continue
-        route = rng.choice(tuple(offered)) if epsilon and rng.random() < epsilon else policy.choose(features, offered)
-        seconds = latency.round_seconds(route, offered[route])
+        route = rng.choice(tuple(offer)) if epsilon and rng.random() < epsilon else policy.choose(features, offer)
+        seconds = latency.round_seconds(route, offer[route])
         records.append((features, route, accepted, seconds))
         state.record(route, accepted[route], seconds)
         policy.observe(features, route, accepted[route], seconds)

@@ -189,6 +189,15 @@ class RoutingState:
             self.rounds_since[other] = 0 if other == route else self.rounds_since[other] + 1
 
 
+def offered(lengths: dict[str, int], proposal_length: int) -> dict[str, int]:
+    """The routes a round may take and their draft lengths: lookup only where its index proposed something, at most
+    as many tokens as it proposed (the generator and the simulated rounds of the recipes both offer routes so)."""
+    if LOOKUP not in lengths:
+        return lengths
+    drafts = min(lengths[LOOKUP], proposal_length)
+    return {route: drafts if route == LOOKUP else k for route, k in lengths.items() if route != LOOKUP or drafts}
+
+
 def entropy_and_top1(logits) -> tuple[float, float]:
     """Entropy (nats) and top-1 probability of logits [V] (-inf entries allowed)."""
     logp = logits.float().log_softmax(-1)
