@@ -47,7 +47,6 @@ class LookupIndex:
         self.min_match, self.max_match = min_match, max_match
         self.tokens: list[int] = []
         self.after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
-        self.pending_length = 0  # the LazyCatchUpCache protocol: nothing is ever left to absorb
 
     def enqueue(self, ids: torch.Tensor, features=None) -> None:
         """Index newly verified tokens ids [1, t]. An n-gram is indexed once a token follows it, so the newest
