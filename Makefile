@@ -10,7 +10,7 @@ TORCH_INSTALL ?= torch==2.13.0
 # The newest transformers pyproject.toml admits; `make test-transformers-5.23` runs the generation tests on the oldest.
 TRANSFORMERS ?= 5.24.0
 
-.PHONY: demo demo-app space train-drafters test test-transformers-5.23 test-generation test-slow bench-quick bench-full bench-assisted clean
+.PHONY: demo demo-app space train-drafters test test-transformers-5.23 test-generation test-slow bench-quick bench-full bench-assisted gpu-check clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ test-transformers-5.23:
 test-generation: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests/test_lossless.py tests/test_generate_features.py tests/test_sampling.py \
 		tests/test_catch_up.py tests/test_kernels.py tests/test_calibration.py
+
+# Is the device path ready: the cuda-marked tests, greedy output identical on the device, round timings on an
+# 8B-shaped target (scripts/gpu_check.py; docs/gpu-check.md). CI runs it with DEVICE=cpu, a tiny shape (~1 min).
+DEVICE ?= cuda
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py --device $(DEVICE) --out build/gpu-check-$(DEVICE)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -53,17 +53,3 @@ def test_truncate_drops_drafted_positions_only():
     assert cache.get_seq_length() == 3
     cache.truncate(7)  # nothing beyond: no-op
     assert cache.get_seq_length() == 3
-
-
-@pytest.mark.cuda
-def test_whiflash_on_cuda_is_lossless(target, tokenizer):
-    import copy
-
-    gpu_target = copy.deepcopy(target).cuda()
-    eagle, dflash = (copy.deepcopy(d) for d in random_drafters(target))
-    ids = chat_ids(tokenizer, "Write a Python function that merges two sorted lists.").cuda()
-    expected = gpu_target.generate(ids, max_new_tokens=32, do_sample=False)
-    assistant = WhiFlashAssistant(gpu_target, eagle, dflash, RoutePattern(PATTERN))
-    out = gpu_target.generate(ids, max_new_tokens=32, do_sample=False, assistant_model=assistant)
-    assert torch.equal(out, expected)
-    assert assistant.eagle3.fc.weight.is_cuda
