@@ -6,12 +6,15 @@ the run in progress, and rerunning the same command resumes where it stopped. Pe
 sampling) and prompt category: tokens/s, speedup over plain generate() (median of per-prompt ratios, with its
 95% bootstrap interval; `speedups` pairs any two systems the same way), acceptance length, share of rounds per
 paradigm, catch-up time as % of round time and peak extra memory (weights the system adds to the target's,
-plus the peak growth while generating). Writes bench.json, bench.md, speedup.png, trace.png.
+plus the peak growth while generating). Writes bench.json, bench.md, speedup.png, trace.png; both name the
+machine (CPU model, family and model number), and the hf_whiflash, torch and transformers versions.
 """
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import random
 import statistics
 import sys
@@ -22,10 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import transformers
 
 from .names import DFLASH, EAGLE, GREEDY, LOOKUP, POLICY_FOLDER, ROUTES, SAMPLED, SAMPLING, TARGET
 from .checkpoint import write_text_atomically
 from .stats import Clock
+from .targets import cpu_info
 
 PROMPT_SETS = {"dev": Path(__file__).parent / "data" / "dev_set.jsonl",  # recipes tune on it
                "held-out": Path(__file__).parent / "data" / "held_out.jsonl"}  # nothing trains or tunes on it
@@ -435,9 +440,12 @@ def median_interval(values: list[float], resamples: int = 1000) -> list[float]:
 
 def markdown(summary: dict, meta: dict) -> str:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    cpu, versions = meta["cpu"], meta["versions"]
+    family = f"family {cpu['family']} model {cpu['model']}" if cpu["family"] else "family and model not reported"
     lines = [f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}; {meta.get('dtype', 'torch.float32')}; {meta['date']}; "
-             f"{meta['duration_s'] / 60:.1f} min  "]
+             f"{meta['duration_s'] / 60:.1f} min  ",
+             f"CPU: {cpu['model_name']}, {family}; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "  "]
     lines += [f"{name}: {text}  " for name, text in meta.get("draft_lengths", {}).items()] + [""]
     for mode, systems in summary.items():
         lines += [f"### {mode}", "",
@@ -541,6 +549,22 @@ def machine() -> str:
     return f"{device_name(device)}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def cpu() -> dict:
+    """The host CPU. Family and model (x86 /proc/cpuinfo) tell apart generations that share a model name
+    ("AMD EPYC" is Zen 1 to Zen 5 in VMs); None where the system does not report them."""
+    return {"model_name": cpu_info("model name") or platform.processor() or "unknown CPU",
+            "family": cpu_info("cpu family") or None, "model": cpu_info("model") or None}
+
+
+def versions() -> dict:
+    """The versions a result depends on; hf_whiflash's from the installed package's metadata."""
+    try:
+        own = importlib.metadata.version("hf-whiflash")
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        own = "not installed"
+    return {"hf_whiflash": own, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def write_outputs(out: Path, runs: list[Run], trace, meta: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
@@ -552,6 +576,7 @@ def write_outputs(out: Path, runs: list[Run], trace, meta: dict) -> dict:
 
 
 def meta_for(command: str, started: float, **settings) -> dict:
-    return {"command": command, "machine": machine(), "threads": torch.get_num_threads(),
+    return {"command": command, "machine": machine(), "cpu": cpu(), "versions": versions(),
+            "threads": torch.get_num_threads(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "duration_s": time.time() - started, **settings}

@@ -229,3 +229,24 @@ def test_paired_speedups_tell_a_small_gap_that_prompt_spread_hides():
     paired = speedups(runs, "greedy", "b", baseline="a")
     assert len(paired) == 20 and 1.0 < median_interval(paired)[0] <= 1.03 <= median_interval(paired)[1]
     assert speedups(runs, "greedy", "b", "tool") == []  # no prompts in that category
+
+
+def test_bench_names_the_cpu_generation_and_the_versions(monkeypatch):
+    """One model name ("AMD EPYC") covers several CPU generations, so bench.json and bench.md also record
+    /proc/cpuinfo's family and model, and the package versions; where nothing is reported, they say so."""
+    import importlib.metadata
+    import time
+
+    from hf_whiflash import bench
+
+    fields = {"model name": "AMD EPYC", "cpu family": "26", "model": "2"}
+    monkeypatch.setattr(bench, "cpu_info", lambda field: fields.get(field, ""))
+    meta = json.loads(json.dumps(bench.meta_for("whiflash bench", time.time())))  # as bench.json stores it
+    assert meta["cpu"] == {"model_name": "AMD EPYC", "family": "26", "model": "2"}
+    assert meta["versions"]["hf_whiflash"] == importlib.metadata.version("hf-whiflash")
+    assert f"CPU: AMD EPYC, family 26 model 2; hf_whiflash {meta['versions']['hf_whiflash']}, torch" in \
+        bench.markdown({}, meta)
+    monkeypatch.setattr(bench, "cpu_info", lambda field: "")  # e.g. macOS: no /proc/cpuinfo
+    meta = bench.meta_for("whiflash bench", time.time())
+    assert meta["cpu"]["family"] is None and meta["cpu"]["model_name"]
+    assert "family and model not reported" in bench.markdown({}, meta)
