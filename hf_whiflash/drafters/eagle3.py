@@ -213,7 +213,7 @@ class Eagle3Drafter(HubMixin, nn.Module):
                                   f"{config.num_hidden_layers}.")
         if not vocab_mapping and config.draft_vocab_size != config.vocab_size:
             raise CheckpointError(
-                f"{config.source}: draft_vocab_size {config.draft_vocab_size} < vocab_size {config.vocab_size}, but "
+                f"{config.source}: draft_vocab_size {config.draft_vocab_size} != vocab_size {config.vocab_size}, but "
                 "the weights carry no d2t/t2d mapping draft ids to target ids. Use the checkpoint's complete weights "
                 "(with d2t and t2d), or a head whose draft vocabulary is the whole vocabulary.")
         self.config = config
