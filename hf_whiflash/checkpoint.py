@@ -89,7 +89,9 @@ class DrafterConfig:
     @property
     def rope_scaling(self) -> dict | None:
         scaling = self.raw.get("rope_scaling") or self.raw.get("rope_parameters")
-        if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        # mrope (vision-language heads) rotates sections of each head by a (time, height, width) position; a text
+        # token has all three equal to its position, which makes it the default rope.
+        if not scaling or scaling.get("rope_type", scaling.get("type", "default")) in ("default", "mrope"):
             return None
         return {k: v for k, v in scaling.items() if k != "rope_theta"}
 

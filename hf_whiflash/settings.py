@@ -45,6 +45,11 @@ def number(low: float = -math.inf, high: float = math.inf, *, unset: bool = Fals
     return _or_unset(Rule(f"a finite number {bounds}".rstrip(), lambda v: _is_number(v) and low <= v <= high), unset)
 
 
+def boolean(*, unset: bool = False) -> Rule:
+    """JSON true or false (not 0 or 1, which a typo could leave)."""
+    return _or_unset(Rule("true or false", lambda v: isinstance(v, bool)), unset)
+
+
 def integers(minimum: int, *, unset: bool = False) -> Rule:
     """A non-empty list of integers >= minimum (layer ids)."""
     return _or_unset(Rule(f"a non-empty list of integers >= {minimum}",

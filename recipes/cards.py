@@ -39,14 +39,14 @@ def dev_acceptance(result: dict, final: Path) -> dict[str, float] | None:
 
 def engine_note(final: Path) -> str:
     """What a serving engine must know about the EAGLE-3 head in `final`: which target layers it reads."""
-    ids = Eagle3Config(json.loads((final / "config.json").read_text())).aux_layer_ids
-    if ids is None:
-        return ("\n`config.json` names no `eagle_aux_hidden_state_layer_ids` on purpose: the head reads the target "
-                "layers vLLM and SGLang pick by default (`hidden_states` 2, L/2, L-3), while engines read the key "
-                "itself differently (vLLM: inputs of layers, SpecForge: outputs).\n")
-    return (f"\n`config.json` lists `eagle_aux_hidden_state_layer_ids` {ids} in the SpecForge convention (outputs "
-            f"of those decoder layers); vLLM reads the key as layer inputs: serve it there with "
-            f"{[i + 1 for i in ids]}.\n")
+    layers = Eagle3Config(json.loads((final / "config.json").read_text())).feature_layers
+    if layers is None:
+        return ("\n`config.json` names no target layers: the head reads the EAGLE-3 default (`hidden_states` 2, L/2, "
+                "L-3), which vLLM and SGLang also pick without them.\n")
+    return (f"\n`config.json` names the target layers the head reads in each engine's convention: "
+            f"`eagle_aux_hidden_state_layer_ids` {layers} (vLLM: `hidden_states` indices, the stream entering those "
+            f"layers) and `eagle_config.eagle_aux_hidden_state_layer_ids` {[i - 1 for i in layers]} (SGLang and "
+            f"SpecForge: outputs of those decoder layers).\n")
 
 
 def drafter_card(run: Path, acceptance: Path | None = None, repo_id: str | None = None):

@@ -132,7 +132,8 @@ MISMATCHES = [
     ("eagle3 hidden size", lambda t: eagle_with(t, target_hidden_size=960), "features of width 960"),
     ("eagle3 embedding width", lambda t: eagle_with(t, hidden_size=512, head_dim=64), "embedding width"),
     ("eagle3 vocab", lambda t: eagle_with(t, vocab_size=32000), "vocab size 32000 != target vocab size 49152"),
-    ("eagle3 layers", lambda t: eagle_with(t, eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 15, 40]}),
+    ("eagle3 layers", lambda t: eagle_with(t, eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 15, 40]},
+                                           eagle_aux_hidden_state_layer_ids=[2, 16, 41]),  # both conventions
      r"exceed the target's depth \(30 layers\)"),
     ("dflash hidden size", lambda t: dflash_with(t, hidden_size=960), "hidden size 960 != target hidden size 576"),
     ("dflash vocab", lambda t: dflash_with(t, vocab_size=151936), "vocab size 151936"),

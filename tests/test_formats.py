@@ -124,6 +124,15 @@ def assert_round_trip(model, weights, config, tmp_path):
     return reloaded
 
 
+# What save_pretrained adds to a published config: the fields vLLM and SGLang read (test_eagle3_variants.py reads
+# our saved configs the way they do).
+ENGINE_FIELDS = {"architectures": ["LlamaForCausalLMEagle3"], "norm_before_residual": False}
+SAVED_ADDS = {
+    "eagle3-original-bin": ENGINE_FIELDS | {"target_hidden_size": H},
+    "eagle3-specforge-embed": ENGINE_FIELDS | {"eagle_aux_hidden_state_layer_ids": [2, 6, 10]},
+    "eagle3-sharded": ENGINE_FIELDS | {"target_hidden_size": H},
+}
+
 CASES = [
     ("eagle3-original-bin", Eagle3Drafter, EAGLE3_ORIGINAL, lambda: eagle3_weights(torch.float16), "bin"),
     ("eagle3-specforge-embed", Eagle3Drafter, EAGLE3_SPECFORGE,
@@ -139,7 +148,7 @@ def test_published_layout_loads_and_round_trips(tmp_path, name, cls, config, mak
     weights = make_weights()
     model = cls.from_pretrained(write_checkpoint(tmp_path / name, config, weights, fmt))
     assert_same_weights(model, weights)
-    assert_round_trip(model, weights, config, tmp_path)
+    assert_round_trip(model, weights, config | SAVED_ADDS.get(name, {}), tmp_path)
 
 
 def test_eagle3_config_fields_are_read_as_published(tmp_path):
@@ -212,7 +221,9 @@ def test_weights_that_do_not_match_the_config_are_rejected(tmp_path):
                                    eagle3_weights(torch.float32))
     with pytest.raises(CheckpointError, match="midlayer.mlp.*shape"):
         Eagle3Drafter.from_pretrained(wrong_shape)
-    dflash_as_eagle = write_checkpoint(tmp_path / "kind", EAGLE3_ORIGINAL, dflash_weights(torch.float32))
+    # (a full draft vocabulary: a reduced one without d2t/t2d is refused for that, see test_eagle3_variants.py)
+    dflash_as_eagle = write_checkpoint(tmp_path / "kind", {**EAGLE3_ORIGINAL, "draft_vocab_size": VOCAB},
+                                       dflash_weights(torch.float32))
     with pytest.raises(CheckpointError, match="right kind of drafter"):
         Eagle3Drafter.from_pretrained(dflash_as_eagle)
 

@@ -142,9 +142,8 @@ def check_card(run: Path, kind: str, tmp: Path) -> None:
     assert f"| training samples | {json.loads((run / 'run.json').read_text())['train_samples']} |" in card.text
     assert f"| last logged loss | {round(last_loss, 4)} |" in card.text and "me/" + kind + "-tiny" in card.text
     if kind == "eagle3":  # engines need to know which target layers the head reads
-        aux = (json.loads((run / "final" / "config.json").read_text()).get("eagle_config") or {}).get(
-            "eagle_aux_hidden_state_layer_ids")
-        assert ("names no `eagle_aux_hidden_state_layer_ids`" in card.text) == (aux is None)
+        aux = json.loads((run / "final" / "config.json").read_text()).get("eagle_aux_hidden_state_layer_ids")
+        assert f"`eagle_aux_hidden_state_layer_ids` {aux} (vLLM" in card.text
 
 
 def test_ttt_anchor_subsampling_keeps_learnable_positions(monkeypatch):

@@ -6,8 +6,9 @@ target has verified) or the drafter's own pre-norm output of the previous step (
 
 Weights (no prefix): fc [H, 3*Ht]; midlayer.{hidden_norm,input_layernorm,post_attention_layernorm};
 midlayer.self_attn.{q,k,v}_proj [*, 2H] and o_proj; midlayer.mlp.*; norm; lm_head [draft_vocab, H];
-buffers d2t [draft_vocab] int64 (target id = draft id + d2t[draft id]) and t2d [vocab] bool;
-optional embed_tokens (otherwise the target's embedding is used).
+buffers d2t [draft_vocab] int64 (target id = draft id + d2t[draft id]) and t2d [vocab] bool, absent from
+heads whose draft vocabulary is the whole vocabulary; optional embed_tokens (otherwise the target's
+embedding is used); with `fc_norm` (SpecForge's EAGLE 3.1) fc_norm.{0,1,2} [Ht].
 """
 
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ from torch import nn
 
 from ..cache import LazyCatchUpCache
 from ..checkpoint import CheckpointError, DrafterConfig, HubMixin
-from ..settings import integer, integers
+from ..settings import boolean, integer, integers
 from ..targets import IncompatibleDrafterError, drafter_fields, text_config
 from .layers import GatedMLP, RMSNorm, Rotary, apply_rope, attend, bind, causal_mask, init_weights, positions_from
+
+LAYER_IDS = "eagle_aux_hidden_state_layer_ids"
 
 
 def default_feature_layers(num_target_layers: int) -> list[int]:
@@ -28,11 +31,55 @@ def default_feature_layers(num_target_layers: int) -> list[int]:
 
 
 class Eagle3Config(DrafterConfig):
-    """Llama config.json of an EAGLE-3 head (`LlamaForCausalLM` or `LlamaForCausalLMEagle3`; we never dispatch on it)."""
+    """Llama config.json of an EAGLE-3 head (`LlamaForCausalLM` or `LlamaForCausalLMEagle3`; we never dispatch on it).
 
-    rules = DrafterConfig.rules | {"num_hidden_layers": integer(1), "draft_vocab_size": integer(1, unset=True),
-                                   "target_hidden_size": integer(1, unset=True)}
-    nested_rules = {"eagle_config": {"eagle_aux_hidden_state_layer_ids": integers(0, unset=True)}}
+    Published variants it reads: SpecForge's `fc_norm` (EAGLE 3.1: an RMSNorm on each captured layer's features
+    before `fc`) and `norm_output: false` (logits from the pre-norm state, no final norm); vLLM's
+    `norm_before_residual` (the residual stream starts from hidden_norm(hidden) instead of hidden).
+    """
+
+    rules = DrafterConfig.rules | {
+        "num_hidden_layers": integer(1), "draft_vocab_size": integer(1, unset=True),
+        "target_hidden_size": integer(1, unset=True), LAYER_IDS: integers(0, unset=True),
+        "fc_norm": boolean(unset=True), "norm_output": boolean(unset=True),
+        "norm_before_residual": boolean(unset=True), "norm_before_fc": boolean(unset=True)}
+    nested_rules = {"eagle_config": {LAYER_IDS: integers(0, unset=True), "use_aux_hidden_state": boolean(unset=True),
+                                     "norm_before_fc": boolean(unset=True)}}
+
+    def __init__(self, raw: dict, source: str = "config.json"):
+        super().__init__(raw, source)
+        eagle_config = self.raw.pop("eagle_config", None) or {}
+        for where, flags in (("", self.raw), ("eagle_config.", eagle_config)):
+            if flags.get("norm_before_fc"):
+                raise CheckpointError(f"{source}: {where}norm_before_fc = true (one RMSNorm over the concatenated "
+                                      "target features before fc) is not supported; fc_norm (one per layer) is.")
+        if eagle_config.get("use_aux_hidden_state") is False:
+            raise CheckpointError(f"{source}: eagle_config.use_aux_hidden_state = false is a head over one target "
+                                  "hidden state without fc, not an EAGLE-3 head; use an EAGLE-3 head.")
+        layers = self._read_feature_layers(self.raw.pop(LAYER_IDS, None), eagle_config.pop(LAYER_IDS, None), source)
+        if layers is not None:
+            self.raw[LAYER_IDS] = layers  # the one copy: engines' keys are written from it (to_dict)
+        if eagle_config:
+            self.raw["eagle_config"] = eagle_config
+
+    @staticmethod
+    def _read_feature_layers(top: list[int] | None, nested: list[int] | None, source: str) -> list[int] | None:
+        """hidden_states indices from either key engines read. The top-level ids are hidden_states indices (vLLM
+        captures the stream entering layer i); eagle_config's are decoder layers whose OUTPUT is read (SpecForge
+        writes them, SGLang captures the stream entering layer i + 1). Both present must name the same layers."""
+        outputs = None if nested is None else [i + 1 for i in nested]
+        if top is not None and outputs is not None and top != outputs:
+            raise CheckpointError(
+                f"{source}: {LAYER_IDS} {top} (read by vLLM as hidden_states indices) and eagle_config.{LAYER_IDS} "
+                f"{nested} (read by SGLang and SpecForge as layer outputs, hidden_states {outputs}) name different "
+                "target layers, so engines would feed the head different features. Keep the key the head was "
+                "trained with and remove the other.")
+        return outputs if outputs is not None else top
+
+    @property
+    def feature_layers(self) -> list[int] | None:
+        """hidden_states indices the head reads (low | mid | high); None: the default for the target's depth."""
+        return self.raw.get(LAYER_IDS)
 
     @property
     def draft_vocab_size(self) -> int:
@@ -43,13 +90,28 @@ class Eagle3Config(DrafterConfig):
         return self.raw.get("target_hidden_size") or self.hidden_size
 
     @property
-    def aux_layer_ids(self) -> list[int] | None:
-        """`eagle_config.eagle_aux_hidden_state_layer_ids`, read as SpecForge and ModelOpt write them: decoder
-        layers whose OUTPUT is captured (hidden_states[id + 1]). Engines disagree on this key: vLLM reads an id
-        as the stream ENTERING that layer (hidden_states[id]), SGLang guesses the convention from the first id
-        (1: output, else entering). All agree on the default when the key is absent (hidden_states 2, L/2,
-        L-3), so we write it only for non-default layers: any value would be read off by one somewhere."""
-        return (self.raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    def fc_norm(self) -> bool:
+        return bool(self.raw.get("fc_norm"))
+
+    @property
+    def norm_output(self) -> bool:
+        return self.raw.get("norm_output") is not False
+
+    @property
+    def norm_before_residual(self) -> bool:
+        return bool(self.raw.get("norm_before_residual"))
+
+    def to_dict(self) -> dict:
+        """The config.json we save: the fields as read plus every field vLLM's and SGLang's EAGLE-3 loaders read,
+        the layer ids under both keys, each in its engine's convention."""
+        saved = super().to_dict() | {
+            "architectures": ["LlamaForCausalLMEagle3"],  # SGLang dispatches on it; vLLM maps it to its EAGLE-3 head
+            "num_hidden_layers": 1, "draft_vocab_size": self.draft_vocab_size,
+            "target_hidden_size": self.target_hidden_size, "norm_before_residual": self.norm_before_residual}
+        if self.feature_layers is not None:  # else unknown until attach; engines then pick the same default
+            saved["eagle_config"] = saved.get("eagle_config", {}) | {
+                "use_aux_hidden_state": True, LAYER_IDS: [i - 1 for i in self.feature_layers]}
+        return saved
 
 
 class Eagle3Attention(nn.Module):
@@ -129,45 +191,58 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(H, eps)
         self.self_attn = Eagle3Attention(config)
         self.mlp = GatedMLP(H, config.intermediate_size, config.get("hidden_act", "silu"), config.get("mlp_bias", False))
+        self.norm_before_residual = config.norm_before_residual
 
     def attention_input(self, embeds, hidden) -> torch.Tensor:
         """[B, T, H] x2 -> [B, T, 2H]: embedding first, then hidden."""
         return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
 
     def forward(self, embeds, hidden, cos, sin, cache=None, ttt=None) -> torch.Tensor:
-        h = hidden + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache, ttt)
+        residual = self.hidden_norm(hidden) if self.norm_before_residual else hidden
+        h = residual + self.self_attn(self.attention_input(embeds, hidden), cos, sin, cache, ttt)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Eagle3Drafter(HubMixin, nn.Module):
     config_class = Eagle3Config
 
-    def __init__(self, config: Eagle3Config, own_embedding: bool = False):
+    def __init__(self, config: Eagle3Config, own_embedding: bool = False, vocab_mapping: bool = True):
         super().__init__()
         if config.get("num_hidden_layers", 1) != 1:
             raise CheckpointError(f"{config.source}: EAGLE-3 heads have exactly one layer, got num_hidden_layers="
                                   f"{config.num_hidden_layers}.")
+        if not vocab_mapping and config.draft_vocab_size != config.vocab_size:
+            raise CheckpointError(
+                f"{config.source}: draft_vocab_size {config.draft_vocab_size} != vocab_size {config.vocab_size}, but "
+                "the weights carry no d2t/t2d mapping draft ids to target ids. Use the checkpoint's complete weights "
+                "(with d2t and t2d), or a head whose draft vocabulary is the whole vocabulary.")
         self.config = config
-        H, n_features = config.hidden_size, len(config.aux_layer_ids or [0, 0, 0])
-        self.fc = nn.Linear(n_features * config.target_hidden_size, H, bias=False)
+        H, Ht = config.hidden_size, config.target_hidden_size
+        n_features = len(config.feature_layers) if config.feature_layers else 3
+        # EAGLE 3.1 (SpecForge fc_norm): each captured layer's features get their own RMSNorm before fc.
+        self.fc_norm = nn.ModuleList(RMSNorm(Ht, config.rms_norm_eps) for _ in range(n_features)) \
+            if config.fc_norm else None
+        self.fc = nn.Linear(n_features * Ht, H, bias=False)
         self.midlayer = Eagle3Layer(config)
         self.norm = RMSNorm(H, config.rms_norm_eps)
         self.lm_head = nn.Linear(H, config.draft_vocab_size, bias=False)
-        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+        # A head published without d2t/t2d drafts over the whole vocabulary: identity mapping, as EAGLE's own
+        # loader reads it. Those buffers stay out of the state dict, so the head saves in the layout it came in.
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long), persistent=vocab_mapping)
+        self.register_buffer("t2d", torch.full((config.vocab_size,), not vocab_mapping), persistent=vocab_mapping)
         if own_embedding:
             self.embed_tokens = nn.Embedding(config.vocab_size, H)
         self.rotary = Rotary(config.head_dim, config.get("max_position_embeddings", 4096),
                              config.rope_theta, config.rope_scaling)
-        self.feature_layers = self._configured_feature_layers()
 
     @classmethod
     def _modules_for(cls, state: dict) -> dict:
-        return {"own_embedding": "embed_tokens.weight" in state}
+        return {"own_embedding": "embed_tokens.weight" in state, "vocab_mapping": "d2t" in state or "t2d" in state}
 
-    def _configured_feature_layers(self) -> list[int] | None:
-        ids = self.config.aux_layer_ids
-        return None if ids is None else [i + 1 for i in ids]  # output of layer i == hidden_states[i + 1]
+    @property
+    def feature_layers(self) -> list[int] | None:
+        """hidden_states indices of the target features the head reads; None until attach fixes the default."""
+        return self.config.feature_layers
 
     # --- construction for a target -------------------------------------------------------------
 
@@ -187,9 +262,8 @@ class Eagle3Drafter(HubMixin, nn.Module):
             "target_hidden_size": tc.hidden_size,
             "num_hidden_layers": 1,
             "draft_vocab_size": draft_vocab_size or tc.vocab_size,
+            LAYER_IDS: feature_layers or default_feature_layers(tc.num_hidden_layers),
         }
-        if feature_layers and feature_layers != default_feature_layers(tc.num_hidden_layers):
-            raw["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in feature_layers]}
         if seed is not None:
             torch.manual_seed(seed)
         drafter = cls(Eagle3Config(raw))
@@ -235,7 +309,7 @@ class Eagle3Drafter(HubMixin, nn.Module):
                 + ". Use an EAGLE-3 head trained for this target, or build one with Eagle3Drafter.for_target(target)."
             )
         drafter = bind(self, target_embedding=embedding)
-        drafter.feature_layers = layers
+        drafter.config.eagle_aux_hidden_state_layer_ids = layers  # the default for this target, when unset
         return drafter
 
     def _draft_vocab_problems(self, vocab_size: int) -> list[str]:
@@ -255,7 +329,10 @@ class Eagle3Drafter(HubMixin, nn.Module):
         return torch.cat([hidden_states[i][:, :length] for i in self.feature_layers], dim=-1)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Target features [B, T, 3*Ht] -> the head's hidden width [B, T, H]."""
+        """Target features [B, T, 3*Ht] (low | mid | high) -> the head's hidden width [B, T, H]."""
+        if self.fc_norm is not None:
+            parts = features.chunk(len(self.fc_norm), dim=-1)  # [B, T, Ht] each
+            features = torch.cat([norm(part) for norm, part in zip(self.fc_norm, parts)], dim=-1)
         return self.fc(features)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -352,7 +429,7 @@ class Eagle3Drafter(HubMixin, nn.Module):
         h = self.midlayer(embeds, hidden, cos, sin, cache, ttt)
         if ttt is not None:
             ttt.step += 1
-        return self.lm_head(self.norm(h)), h
+        return self.lm_head(self.norm(h) if self.config.norm_output else h), h
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
