@@ -21,9 +21,9 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import (CheckpointError, replace_folder_atomically, weight_files, write_text_atomically,
                          writer_lock)
 from .extras import require
+from .names import DEFAULT_TARGET
+from .settings import SettingsError
 from .wheels import unpacked
-
-DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 
 
 class IncompatibleDrafterError(ValueError):
@@ -195,16 +195,36 @@ def unlisted_damage(folder: Path) -> str | None:
 def load_target(name_or_path: str = DEFAULT_TARGET, *, dtype: torch.dtype | str = torch.float32, device=None):
     """(model, tokenizer) for a packaged name, a Hub id or a local folder; the model is in eval mode.
     `dtype`: a torch dtype, its name ("float32", "bfloat16"), or "auto" (see resolve_dtype).
+    `device`: None or "cpu" (the default: CPU), "cuda", "cuda:1", a torch.device, or "auto" (see resolve_device).
     Any other name is a Hub id to transformers, whose Hub client retries a name it cannot reach for some
     seconds (~27 s offline) before its error; HF_HUB_OFFLINE=1 fails at once. Names are not guessed at here:
     a one-word Hub id is as valid as a typo."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device if device is not None else "cpu")
     path = resolve_target(name_or_path)
-    dtype = resolve_dtype(dtype, torch.device(device) if device is not None else torch.device("cpu"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+    dtype = resolve_dtype(dtype, device)
+    # Loaded straight onto a GPU; on CPU, where from_pretrained loads anyway, without a device_map (which needs
+    # accelerate).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None if device.type == "cpu" else device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A torch device, its name ("cpu", "cuda", "cuda:1"), or "auto": CUDA when torch sees a GPU, else CPU. A CUDA
+    device torch cannot use is refused here, saying why, rather than deep inside a model's load."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        raise SettingsError(f"device = {str(device)!r} is not available: torch {torch.__version__} ({build}) sees no "
+                            "CUDA device; use 'cpu' (or 'auto', which picks CUDA only where it is there)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SettingsError(f"device = {str(device)!r} is not available: torch sees {torch.cuda.device_count()} "
+                            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
