@@ -146,7 +146,7 @@ def cmd_bench(args) -> int:
     latency = None if reference is None else reference.latency or LatencyModel.measure(reference)
     runs, trace = bench.benchmark(target, tokenizer, prompts, systems, args.modes, args.max_new_tokens,
                                   args.repeats, args.seed, latency, log=log)
-    meta = bench.meta_for(args.command_line, started, **settings, draft_lengths=lengths,
+    meta = bench.meta_for(args.command_line, started, target.device, **settings, draft_lengths=lengths,
                           dtype=str(next(target.parameters()).dtype))
     result = bench.write_outputs(out, runs, trace, meta)
     print(bench.markdown(result["summary"], result["meta"]))
