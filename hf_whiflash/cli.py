@@ -181,11 +181,10 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
         return int(text)
 
-    parse.__name__ = f"integer >= {low}"  # argparse names the type in some errors
     return parse
 
 
-def device_name(text: str) -> str:
+def device_choice(text: str) -> str:
     """An argparse type: auto, cpu, cuda or cuda:N (whether that device exists is checked when a command starts)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
@@ -243,7 +242,7 @@ def add_model_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--drafters", metavar="FOLDER",
                          help="WhiFlash folder or Hub repo with eagle3/ and/or dflash/ (default: the drafters "
                               "shipped for the target)")
-    command.add_argument("--device", type=device_name, default="auto",
+    command.add_argument("--device", type=device_choice, default="auto",
                          help="where the target and drafters run: cpu, cuda, cuda:N, or auto (cuda when torch sees "
                               "a GPU, else cpu)")
     command.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32", help=DTYPE_HELP)
