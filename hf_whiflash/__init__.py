@@ -1,31 +1,43 @@
-"""hf_whiflash: WhiFlash speculative decoding (EAGLE-3 + DFlash drafters, token-level routing) for transformers."""
+"""hf_whiflash: WhiFlash speculative decoding (EAGLE-3 + DFlash drafters, token-level routing) for transformers.
 
-from .assistant import WhiFlashAssistant
-from .cache import LazyCatchUpCache
-from .checkpoint import CheckpointError
-from .drafters import DFlashConfig, DFlashDrafter, Eagle3Config, Eagle3Drafter, LookupDrafter
-from .routing import EntropyPolicy, NeuralPolicy, Policy, RoundFeatures
-from .settings import SettingsError
-from .stats import GenerationStats
-from .targets import DEFAULT_TARGET, IncompatibleDrafterError, load_target, shipped_drafters
+The names below are imported from their modules on first use, so that `import hf_whiflash` (and `whiflash --help`,
+whose module lives in this package) does not load torch and transformers before anything needs them.
+"""
 
-__all__ = [
-    "CheckpointError",
-    "DEFAULT_TARGET",
-    "DFlashConfig",
-    "DFlashDrafter",
-    "Eagle3Config",
-    "Eagle3Drafter",
-    "EntropyPolicy",
-    "GenerationStats",
-    "IncompatibleDrafterError",
-    "LazyCatchUpCache",
-    "LookupDrafter",
-    "NeuralPolicy",
-    "Policy",
-    "RoundFeatures",
-    "SettingsError",
-    "WhiFlashAssistant",
-    "load_target",
-    "shipped_drafters",
-]
+import importlib
+
+# public name -> the module that defines it
+_MODULE_OF = {
+    "CheckpointError": "checkpoint",
+    "DEFAULT_TARGET": "names",
+    "DFlashConfig": "drafters",
+    "DFlashDrafter": "drafters",
+    "Eagle3Config": "drafters",
+    "Eagle3Drafter": "drafters",
+    "EntropyPolicy": "routing",
+    "GenerationStats": "stats",
+    "IncompatibleDrafterError": "targets",
+    "LazyCatchUpCache": "cache",
+    "LookupDrafter": "drafters",
+    "MissingExtraError": "extras",
+    "NeuralPolicy": "routing",
+    "Policy": "routing",
+    "RoundFeatures": "routing",
+    "SettingsError": "settings",
+    "WhiFlashAssistant": "assistant",
+    "load_target": "targets",
+    "shipped_drafters": "targets",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'hf_whiflash' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

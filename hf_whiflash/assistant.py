@@ -21,7 +21,7 @@ from .drafters import DFlashDrafter, Eagle3Drafter, LookupDrafter
 from .generator import WhiFlashCandidateGenerator
 from .hook import check_transformers_internals, install_generator_hook
 from .kernels import PackedLinears
-from .names import DFLASH, EAGLE, GREEDY, LOOKUP, NEURAL_ROUTES, ROUTES, SAMPLED, SETTINGS_FILE
+from .names import DFLASH, EAGLE, GREEDY, LOOKUP, MODE_ROUTES, NEURAL_ROUTES, SAMPLED, SETTINGS_FILE
 from .routing import EntropyPolicy, NeuralPolicy, Policy
 from .settings import Rule, SettingsError, check, integer, json_object
 from .stats import GenerationStats
@@ -260,9 +260,6 @@ def policy_from_dict(settings: dict, folder: Path) -> Policy:
             raise SettingsError(f"{where}: folder is missing; expected {NEURAL_RULES['folder'].allowed}")
         return NeuralPolicy.from_pretrained(folder / check(settings, NEURAL_RULES, where)["folder"])
     raise SettingsError(f"{where}: type = {kind!r} is not allowed; expected 'entropy' or 'neural'")
-
-
-MODE_ROUTES = {"whiflash": ROUTES, EAGLE: (EAGLE,), DFLASH: (DFLASH,), LOOKUP: (LOOKUP,)}  # each mode's drafters
 
 
 def build_assistant(target, target_name: str, mode: str = "whiflash", drafters: str | None = None,

@@ -542,10 +542,9 @@ def plot_trace(trace: dict, path: Path, plt) -> None:
     plt.close(fig)
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
     from .calibration import device_name
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return f"{device_name(device)}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
@@ -575,8 +574,8 @@ def write_outputs(out: Path, runs: list[Run], trace, meta: dict) -> dict:
     return result
 
 
-def meta_for(command: str, started: float, **settings) -> dict:
-    return {"command": command, "machine": machine(), "cpu": cpu(), "versions": versions(),
+def meta_for(command: str, started: float, run_device: torch.device, **settings) -> dict:
+    return {"command": command, "machine": machine(run_device), "cpu": cpu(), "versions": versions(),
             "threads": torch.get_num_threads(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "duration_s": time.time() - started, **settings}

@@ -3,8 +3,12 @@
 import re
 from importlib import metadata
 
+DEFAULT_TARGET = "SmolLM2-135M-Instruct"  # a packaged target (targets.py), with drafters shipped in the package
+
 EAGLE, DFLASH, LOOKUP = "eagle3", "dflash", "lookup"  # the drafting routes, also their subfolders in a WhiFlash folder
 ROUTES = (EAGLE, DFLASH, LOOKUP)
+# Each system of `whiflash generate` / `whiflash bench` that drafts with WhiFlash drafters, and the routes it takes.
+MODE_ROUTES = {"whiflash": ROUTES, EAGLE: (EAGLE,), DFLASH: (DFLASH,), LOOKUP: (LOOKUP,)}
 NEURAL_ROUTES = (EAGLE, DFLASH)  # the drafters with weights, which read the target's hidden states
 TARGET = "target"  # a round without drafts: the length budget left no room for any
 POLICY_FOLDER = "policy"  # a trained router inside a WhiFlash folder
@@ -17,6 +21,14 @@ GREEDY, SAMPLED = "greedy", "sampling"
 
 # Sampling mode of the command line, the benchmark and the demo.
 SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+
+
+def package_version() -> str:
+    """This release's version ('unknown' when hf_whiflash runs from a copied folder without package metadata)."""
+    try:
+        return metadata.version("hf-whiflash")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def tested_transformers() -> str:

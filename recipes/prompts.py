@@ -4,9 +4,10 @@ Allowed sources (see ../shared/BRIEF.md): self-synthesis by the target, code pro
 packaged sources, and BFCL `live_*` files only. Never HumanEval, never other BFCL files.
 """
 
-import importlib.util
 import json
-from pathlib import Path
+
+from hf_whiflash.targets import cache_root
+from hf_whiflash.wheels import unpacked
 
 TOOL_SYSTEM = (
     "You are a function-calling assistant. These functions are available (JSON schema):\n{functions}\n"
@@ -22,11 +23,9 @@ def bfcl_live_items() -> list[dict]:
 
 
 def bfcl_items(files: tuple[str, ...]) -> list[dict]:
-    """The items of these BFCL files (id, question, function) from the installed bfcl-eval package."""
-    spec = importlib.util.find_spec("bfcl_eval")
-    if spec is None:
-        raise FileNotFoundError("tool prompts come from BFCL: pip install --no-deps bfcl-eval==2026.3.23")
-    data = Path(spec.origin).parent / "data"
+    """The items of these BFCL files (id, question, function) from the bfcl-eval package (its wheel's data,
+    downloaded into the cache on first use)."""
+    data = unpacked("bfcl-eval==2026.3.23", cache_root() / "packages") / "bfcl_eval" / "data"
     return [json.loads(line) for name in files for line in (data / name).open()]
 
 

@@ -24,6 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_whiflash import DFlashDrafter, Eagle3Drafter, Policy, WhiFlashAssistant
+from hf_whiflash.calibration import device_name
 from hf_whiflash.checkpoint import write_text_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,8 +216,8 @@ def main(argv=None) -> int:
     context, new_tokens = (512, 64) if device.type == "cuda" else (64, 24)
     started = time.perf_counter()
     report = {
-        "machine": {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                    or platform.machine(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"device_name": device_name(device), "torch": torch.__version__,
+                    "python": platform.python_version()},
         "cuda_tests": run_cuda_tests(),
         "lossless": check_lossless(device, new_tokens=64),
         "timing": {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "context": context,

@@ -163,3 +163,31 @@ def make_assistant(target, mode: str, kind: str, reference=None, policy=None, pe
                 drafter.script = script
         policy = CountingPolicy(policy, script)
     return WhiFlashAssistant(target, eagle, dflash, policy, lookup=mode == "whiflash", **kwargs)
+
+
+def write_wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
+    """A minimal wheel of `files` (path in the wheel -> bytes) that pip downloads from a --find-links folder."""
+    import zipfile
+
+    stem = f"{name.replace('-', '_')}-{version}"
+    meta = {f"{stem}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+            f"{stem}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    path = folder / f"{stem}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for member, data in {**files, **meta}.items():
+            wheel.writestr(member, data)
+        wheel.writestr(f"{stem}.dist-info/RECORD", "")
+    return path
+
+
+def extra_requirements(extras: dict[str, list[str]], extra: str) -> list[str]:
+    """The requirements of one of pyproject.toml's extras, its references to other extras ("hf-whiflash[gguf]")
+    replaced by their requirements."""
+    import re
+
+    requirements = []
+    for requirement in extras[extra]:
+        included = re.fullmatch(r"hf-whiflash\[(.+)\]", requirement)
+        requirements += ([r for name in included.group(1).split(",") for r in extra_requirements(extras, name)]
+                         if included else [requirement])
+    return requirements

