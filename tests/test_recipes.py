@@ -765,6 +765,29 @@ def test_recipe_starts_from_a_trained_drafter(tiny_data, script, config_name, ki
     assert moved and changed < 1.0  # two small steps away from the shipped weights, not a fresh init
 
 
+def test_reference_continuations_are_cached_per_target(tiny, tmp_path, monkeypatch):
+    """evaluate.py and profile_acceptance.py cache the target's greedy continuations of the prompts; a cache of
+    another target is not read (rows without a name are the default target's, as every cache was before)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_whiflash import DEFAULT_TARGET
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from evaluate import references
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "target")
+    prompts = [json.loads(line) for line in (tiny / "prompts.jsonl").open()][:2]
+    cache = tmp_path / "dev_references.jsonl"
+    cache.write_text("".join(json.dumps({"id": p["id"], "max_new_tokens": 4, "prompt_length": 1, "ids": [0, 0]}) + "\n"
+                             for p in prompts))
+    refs = references(model, tokenizer, prompts, 4, cache, "tiny")
+    assert all(refs[p["id"]]["target"] == "tiny" and len(refs[p["id"]]["ids"]) > 2 for p in prompts)
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: pytest.fail("generated again"))
+    assert references(model, tokenizer, prompts, 4, cache, "tiny") == refs
+    assert references(model, tokenizer, prompts, 4, cache, DEFAULT_TARGET)[prompts[0]["id"]]["ids"] == [0, 0]
+
+
 def test_long_prompts_go_in_smaller_batches(monkeypatch):
     """data.py batches by rows and by padded tokens: a batch of 64 BFCL prompts thousands of tokens long once
     spent over 15 minutes copying its growing KV cache."""
