@@ -169,7 +169,9 @@ def grow_prompts(config: dict, model, tokenizer, pool: list[dict], own: list[dic
     self_count = min(self_chunk, sources.get("self_synthesis", 0) - have["self"])
     rows = self_synthesised(model, tokenizer, self_count, config["batch_size"], seed + have["self"]) \
         if self_count > 0 else []
-    rows += code_prompts(sources.get("code", 0), seed) + tool_prompts(sources.get("tool", 0), seed) + own
+    for source, prompts in (("code", code_prompts), ("tool", tool_prompts)):
+        rows += prompts(sources[source], seed) if sources.get(source) else []  # tool: BFCL only where asked for
+    rows += own
     seen = {message_key(row) for row in pool}
     return unique_rows(rows, seen)
 
