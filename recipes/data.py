@@ -11,6 +11,15 @@ Output folder (`out` in the config):
                         input_ids[response_start:]. Appended batch by batch; a rerun skips done ids
                         (and cuts off a last line torn by a kill mid-append, see jsonl.py).
 
+Prompt sources (`sources` in the config, each with how many prompts it gives):
+  self_synthesis: N     user requests the target writes itself from its chat template's user turn
+  code: N               code-writing requests built from Python standard-library docstrings
+  tool: N               BFCL live_* tool calls (from the bfcl-eval wheel, downloaded on first use)
+  jsonl: {path: FILE, count: N}                         your own prompts, one JSON row a line (count: null, all)
+  datasets: {name: ORG/NAME, split: S, count: N, config: C}   a Hub dataset's first N rows (pip install datasets)
+Rows of your own are {"prompt": ...} or {"messages": [...]} (prompts.py says exactly); any that are in the dev or
+held-out set are dropped, so that evaluation stays on prompts no training saw.
+
 With `archive` in the config (a folder in the repository), `--archive` writes both files there gzipped, to
 commit; a run on a machine whose `out` lacks them starts from the archive, so the pool keeps growing across
 machines whose runs/ folder does not survive.
@@ -32,10 +41,21 @@ import yaml
 from tqdm import tqdm
 
 from jsonl import cut_torn_tail, read_rows
-from prompts import bfcl_live_items, tool_messages
+from prompts import bfcl_live_items, hub_prompts, jsonl_prompts, tool_messages
+
+from hf_whiflash.settings import Rule, check, integer
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_SET = REPO / "hf_whiflash" / "data" / "dev_set.jsonl"
+HELD_OUT = REPO / "hf_whiflash" / "data" / "held_out.jsonl"
+TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and bool(v))
+SOURCES = {"self_synthesis": integer(0), "code": integer(0), "tool": integer(0),
+           "jsonl": Rule("{path: FILE, count: N or null}", lambda v: isinstance(v, dict) and "path" in v),
+           "datasets": Rule("{name: ORG/NAME, count: N, split: S, config: C}",
+                            lambda v: isinstance(v, dict) and {"name", "count"} <= set(v))}
+OWN_SOURCES = {"jsonl": {"path": TEXT, "count": integer(1, unset=True)},
+               "datasets": {"name": TEXT, "count": integer(1), "split": TEXT,
+                            "config": Rule("a string or null", lambda v: v is None or isinstance(v, str))}}
 STEERING = ["", "", "", "Solve this math word problem: ", "Write a Python ", "Can you explain ", "What is ",
             "Write a short ", "How do I ", "Give me "]  # starts of user turns the target completes itself
 CODE_TEMPLATES = [
@@ -115,16 +135,43 @@ def unique_rows(rows: list[dict], seen: set[str]) -> list[dict]:
     return unique
 
 
-def grow_prompts(config: dict, model, tokenizer, pool: list[dict], self_chunk: int = 512) -> list[dict]:
+def checked_sources(sources, where: str) -> dict:
+    """The config's `sources`, each checked (an unknown name or a bad value is an error naming it)."""
+    if not isinstance(sources, dict) or not sources:
+        raise ValueError(f"{where}: sources should map source names to counts, e.g. {{code: 100}}; names: "
+                         f"{', '.join(SOURCES)}")
+    check(sources, SOURCES, f"{where}: sources")
+    for name in OWN_SOURCES.keys() & sources.keys():
+        check(sources[name], OWN_SOURCES[name], f"{where}: sources.{name}")
+    return sources
+
+
+def own_prompts(sources: dict) -> list[dict]:
+    """Your own prompts (sources.jsonl, sources.datasets), read once; those in the dev or held-out set are
+    dropped, so that evaluation stays on prompts no training saw."""
+    rows = jsonl_prompts(**sources["jsonl"]) if "jsonl" in sources else []
+    rows += hub_prompts(**sources["datasets"]) if "datasets" in sources else []
+    evaluation = {m["content"] for path in (DEV_SET, HELD_OUT) for line in path.open()
+                  for m in json.loads(line)["messages"] if m["role"] == "user"}
+    kept = [row for row in rows if not evaluation & {m["content"] for m in row["messages"] if m["role"] == "user"}]
+    if len(kept) < len(rows):
+        print(f"dropped {len(rows) - len(kept)} of your prompts: they are in the dev or held-out set")
+    return kept
+
+
+def grow_prompts(config: dict, model, tokenizer, pool: list[dict], own: list[dict], self_chunk: int = 512
+                 ) -> list[dict]:
     """The prompts the config asks for beyond those in `pool` (at most `self_chunk` self-synthesised ones a
     call): raising a source's count grows the pool. Code and tool prompts are prefixes of one seeded order;
-    self-synthesis continues with a new seed."""
+    self-synthesis continues with a new seed; `own` are your own prompts (own_prompts)."""
     sources, seed = config["sources"], config.get("seed", 0)
     have = {source: sum(row["source"] == source for row in pool) for source in ("self", "code", "bfcl_live")}
     self_count = min(self_chunk, sources.get("self_synthesis", 0) - have["self"])
     rows = self_synthesised(model, tokenizer, self_count, config["batch_size"], seed + have["self"]) \
         if self_count > 0 else []
-    rows += code_prompts(sources.get("code", 0), seed) + tool_prompts(sources.get("tool", 0), seed)
+    for source, prompts in (("code", code_prompts), ("tool", tool_prompts)):
+        rows += prompts(sources[source], seed) if sources.get(source) else []  # tool: BFCL only where asked for
+    rows += own
     seen = {message_key(row) for row in pool}
     return unique_rows(rows, seen)
 
@@ -224,12 +271,13 @@ def main(config_path: str, archive_only: bool = False, max_minutes: float | None
     config = yaml.safe_load(Path(config_path).read_text())
     state = PartialState()
     out = Path(config["out"]).resolve()  # relative to the working directory, as in the trainers
-    out.mkdir(parents=True, exist_ok=True)
     archive = Path(config["archive"]) if config.get("archive") else None
     if archive_only:
         if archive is None:
             raise SystemExit(f"{config_path} names no archive folder: add `archive: FOLDER` to it")
         return archive_files(out, archive)
+    own = own_prompts(checked_sources(config.get("sources"), config_path))  # bad rows fail before any generation
+    out.mkdir(parents=True, exist_ok=True)
     if archive is not None and state.is_main_process:
         restore_files(archive, out)
     state.wait_for_everyone()
@@ -252,7 +300,7 @@ def main(config_path: str, archive_only: bool = False, max_minutes: float | None
         new = []
         if state.is_main_process and time.monotonic() < deadline:
             with packed.active():
-                new = grow_prompts(config, model, tokenizer, pool)
+                new = grow_prompts(config, model, tokenizer, pool, own)
             if new:
                 tmp = prompts_path.with_suffix(".tmp")
                 tmp.write_text("".join(json.dumps(p) + "\n" for p in pool + new))

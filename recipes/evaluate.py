@@ -27,11 +27,14 @@ from hf_whiflash.bench import CATEGORIES, PROMPT_SETS, load_prompts
 from hf_whiflash.hindsight import acceptance_tables, walk
 
 
-def references(target, tokenizer, prompts: list[dict], max_new_tokens: int, cache: Path) -> dict[str, list[int]]:
-    """prompt id -> prompt + greedy continuation token ids (plain generate), cached as jsonl."""
+def references(target, tokenizer, prompts: list[dict], max_new_tokens: int, cache: Path, name: str
+               ) -> dict[str, list[int]]:
+    """prompt id -> prompt + greedy continuation token ids (plain generate), cached as jsonl under the target's
+    `name` (rows without one are the default target's: caches written before names were kept)."""
     done = {}
     if cache.exists():
-        done = {r["id"]: r for r in map(json.loads, cache.open()) if r["max_new_tokens"] == max_new_tokens}
+        done = {r["id"]: r for r in map(json.loads, cache.open())
+                if r["max_new_tokens"] == max_new_tokens and r.get("target", DEFAULT_TARGET) == name}
     with cache.open("a") as f:
         for p in prompts:
             if p["id"] in done:
@@ -39,8 +42,8 @@ def references(target, tokenizer, prompts: list[dict], max_new_tokens: int, cach
             ids = tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, return_tensors="pt",
                                                 return_dict=True)["input_ids"]
             out = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-            done[p["id"]] = {"id": p["id"], "max_new_tokens": max_new_tokens, "prompt_length": ids.shape[1],
-                             "ids": out[0].tolist()}
+            done[p["id"]] = {"id": p["id"], "target": name, "max_new_tokens": max_new_tokens,
+                             "prompt_length": ids.shape[1], "ids": out[0].tolist()}
             f.write(json.dumps(done[p["id"]]) + "\n")
             f.flush()
     return done
@@ -87,7 +90,8 @@ def main() -> None:
     target, tokenizer = load_target(args.target)
     prompts = load_prompts(args.prompts, args.per_category)
     name = args.prompts if args.prompts in PROMPT_SETS else Path(args.prompts).stem
-    refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / f"{name}_references.jsonl")
+    refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / f"{name}_references.jsonl",
+                      args.target)
     settings = {k: v for k, v in vars(args).items() if k not in ("eagle3", "dflash", "out")}
     earlier = json.loads(out.read_text()) if out.exists() else {"settings": None}
     done = {}  # rows of an earlier run with the same settings, for drafters that did not change since

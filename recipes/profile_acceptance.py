@@ -96,7 +96,7 @@ def main() -> None:
     target, tokenizer = load_target(args.target)
     prompts = load_prompts("dev", None)
     Path(args.references).parent.mkdir(parents=True, exist_ok=True)
-    cached = references(target, tokenizer, prompts, args.max_new_tokens, Path(args.references))
+    cached = references(target, tokenizer, prompts, args.max_new_tokens, Path(args.references), args.target)
     refs = [cached[p["id"]] for p in prompts]
     sequences = [(torch.tensor([r["ids"]]), r["prompt_length"]) for r in refs]
     budgets = [len(r["ids"]) - r["prompt_length"] - 1 for r in refs]  # the prefill produced the first new token

@@ -91,7 +91,8 @@ def main() -> None:
     longest_chain = max(args.max_chain, lengths[EAGLE])  # tables hold every chain length up to this
     latency = LatencyModel.measure(assistant)
     prompts = load_prompts("dev", None)
-    refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / "dev_references.jsonl")
+    refs = references(target, tokenizer, prompts, args.max_new_tokens, out.parent / "dev_references.jsonl",
+                      args.target)
     hindsights = {}
     for p in prompts:
         ref = refs[p["id"]]

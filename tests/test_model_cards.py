@@ -1,20 +1,49 @@
-"""model_cards/: one card per shipped checkpoint, with Hub metadata huggingface_hub parses, and the acceptance
-figures of the shipped drafters exactly as results/acceptance.json measured them."""
+"""model_cards/: one card per shipped checkpoint, written by recipes/cards.py from data (the shipped folder, the
+results files the cards cite, recipes/configs/cards_smollm2.yaml), with Hub metadata huggingface_hub parses and
+figures exactly as the results files measured them."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = {"eagle3": "eagle3-smollm2-135m-instruct.md", "dflash": "dflash-smollm2-135m-instruct.md",
          "router": "router-smollm2-135m-instruct.md"}
+CARDS_CONFIG = REPO / "recipes" / "configs" / "cards_smollm2.yaml"
 
 
-def shipped_acceptance(route: str) -> dict:
-    rows = json.loads((REPO / "results" / "acceptance.json").read_text())["results"]
+def cards_config() -> dict:
+    return yaml.safe_load(CARDS_CONFIG.read_text())
+
+
+def shipped_acceptance(route: str, prompts: str) -> dict:
+    """The acceptance per category the results file the cards cite measured for the shipped drafter `route`."""
+    source = cards_config()["acceptance"][prompts]
+    rows = json.loads((REPO / (source if isinstance(source, str) else source[route])).read_text())["results"]
     shipped = f"hf_whiflash/checkpoints/SmolLM2-135M-Instruct/{route}"
     return next(r["acceptance_length"] for r in rows if r["route"] == route and r["folder"] == shipped)
+
+
+def load_card(kind: str):
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(REPO / "model_cards" / CARDS[kind])
+
+
+def test_cards_are_what_cards_py_writes_from_the_data(monkeypatch):
+    """Regenerated from the shipped folder and the results files, every card comes out as committed: a figure that
+    changes in its source changes here (rerun `python recipes/cards.py --shipped recipes/configs/cards_smollm2.yaml`)."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    monkeypatch.chdir(REPO)
+    from cards import shipped_cards
+
+    written = {name: str(card) for name, card in shipped_cards(CARDS_CONFIG).items()}
+    assert sorted(written) == sorted(CARDS.values())
+    for name, text in written.items():
+        assert text == (REPO / "model_cards" / name).read_text(), f"model_cards/{name} is stale: rerun recipes/cards.py"
 
 
 def test_every_shipped_checkpoint_has_a_card():
@@ -40,13 +69,61 @@ def test_card_metadata_parses(kind):
 
 
 @pytest.mark.parametrize("route", ["eagle3", "dflash"])
-def test_card_acceptance_is_the_measured_one(route):
-    from huggingface_hub import ModelCard
-
-    measured = shipped_acceptance(route)
-    card = ModelCard.load(REPO / "model_cards" / CARDS[route])
-    reported = {r.dataset_config: r.metric_value for r in card.data.eval_results if r.metric_type == "acceptance_length"}
+@pytest.mark.parametrize("prompts", ["dev", "held-out"])
+def test_card_acceptance_is_the_measured_one(route, prompts):
+    measured = shipped_acceptance(route, prompts)
+    dataset = {"dev": "hf_whiflash/dev_set", "held-out": "hf_whiflash/held_out"}[prompts]
+    reported = {r.dataset_config: r.metric_value for r in load_card(route).data.eval_results
+                if r.metric_type == "acceptance_length" and r.dataset_type == dataset}
     assert reported == {category: round(value, 2) for category, value in measured.items()}
+
+
+@pytest.mark.parametrize("route", ["eagle3", "dflash"])
+def test_drafter_cards_say_lengths_are_calibrated_per_machine_and_how(route):
+    """Lengths are chosen per machine: a card cites the calibration and the profile it reads, and names a fixed
+    length only as the setting an evaluation ran at."""
+    text = load_card(route).text
+    assert "calibrated per machine" in text and "`whiflash calibrate`" in text
+    assert "python recipes/profile_acceptance.py --drafters" in text
+    assert "as shipped" not in text and "EAGLE-3 only, chain of" not in text and "DFlash only, block" not in text
+
+
+@pytest.mark.parametrize("kind", list(CARDS))
+def test_cards_say_the_drafters_were_trained_on_the_q4_1_weights(kind):
+    from hf_whiflash.targets import PACKAGED_TARGETS
+
+    card, gguf = load_card(kind), PACKAGED_TARGETS["SmolLM2-135M-Instruct"].filename
+    assert gguf.endswith(".Q4_1.gguf")
+    assert card.data.target_weights.startswith(gguf) and "**Trained on the Q4_1 weights.**" in card.text
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_dflash_card_reports_every_bench_run_s_calibration_of_dflash():
+    """Its "switched off" statement counts the bench runs under results/ whose recorded draft lengths cover DFlash,
+    and every run it lists recorded no DFlash drafting."""
+    text = load_card("dflash").text
+    runs = []
+    for path in sorted((REPO / "results").glob("*/bench.json")):
+        chosen = " | ".join((json.loads(path.read_text())["meta"].get("draft_lengths") or {}).values())
+        if "dflash: no drafting" in chosen or "DFlash block" in chosen:
+            runs.append((f"results/{path.parent.name}", "DFlash block" in chosen))
+    off = [run for run, drafted in runs if not drafted]
+    assert off and f"in {len(off)} of the {len(runs)} bench runs" in text
+    assert all(f"`{run}`" in text for run in off)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+def test_cards_config_keeps_the_configs_of_the_commit_that_shipped_the_weights(kind):
+    """The reproduction the cards give runs the configs of that commit; the copies the cards config keeps are
+    those files (checked where the history is there: a shallow clone lacks it)."""
+    config = cards_config()["drafters"]
+    commit = config["commit"]
+    files = {kind: f"recipes/configs/{kind}_smollm2.yaml", "data": "recipes/configs/data_smollm2.yaml"}
+    for key, kept in ((kind, config[kind]["config"]), ("data", config["data_config"])):
+        shown = subprocess.run(["git", "show", f"{commit}:{files[key]}"], cwd=REPO, capture_output=True, text=True)
+        if shown.returncode != 0:
+            pytest.skip(f"commit {commit} is not in this checkout")
+        assert yaml.safe_load(shown.stdout) == kept, files[key]
 
 
 def test_space_requirements_never_pull_a_gguf_package_with_its_dependencies():
@@ -89,20 +166,22 @@ def test_cards_name_the_library_that_loads_them_and_a_pipeline(kind):
     assert data.library_name == "hf-whiflash" and data.pipeline_tag == "text-generation"
 
 
-def test_router_card_speedups_are_the_measured_ones():
-    """The router card's table and its headline metric are the bench run it cites, rounded."""
-    from huggingface_hub import ModelCard
-
-    card = ModelCard.load(REPO / "model_cards" / CARDS["router"])
-    summary = json.loads((REPO / "results" / "bench-routes-xeon-amx" / "bench.json").read_text())["summary"]["greedy"]
+def test_router_card_figures_are_the_measured_ones():
+    """The router card's table and headline metric are the bench run it cites, its agreement the training report."""
+    card = load_card("router")
+    router = cards_config()["router"]
+    summary = json.loads((REPO / router["bench"] / "bench.json").read_text())["summary"]["greedy"]
     rows = {"EAGLE-3 alone": "eagle3", "lookup alone": "lookup", "routed by this router": "whiflash"}
     table = {row.split("|")[1].strip(): [float(cell) for cell in row.split("|")[2:-1]]
              for row in card.text.splitlines() if row.startswith("| ") and row.split("|")[1].strip() in rows}
     for name, system in rows.items():
         measured = [round(summary[system][c]["speedup"], 2) for c in ("code", "tool", "math", "chat", "overall")]
         assert table[name] == measured, name
-    (headline,) = [r.metric_value for r in card.data.eval_results if r.metric_type == "speedup"]
-    assert headline == round(summary["whiflash"]["overall"]["speedup"], 2)
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    report = json.loads((REPO / router["report"]).read_text())
+    assert metrics == {"speedup": round(summary["whiflash"]["overall"]["speedup"], 2),
+                       "accuracy": round(report["held_out_agrees_with_hindsight_best"], 2)}
+    assert f"({report['states']:,} states)" in card.text
 
 
 def test_shipped_configs_point_only_at_code_that_ships():

@@ -582,31 +582,156 @@ def test_dflash_mask_token_auto_picks_an_id_the_data_never_contains(tiny_data, t
         mask_token(tokenizer, 20, [{"input_ids": list(range(20))}])
 
 
-def test_recipes_train_drafters_for_another_architecture(tmp_path):
-    """data -> both trainers -> a WhiFlash folder for a 5-layer Qwen2 target with its own tokenizer: nothing in
-    the configs is SmolLM2-specific (layers come from the target's config, the mask token from the data)."""
+def test_templates_train_drafters_for_another_architecture(tmp_path):
+    """data -> both trainers -> drafters for an 8-layer Qwen2 target with its own tokenizer, from the target-neutral
+    templates changed only in target, sizes and steps: the layers each drafter reads come from the target's depth,
+    the mask token from the data, and part of the prompts from a jsonl file of our own."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    from hf_whiflash.drafters.dflash import default_target_layers
+    from hf_whiflash.drafters.eagle3 import default_feature_layers
     from helpers import word_tokenizer
 
     torch.manual_seed(0)
     folder = tmp_path / "qwen2-tiny"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                  pad_token_id=1, bos_token_id=None, eos_token_id=2)).save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
-    run("data.py", config_in(tmp_path, "data_tiny.yaml", target=str(folder)))
-    for script, name in (("train_eagle3.py", "eagle3_tiny.yaml"), ("train_dflash.py", "dflash_tiny.yaml")):
-        log = run(script, config_in(tmp_path, name, target=str(folder), draft_vocab_size=32, max_steps=4))
+    own = tmp_path / "my_prompts.jsonl"
+    own.write_text(json.dumps({"prompt": "write a function that adds two numbers"}) + "\n\n" +
+                   json.dumps({"messages": [{"role": "user", "content": "tell me a story"}], "category": "chat"}) + "\n")
+    run("data.py", config_in(tmp_path, "data_template.yaml", target=str(folder), max_new_tokens=16,
+                             sources={"self_synthesis": 2, "code": 2, "jsonl": {"path": str(own)}}))
+    rows = [json.loads(line) for line in (tmp_path / "runs_data_my-target" / "samples.0.jsonl").open()]
+    assert sorted(r["source"] for r in rows) == ["code", "code", "jsonl", "jsonl", "self", "self"]
+    run("train_eagle3.py", config_in(tmp_path, "eagle3_template.yaml", target=str(folder), draft_vocab_size=32,
+                                     max_steps=4))
+    log = run("train_dflash.py", config_in(tmp_path, "dflash_template.yaml", target=str(folder), max_steps=4))
     assert "mask_token_id: auto -> " in log
     target = AutoModelForCausalLM.from_pretrained(folder).eval()
-    assistant = WhiFlashAssistant(target, eagle3=Eagle3Drafter.from_pretrained(tmp_path / "runs_eagle3-tiny" / "final"),
-                                  dflash=DFlashDrafter.from_pretrained(tmp_path / "runs_dflash-tiny" / "final"),
-                                  eagle_steps=3, dflash_block_size=4)
+    eagle3 = Eagle3Drafter.from_pretrained(tmp_path / "runs_eagle3-my-target" / "final").attach(target)
+    dflash = DFlashDrafter.from_pretrained(tmp_path / "runs_dflash-my-target" / "final").attach(target)
+    assert eagle3.feature_layers == default_feature_layers(8) == [2, 4, 5]  # hidden_states indices
+    assert dflash.config.dflash["target_layer_ids"] == default_target_layers(8, 3) == [1, 3, 5]  # layer ids
+    assistant = WhiFlashAssistant(target, eagle3=eagle3, dflash=dflash, eagle_steps=3, dflash_block_size=4)
     ids = chat_ids(word_tokenizer(), "write a function that adds two numbers")
     out = target.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant)
     assert torch.equal(out, target.generate(ids, max_new_tokens=12, do_sample=False))
     assert sum(r.drafted for r in assistant.stats.rounds) > 0
+
+
+def test_templates_name_no_target_beyond_their_target_key():
+    """A template copied for a new target needs its target and paths changed, nothing else: no layer list, no
+    starting drafter, no thread count of one machine."""
+    for name in ("data_template.yaml", "eagle3_template.yaml", "dflash_template.yaml", "router_template.yaml"):
+        config = yaml.safe_load((REPO / "recipes" / "configs" / name).read_text())
+        assert "extra_feature_layers" not in config and not config.get("init_from") and not config.get("threads")
+        assert "smollm2" not in (REPO / "recipes" / "configs" / name).read_text().lower()
+
+
+def write_jsonl(path: Path, *lines: str) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_own_prompts_come_from_a_jsonl_file_as_prompts_or_chats(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from prompts import jsonl_prompts
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sum 2 and 3."},
+            {"role": "assistant", "content": "5, says another model"}]
+    path = write_jsonl(tmp_path / "mine.jsonl", json.dumps({"prompt": "Sort a list."}), "",
+                       json.dumps({"messages": chat, "category": "math", "prompt": "not this"}),
+                       json.dumps({"prompt": "A third."}))
+    assert jsonl_prompts(path) == [
+        {"source": "jsonl", "category": "chat", "messages": [{"role": "user", "content": "Sort a list."}]},
+        {"source": "jsonl", "category": "math", "messages": chat[:2]},  # the target writes its own reply
+        {"source": "jsonl", "category": "chat", "messages": [{"role": "user", "content": "A third."}]}]
+    assert len(jsonl_prompts(path, count=2)) == 2
+
+
+@pytest.mark.parametrize("line,error", [
+    ('{"prompt": "fine"', "line 2: not valid JSON"),
+    ('["a list"]', "line 2: expected a JSON object"),
+    ('{"text": "hello"}', "line 2: no \"prompt\" or \"messages\" (keys: ['text'])"),
+    ('{"prompt": ""}', "line 2: prompt '' should be a non-empty string"),
+    ('{"messages": [{"role": "human", "content": "hi"}]}', "line 2: messages[0]"),
+    ('{"messages": [{"role": "system", "content": "Be brief."}]}', "line 2: the chat should end in a user"),
+    ('{"prompt": "hi", "category": 3}', "line 2: category 3 should be a non-empty string"),
+])
+def test_a_bad_row_of_own_prompts_is_an_error_naming_its_line(tmp_path, monkeypatch, line, error):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from prompts import jsonl_prompts
+
+    path = write_jsonl(tmp_path / "mine.jsonl", json.dumps({"prompt": "fine"}), line)
+    with pytest.raises(ValueError) as raised:
+        jsonl_prompts(path)
+    assert str(raised.value).startswith(f"{path}, {error}")
+
+
+def test_own_prompt_files_that_are_missing_or_empty_are_errors(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from prompts import jsonl_prompts
+
+    with pytest.raises(FileNotFoundError, match="sources.jsonl: .*missing.jsonl is no file"):
+        jsonl_prompts(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        jsonl_prompts(write_jsonl(tmp_path / "empty.jsonl", ""))
+
+
+def test_own_prompts_from_a_hub_dataset_are_streamed_and_need_the_datasets_package(monkeypatch):
+    """No network here: a stand-in `datasets` module yields the rows a streamed split would."""
+    import types
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from prompts import hub_prompts
+
+    asked = []
+
+    def load_dataset(name, config, split, streaming):
+        asked.append((name, config, split, streaming))
+        return iter([{"prompt": "one"}, {"messages": [{"role": "user", "content": "two"}]}, {"text": "three"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    rows = hub_prompts("me/prompts", count=2, split="train_sft")
+    assert [r["messages"][0]["content"] for r in rows] == ["one", "two"] and {r["source"] for r in rows} == {"datasets"}
+    assert asked == [("me/prompts", None, "train_sft", True)]  # streamed: only the rows taken are read
+    with pytest.raises(ValueError, match=r"^me/prompts \(train\), row 3: no \"prompt\""):
+        hub_prompts("me/prompts", count=3)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ImportError, match="pip install datasets"):
+        hub_prompts("me/prompts", count=2)
+
+
+def test_data_sources_are_checked_and_own_prompts_skip_the_evaluation_sets(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from data import checked_sources, own_prompts
+
+    from hf_whiflash import SettingsError
+
+    for sources, error in (({"own": 3}, r"unknown key\(s\) \['own'\]; allowed: .*'jsonl'"),
+                           ({"code": -1}, "code = -1 is not allowed"),
+                           ({"jsonl": {"count": 3}}, r"jsonl = .* expected \{path: FILE"),
+                           ({"jsonl": {"path": "a.jsonl", "count": 0}}, r"\.jsonl: count = 0"),
+                           ({"datasets": {"name": "me/x"}}, r"datasets = .* expected \{name")):
+        with pytest.raises(SettingsError, match=f"cfg.yaml: sources.*{error}"):
+            checked_sources(sources, "cfg.yaml")
+    with pytest.raises(ValueError, match="sources should map source names to counts"):
+        checked_sources(None, "cfg.yaml")
+    dev = json.loads((REPO / "hf_whiflash" / "data" / "dev_set.jsonl").open().readline())
+    path = write_jsonl(tmp_path / "mine.jsonl", json.dumps({"messages": dev["messages"]}),
+                       json.dumps({"prompt": "Something no evaluation set holds."}))
+    kept = own_prompts({"jsonl": {"path": str(path)}})
+    assert [r["messages"][-1]["content"] for r in kept] == ["Something no evaluation set holds."]
+
+
+def test_data_stops_at_a_bad_prompt_file_before_generating_anything(tmp_path):
+    bad = write_jsonl(tmp_path / "mine.jsonl", json.dumps({"prompt": "fine"}), '{"prompt": 7}')
+    config = config_in(tmp_path, "data_template.yaml", sources={"self_synthesis": 2, "jsonl": {"path": str(bad)}})
+    done = launch("data.py", config)
+    assert done.returncode != 0 and f"{bad}, line 2: prompt 7 should be a non-empty string" in done.stderr
+    assert not (tmp_path / "runs_data_my-target").exists()
 
 
 @pytest.mark.parametrize("script,config_name,kind,shape", [
@@ -637,6 +762,29 @@ def test_recipe_starts_from_a_trained_drafter(tiny_data, script, config_name, ki
     moved = [k for k in floats if not torch.equal(after[k], before[k])]
     changed = sum((after[k].float() - before[k].float()).abs().max().item() for k in floats)
     assert moved and changed < 1.0  # two small steps away from the shipped weights, not a fresh init
+
+
+def test_reference_continuations_are_cached_per_target(tiny, tmp_path, monkeypatch):
+    """evaluate.py and profile_acceptance.py cache the target's greedy continuations of the prompts; a cache of
+    another target is not read (rows without a name are the default target's, as every cache was before)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_whiflash import DEFAULT_TARGET
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from evaluate import references
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "target").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "target")
+    prompts = [json.loads(line) for line in (tiny / "prompts.jsonl").open()][:2]
+    cache = tmp_path / "dev_references.jsonl"
+    cache.write_text("".join(json.dumps({"id": p["id"], "max_new_tokens": 4, "prompt_length": 1, "ids": [0, 0]}) + "\n"
+                             for p in prompts))
+    refs = references(model, tokenizer, prompts, 4, cache, "tiny")
+    assert all(refs[p["id"]]["target"] == "tiny" and len(refs[p["id"]]["ids"]) > 2 for p in prompts)
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: pytest.fail("generated again"))
+    assert references(model, tokenizer, prompts, 4, cache, "tiny") == refs
+    assert references(model, tokenizer, prompts, 4, cache, DEFAULT_TARGET)[prompts[0]["id"]]["ids"] == [0, 0]
 
 
 def test_long_prompts_go_in_smaller_batches(monkeypatch):
