@@ -375,12 +375,12 @@ def test_bench_names_the_cpu_generation_and_the_versions(monkeypatch):
 
     fields = {"model name": "AMD EPYC", "cpu family": "26", "model": "2"}
     monkeypatch.setattr(bench, "cpu_info", lambda field: fields.get(field, ""))
-    meta = json.loads(json.dumps(bench.meta_for("whiflash bench", time.time())))  # as bench.json stores it
+    meta = json.loads(json.dumps(bench.meta_for("whiflash bench", time.time(), torch.device("cpu"))))  # as bench.json stores it
     assert meta["cpu"] == {"model_name": "AMD EPYC", "family": "26", "model": "2"}
     assert meta["versions"]["hf_whiflash"] == importlib.metadata.version("hf-whiflash")
     assert f"CPU: AMD EPYC, family 26 model 2; hf_whiflash {meta['versions']['hf_whiflash']}, torch" in \
         bench.markdown({}, meta)
     monkeypatch.setattr(bench, "cpu_info", lambda field: "")  # e.g. macOS: no /proc/cpuinfo
-    meta = bench.meta_for("whiflash bench", time.time())
+    meta = bench.meta_for("whiflash bench", time.time(), torch.device("cpu"))
     assert meta["cpu"]["family"] is None and meta["cpu"]["model_name"]
     assert "family and model not reported" in bench.markdown({}, meta)
