@@ -45,6 +45,10 @@ def number(low: float = -math.inf, high: float = math.inf, *, unset: bool = Fals
     return _or_unset(Rule(f"a finite number {bounds}".rstrip(), lambda v: _is_number(v) and low <= v <= high), unset)
 
 
+def flag(*, unset: bool = False) -> Rule:
+    return _or_unset(Rule("true or false", lambda v: isinstance(v, bool)), unset)
+
+
 def integers(minimum: int, *, unset: bool = False) -> Rule:
     """A non-empty list of integers >= minimum (layer ids)."""
     return _or_unset(Rule(f"a non-empty list of integers >= {minimum}",
