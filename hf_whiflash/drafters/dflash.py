@@ -112,10 +112,10 @@ class DFlashConfig(DrafterConfig):
         """What this config asks for that the drafter does not compute (each would silently change its drafts)."""
         rope = self.raw.get("rope_parameters") or self.raw.get("rope_scaling") or {}
         checks = [
-            (self.raw.get("target_hidden_size", self.hidden_size) != self.hidden_size,
+            ((self.raw.get("target_hidden_size") or self.hidden_size) != self.hidden_size,  # null: unset, as vLLM
              f"target_hidden_size {self.raw.get('target_hidden_size')} differs from hidden_size {self.hidden_size} "
              "(a DFlash drafter embeds with the target's own embedding)"),
-            (self.raw.get("draft_vocab_size", self.vocab_size) != self.vocab_size,
+            ((self.raw.get("draft_vocab_size") or self.vocab_size) != self.vocab_size,
              f"draft_vocab_size {self.raw.get('draft_vocab_size')} differs from vocab_size {self.vocab_size} "
              "(a reduced draft vocabulary)"),
             ("attention_value_scale" in self.dflash, "dflash_config.attention_value_scale (a scale on values)"),
