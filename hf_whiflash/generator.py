@@ -2,9 +2,10 @@
 
 A round, top to bottom in `get_candidates`: queue the newly verified tokens and target features in every
 drafter's cache (lookup indexes the tokens at once) -> the policy picks a route, knowing what lookup's index
-offers -> that drafter catches up (one K/V-only pass for a neural drafter) and drafts ->
-the draft is cut before any stop string -> transformers verifies the candidates (exact match, or
-speculative rejection sampling with the draft logits) -> `update_candidate_strategy` records the outcome.
+offers -> that drafter catches up (one K/V-only pass for a neural drafter) and drafts its round's full length ->
+the draft is cut to what fits before max_length and before any stop string -> transformers verifies the
+candidates (exact match, or speculative rejection sampling with the draft logits) -> `update_candidate_strategy`
+records the outcome.
 The generator never looks inside a drafter: all follow the same catch_up / draft protocol, and lookup also
 answers `propose` before routing (its match is a round feature, and it is offered only where it matched).
 """
@@ -71,15 +72,18 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         round_ = Round(route=TARGET)
         with self.clock.adds_to(round_, "draft_s"):
             self._queue_verified(input_ids, model_outputs)
+            fits = self.max_length - input_ids.shape[1] - 1  # candidates before max_length, besides the bonus token
             with self.clock.adds_to(round_, "route_s"):
-                route, length = self._choose(input_ids.shape[1])
+                route, length = self._choose(input_ids.shape[1], fits)
             draft_ids, draft_logits = input_ids[:, :0], None
             if route != TARGET:
                 drafter, cache = self.drafters[route], self.caches[route]
                 with self.clock.adds_to(round_, "catch_up_s"):
                     round_.caught_up += drafter.catch_up(cache)
                 pick = draft_picker(input_ids, self.logits_processor, self.do_sample, self.vocab_size)
-                draft_ids, draft_logits = drafter.draft(cache, length, pick, self.cuts.get(route))
+                # Drafted at the round's full length (a DFlash block's logits depend on its size), verified as far
+                # as it fits.
+                draft_ids, draft_logits = _keep(*drafter.draft(cache, length, pick, self.cuts.get(route)), fits)
                 draft_ids, draft_logits = self._cut_at_stop_strings(input_ids, draft_ids, draft_logits)
             if self.eager:
                 with self.clock.adds_to(round_, "catch_up_s"):
@@ -123,15 +127,14 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
             self.caches[route].enqueue(next_ids, drafter.features(hidden_states, new))
         self.num_verified += new
 
-    def _choose(self, length_so_far: int) -> tuple[str, int]:
-        """The policy's route and its draft length, cut so no candidate goes beyond max_length."""
-        budget = self.max_length - length_so_far - 1
-        if budget <= 0 or not self.draft_lengths:
+    def _choose(self, length_so_far: int, fits: int) -> tuple[str, int]:
+        """The policy's route, weighing the candidates that fit before max_length (`fits`), and its draft length."""
+        if fits <= 0 or not self.draft_lengths:
             return TARGET, 0
         proposal = self.drafters[LOOKUP].propose(self.caches[LOOKUP]) if LOOKUP in self.drafters else None
         match, proposed = (proposal.match, len(proposal.tokens)) if proposal else (0, 0)
-        lengths = offered({route: min(budget, k) for route, k in self.draft_lengths.items()}, proposed)
-        scored = offered({route: min(budget, k) for route, k in self.scored_lengths.items()}, proposed)
+        lengths = offered({route: min(fits, k) for route, k in self.draft_lengths.items()}, proposed)
+        scored = offered({route: min(fits, k) for route, k in self.scored_lengths.items()}, proposed)
         if not lengths:
             return TARGET, 0
         self.features = self.routing.features(self.entropy, self.top1, length_so_far - self.prompt_length,
@@ -139,7 +142,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         route = self.policy.choose(self.features, scored)
         if route not in lengths:
             raise ValueError(f"routing policy chose {route!r}, but this assistant only has {tuple(lengths)}")
-        return route, lengths[route]
+        return route, offered(self.draft_lengths, proposed)[route]
 
     def _cut_at_stop_strings(self, input_ids, draft_ids, draft_logits):
         """Cut the draft before its first token that completes a stop string."""
@@ -154,5 +157,9 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         completes = self.stop_strings(tails, None).nonzero()
         if completes.numel() == 0:
             return draft_ids, draft_logits
-        keep = int(completes[0])
-        return draft_ids[:, :keep], None if draft_logits is None else draft_logits[:, :keep]
+        return _keep(draft_ids, draft_logits, int(completes[0]))
+
+
+def _keep(draft_ids, draft_logits, count: int):
+    """The first `count` drafts ([1, n]) and their logits ([1, n, V] or None)."""
+    return draft_ids[:, :count], None if draft_logits is None else draft_logits[:, :count]

@@ -122,7 +122,7 @@ def main() -> None:
         config, DFlashDrafter, target,
         lambda: DFlashDrafter.for_target(target, num_layers=config["num_layers"], block_size=config["block_size"],
                                          mask_token_id=mask_token_id, intermediate_size=config.get("intermediate_size"),
-                                         seed=config.get("seed", 0)),
+                                         tokenizer=tokenizer, seed=config.get("seed", 0)),
         lambda d: {"num_layers": d.config.num_hidden_layers, "intermediate_size": d.config.intermediate_size})
     if drafter.block_size != config["block_size"]:  # no weight depends on the block size: train at the config's
         print(f"block size {drafter.block_size} -> {config['block_size']}")

@@ -135,8 +135,9 @@ MISMATCHES = [
     ("eagle3 layers", lambda t: eagle_with(t, eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 15, 40]},
                                            eagle_aux_hidden_state_layer_ids=[2, 16, 41]),  # both conventions
      r"exceed the target's depth \(30 layers\)"),
-    ("dflash hidden size", lambda t: dflash_with(t, hidden_size=960), "hidden size 960 != target hidden size 576"),
-    ("dflash vocab", lambda t: dflash_with(t, vocab_size=151936), "vocab size 151936"),
+    ("dflash hidden size", lambda t: dflash_with(t, hidden_size=960, target_hidden_size=960),
+     "hidden size 960 != target hidden size 576"),
+    ("dflash vocab", lambda t: dflash_with(t, vocab_size=151936, draft_vocab_size=151936), "vocab size 151936"),
     ("dflash layers", lambda t: dflash_with(t, dflash_config={"target_layer_ids": [1, 33]}),
      r"target_layer_ids \[1, 33\] exceed the target's depth"),
     ("dflash mask", lambda t: dflash_with(t, dflash_config={"mask_token_id": 49152}),
