@@ -2,7 +2,7 @@
 
 A round, top to bottom in `get_candidates`: queue the newly verified tokens and target features in every
 drafter's cache (lookup indexes the tokens at once) -> the policy picks a route, knowing what lookup's index
-offers -> that drafter catches up (one K/V-only pass for a neural drafter) and drafts its round's full length ->
+offers -> that drafter catches up (one K/V-only pass for a neural drafter) and drafts ->
 the draft is cut to what fits before max_length and before any stop string -> transformers verifies the
 candidates (exact match, or speculative rejection sampling with the draft logits) -> `update_candidate_strategy`
 records the outcome.
@@ -15,7 +15,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .calibration import DraftCut
-from .names import GREEDY, LOOKUP, SAMPLED, TARGET
+from .names import DFLASH, GREEDY, LOOKUP, SAMPLED, TARGET
 from .routing import RoutingState, entropy_and_top1, offered
 from .sampling import draft_picker
 from .stats import Clock, GenerationStats, Round
@@ -81,8 +81,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
                 with self.clock.adds_to(round_, "catch_up_s"):
                     round_.caught_up += drafter.catch_up(cache)
                 pick = draft_picker(input_ids, self.logits_processor, self.do_sample, self.vocab_size)
-                # Drafted at the round's full length (a DFlash block's logits depend on its size), verified as far
-                # as it fits.
+                # Verified as far as it fits before max_length (a DFlash block is drafted whole: see _choose).
                 draft_ids, draft_logits = _keep(*drafter.draft(cache, length, pick, self.cuts.get(route)), fits)
                 draft_ids, draft_logits = self._cut_at_stop_strings(input_ids, draft_ids, draft_logits)
             if self.eager:
@@ -142,7 +141,9 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         route = self.policy.choose(self.features, scored)
         if route not in lengths:
             raise ValueError(f"routing policy chose {route!r}, but this assistant only has {tuple(lengths)}")
-        return route, offered(self.draft_lengths, proposed)[route]
+        # A DFlash block is drafted whole near max_length too: its logits depend on how many MASK positions it holds.
+        # A chain's first drafts do not depend on its length, so it stops at what fits.
+        return route, self.draft_lengths[route] if route == DFLASH else lengths[route]
 
     def _cut_at_stop_strings(self, input_ids, draft_ids, draft_logits):
         """Cut the draft before its first token that completes a stop string."""
