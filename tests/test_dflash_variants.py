@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config
 
-from hf_whiflash import (DEFAULT_TARGET, CheckpointError, DFlashConfig, DFlashDrafter, LazyCatchUpCache,
-                         WhiFlashAssistant, shipped_drafters)
+from hf_whiflash import (DEFAULT_TARGET, CheckpointError, DFlashConfig, DFlashDrafter, Eagle3Drafter,
+                         LazyCatchUpCache, WhiFlashAssistant, shipped_drafters)
 from helpers import WORDS, RoutePattern, Script, ScriptedDFlash, chat_ids, word_tokenizer
 
 H, HEADS, KV, D, INTER, LAYERS, TARGET_LAYERS = 32, 4, 2, 8, 64, 3, 4
@@ -238,6 +238,26 @@ def test_last_blocks_are_drafted_whole_and_verified_as_far_as_they_fit(target, t
             torch.testing.assert_close(block, far, **TOL)
         fits = (max_new - 1) % 16 - 1
         assert rounds[-1].drafted == (fits if fits >= 0 else 15), max_new
+
+
+def test_chains_stop_at_the_drafts_that_fit(target, tokenizer, monkeypatch):
+    """Unlike a DFlash block, a chain's first drafts do not depend on its length: near max_length it drafts only
+    the steps that can be verified."""
+    asked = []  # the length each round's draft was asked for
+    draft = Eagle3Drafter.draft
+    monkeypatch.setattr(Eagle3Drafter, "draft",
+                        lambda self, cache, length, *rest: (asked.append(length), draft(self, cache, length, *rest))[1])
+    assistant = WhiFlashAssistant(target, Eagle3Drafter.for_target(target, seed=0), lookup=False, eagle_steps=6)
+    max_new = 10
+    target.generate(chat_ids(tokenizer, "Write a haiku about the sea."), max_new_tokens=max_new, do_sample=False,
+                    assistant_model=assistant)
+    produced, expected = 1, []  # the prefill makes the first token
+    for round_ in assistant.stats.rounds:
+        fits = max_new - produced - 1  # candidates before max_length, besides the round's bonus token
+        if fits > 0:
+            expected.append(min(6, fits))
+        produced += round_.accepted + 1
+    assert asked == expected and expected[-1] < 6
 
 
 # --- saved folders load in vLLM and SGLang ---------------------------------------------------------------------------
