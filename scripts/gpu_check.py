@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_whiflash import DFlashDrafter, Eagle3Drafter, Policy, WhiFlashAssistant
 from hf_whiflash.calibration import device_name
 from hf_whiflash.checkpoint import write_text_atomically
+from hf_whiflash.stats import Clock, GenerationStats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,52 +132,31 @@ def time_rounds(shape: str, device: torch.device, dtype: torch.dtype, context: i
         runs = []
         for _ in range(repeats + 1):  # the first run warms kernels up and is dropped
             target.generate(ids, max_new_tokens=new_tokens, do_sample=False, assistant_model=assistant)
-            runs.append(_round_split(assistant.stats.rounds))
+            runs.append(_round_split(assistant.stats))
         results[name] = _median_run(runs[1:])
-    _print_timings(results)
     return results
 
 
 def _plain_seconds_per_token(target, ids, new_tokens: int, repeats: int) -> dict:
-    times = []
+    clock, times = Clock(ids.device), []
     for _ in range(repeats + 1):
-        _sync(ids.device)
-        start = time.perf_counter()
+        start = clock()
         target.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        _sync(ids.device)
-        times.append((time.perf_counter() - start) / new_tokens)
+        times.append((clock() - start) / new_tokens)
     return {"seconds_per_token": sorted(times[1:])[len(times[1:]) // 2]}
 
 
-def _round_split(rounds) -> dict:
+def _round_split(stats: GenerationStats) -> dict:
     """Mean seconds per round, split into its parts (drafting = draft_s less its routing and catch-up)."""
-    n = len(rounds)
-    total = {part: sum(getattr(r, part) for r in rounds) / n for part in ("verify_s", "draft_s", "catch_up_s", "route_s")}
-    return {"rounds": n, "seconds_per_round": total["verify_s"] + total["draft_s"],
-            "verify_s": total["verify_s"], "drafting_s": total["draft_s"] - total["catch_up_s"] - total["route_s"],
-            "catch_up_s": total["catch_up_s"], "routing_s": total["route_s"],
-            "caught_up_per_round": sum(r.caught_up for r in rounds) / n,
-            "drafted_per_round": sum(r.drafted for r in rounds) / n}
+    n = len(stats.rounds)
+    verify, draft, catch_up, route = (stats.time(part) / n for part in ("verify_s", "draft_s", "catch_up_s", "route_s"))
+    return {"rounds": n, "seconds_per_round": verify + draft, "verify_s": verify,
+            "drafting_s": draft - catch_up - route, "catch_up_s": catch_up, "routing_s": route,
+            "caught_up_per_round": stats.time("caught_up") / n, "drafted_per_round": stats.time("drafted") / n}
 
 
 def _median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda run: run["seconds_per_round"])[len(runs) // 2]
-
-
-def _print_timings(results: dict) -> None:
-    print(f"plain decoding: {results['plain']['seconds_per_token'] * 1e3:.2f} ms/token")
-    for name, r in results.items():
-        if name == "plain":
-            continue
-        shares = {part: r[part] / r["seconds_per_round"] for part in ("verify_s", "drafting_s", "catch_up_s", "routing_s")}
-        print(f"{name}: {r['seconds_per_round'] * 1e3:.2f} ms/round = "
-              + ", ".join(f"{part[:-2]} {share:.0%}" for part, share in shares.items())
-              + f" ({r['drafted_per_round']:.1f} drafted, {r['caught_up_per_round']:.1f} caught up a round)")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -226,7 +206,7 @@ def main(argv=None) -> int:
     }
     report["seconds"] = time.perf_counter() - started
     write_report(args.out, report)
-    print(f"wrote {args.out}/gpu_check.md ({report['seconds']:.0f} s)")
+    print((args.out / "gpu_check.md").read_text() + f"\nwrote {args.out}/gpu_check.md ({report['seconds']:.0f} s)")
     failed = report["cuda_tests"]["exit_code"] not in (0, 5) or any(
         r["identical"] != r["prompts"] for r in report["lossless"].values())  # pytest 5: no test selected
     return 1 if failed else 0
