@@ -51,7 +51,7 @@ def calibration_key(assistant) -> dict:
             "drafters": {route: fingerprint(d) if isinstance(d, torch.nn.Module) else d.settings()
                          for route, d in assistant.drafters.items()},
             "packed_weights": assistant.kernels.enabled, "lengths": [list(LENGTHS), list(DRAFT_LENGTHS)],
-            "method": 10}  # method: bumped when the measurement changes
+            "method": 11}  # method: bumped when the measurement changes
 
 
 def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:

@@ -5,8 +5,9 @@ rows through a GEMM that re-packs the weight on every call. On a 2-core AMD EPYC
 verify 2 tokens for 1.7x the cost of one and 16 tokens for 2.1x (59 / 102 / 123 ms), which is the whole
 gap speculation has to pay for. With each weight packed once into oneDNN's blocked layout the same
 forwards cost 59 / 65 / 92 ms. So while a WhiFlash generation runs, every plain `nn.Linear` of the
-target and the drafters computes from a packed copy of its weight, where a probe on this machine says
-the packed call is faster. The copies cost the weights' memory once more; they live as long as the
+target and the drafters computes from a packed copy of its weight for the row counts where a probe on
+this machine says the packed call is faster (on an Intel Xeon with AMX not for one row: there the
+unpacked matrix-vector product is faster, and a draftless round would cost more than a plain step). The copies cost the weights' memory once more; they live as long as the
 layers do and are repacked when a weight changes in place (its version counter moves) or is replaced.
 """
 
@@ -38,47 +39,72 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
+ROW_COUNTS = (1, 2, 3, 4, 8, 16)  # input rows of decoding (1) and of verifying drafts
+
+
 @functools.cache
-def packing_pays(in_features: int, out_features: int, dtype: torch.dtype, threads: int) -> bool:
-    """Whether packed calls beat torch's own `linear` on this CPU for a weight of this shape, summed over the
-    row counts of decoding and verifying (1, 2, 4, 8, 16), a fraction of a second."""
+def packed_from_rows(in_features: int, out_features: int, dtype: torch.dtype, threads: int) -> int | None:
+    """The fewest input rows from which packed calls beat torch's own `linear` for a weight of this shape on
+    this CPU, or None where packing never pays: a fraction of a second per shape. The threshold is the one
+    that saves the most time summed over ROW_COUNTS, where packed calls take at most 90% of the unpacked
+    time from it on (less is noise). Why per row count: on an Intel Xeon with AMX SmolLM2's one-token
+    forward costs 33 ms unpacked and 42 ms packed, its 8-token forward 62 ms unpacked and 54 ms packed;
+    on a 2-core AMD EPYC one row costs the same either way and 2+ rows pay."""
     if not packing_supported(dtype):
-        return False
-    weight = torch.randn(out_features, in_features).to(dtype)
-    packed = _pack(weight)
+        return None
+    # As in a model, the weights come from memory, not from a warm cache: each timing runs over enough
+    # copies of the weight to pass ~64 MB (a model's layers each run once per forward).
+    copies = max(1, 2**26 // (in_features * out_features * torch.finfo(dtype).bits // 8))
+    weights = [torch.randn(out_features, in_features).to(dtype) for _ in range(copies)]
+    packed = [_pack(weight) for weight in weights]
+    calls = {"stock": lambda x: [nn.functional.linear(x, weight) for weight in weights],
+             "packed": lambda x: [_packed_linear(x, weight, None) for weight in packed]}
+    inputs = {rows: torch.randn(rows, in_features, dtype=dtype) for rows in ROW_COUNTS}
+    for call in calls.values():  # warm-up: kernel selection for every shape
+        for x in inputs.values():
+            call(x)
+    seconds = {(name, rows): [] for name in calls for rows in ROW_COUNTS}
+    for _ in range(5):  # interleaved, median of 5: a burst of load hits both kinds of call alike
+        for rows, x in inputs.items():
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call(x)
+                seconds[name, rows].append(time.perf_counter() - start)
+    median = {key: sorted(times)[2] for key, times in seconds.items()}
 
-    def seconds(run) -> float:
-        for rows in (1, 2, 4, 8, 16):  # warm-up: kernel selection for every shape
-            run(torch.randn(rows, in_features, dtype=dtype))
-        start = time.perf_counter()
-        for _ in range(5):
-            for rows in (1, 2, 4, 8, 16):
-                run(torch.randn(rows, in_features, dtype=dtype))
-        return time.perf_counter() - start
+    def saved(start: int) -> float:  # seconds packing saves over the row counts from `start` on, or 0 if noise
+        stock, packed = (sum(median[name, rows] for rows in ROW_COUNTS if rows >= start) for name in calls)
+        return stock - packed if packed < 0.9 * stock else 0.0
 
-    stock = seconds(lambda x: nn.functional.linear(x, weight))
-    return seconds(lambda x: _packed_linear(x, packed, None)) < 0.9 * stock  # clearly faster, not noise
+    best = max(ROW_COUNTS, key=saved)
+    return best if saved(best) > 0 else None
 
 
 class PackedLinears:
     """Packed weight copies for every plain float32/bfloat16 `nn.Linear` on CPU of some modules, used by
-    their forward inside `active()` (with autograd on, or for inputs on another device, `linear` runs as usual).
-    Copies are shared by everything that packs the same layer (several assistants on one target hold one
-    copy) and live as long as the layer does.
+    their forward inside `active()` for inputs of at least `from_rows[layer]` rows (with autograd on, for
+    inputs on another device or of fewer rows, `linear` runs as usual). Copies are shared by everything that
+    packs the same layer (several assistants on one target hold one copy) and live as long as the layer does.
 
-    `enabled`: True / False, or None to pack where `packing_pays` for the largest such weight."""
+    `enabled`: True packs every such layer for every row count, False none, None (default) each layer from
+    the row count where a probe of its shape on this CPU says packed calls are faster (`packed_from_rows`),
+    and not at all where they never are."""
 
     def __init__(self, modules: list[nn.Module], enabled: bool | None = None):
-        self.linears = [m for module in modules for m in module.modules()
-                        if type(m) is nn.Linear and m.weight.device.type == "cpu"
-                        and m.weight.dtype in (torch.float32, torch.bfloat16)]
-        if enabled and not all(packing_supported(m.weight.dtype) for m in self.linears):
+        linears = [m for module in modules for m in module.modules()
+                   if type(m) is nn.Linear and m.weight.device.type == "cpu"
+                   and m.weight.dtype in (torch.float32, torch.bfloat16)]
+        if enabled and not all(packing_supported(m.weight.dtype) for m in linears):
             raise ValueError("pack_weights=True: this torch build or CPU cannot pack these weights for oneDNN "
                              "(bfloat16 needs AVX512-BW/VL/DQ); pass pack_weights=None to pack only where it works")
-        if enabled is None and self.linears:
-            largest = max(self.linears, key=lambda m: m.weight.numel()).weight
-            enabled = packing_pays(largest.shape[1], largest.shape[0], largest.dtype, torch.get_num_threads())
-        self.enabled = bool(enabled and self.linears)
+        threads = torch.get_num_threads()
+        if enabled is None:
+            from_rows = {m: packed_from_rows(m.in_features, m.out_features, m.weight.dtype, threads) for m in linears}
+        else:
+            from_rows = dict.fromkeys(linears if enabled else [], 1)
+        self.from_rows = {m: rows for m, rows in from_rows.items() if rows is not None}  # layer -> fewest rows packed
+        self.linears = list(self.from_rows)
+        self.enabled = bool(self.linears)
 
     @property
     def packed_mb(self) -> float:
@@ -94,7 +120,7 @@ class PackedLinears:
         with _LOCK:
             swapped = [m for m in self.linears if m.weight.device.type == "cpu"]  # not moved since
             for linear in swapped:
-                _use(linear)
+                _use(linear, self.from_rows[linear])
         try:
             yield
         finally:
@@ -110,7 +136,7 @@ _USERS: "weakref.WeakKeyDictionary[nn.Linear, list]" = weakref.WeakKeyDictionary
 _LOCK = threading.Lock()
 
 
-def _use(linear: nn.Linear) -> None:
+def _use(linear: nn.Linear, from_rows: int) -> None:
     if linear in _USERS:
         _USERS[linear][0] += 1
         return
@@ -118,7 +144,7 @@ def _use(linear: nn.Linear) -> None:
     if held is None or held[0] is not weight or held[1] != weight._version:  # new, replaced or changed in place
         held = _PACKED[linear] = (weight, weight._version, _pack(weight))
     _USERS[linear] = [1, vars(linear).get("forward")]
-    linear.forward = _forward_with(linear, held[2])
+    linear.forward = _forward_with(linear, held[2], from_rows)
 
 
 def _release(linear: nn.Linear) -> None:
@@ -132,10 +158,10 @@ def _release(linear: nn.Linear) -> None:
             linear.forward = users[1]
 
 
-def _forward_with(linear: nn.Linear, packed: torch.Tensor):
+def _forward_with(linear: nn.Linear, packed: torch.Tensor, from_rows: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         stock = (torch.is_grad_enabled() and linear.weight.requires_grad) or x.dtype != packed.dtype
-        if stock or x.device.type != "cpu":  # autograd, or inputs on another device
+        if stock or x.device.type != "cpu" or x.numel() < from_rows * x.shape[-1]:  # autograd, elsewhere, few rows
             return nn.functional.linear(x, linear.weight, linear.bias)
         return _packed_linear(x, packed, linear.bias)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_whiflash import kernels
 from hf_whiflash.kernels import PackedLinears, packing_supported
 
 from helpers import chat_ids, make_assistant
@@ -68,6 +69,26 @@ def test_nested_and_disabled_contexts():
     off = PackedLinears([model], enabled=False)
     with off.active():
         assert not any("forward" in vars(m) for m in off.linears)
+
+
+@torch.no_grad()
+def test_each_layer_runs_packed_from_its_own_row_count(monkeypatch):
+    """With pack_weights=None a layer computes packed only from the row count its shape's probe chose
+    (fewer rows run torch's linear), and a layer whose shape never pays is not packed at all."""
+    model = layers()
+    chosen = {(64, 96): 4, (96, 32): None}  # (in, out) -> fewest rows packed
+    monkeypatch.setattr(kernels, "packed_from_rows", lambda n_in, n_out, dtype, threads: chosen[n_in, n_out])
+    packed_rows, packed_linear = [], kernels._packed_linear
+    monkeypatch.setattr(kernels, "_packed_linear",
+                        lambda x, weight, bias: packed_rows.append(x.shape[0]) or packed_linear(x, weight, bias))
+    packed = PackedLinears([model])
+    assert packed.linears == [model[0]] and packed.from_rows == {model[0]: 4}
+    with packed.active():
+        for rows in (1, 3, 4, 16):
+            torch.testing.assert_close(model(torch.ones(rows, 64)), layers()(torch.ones(rows, 64)), rtol=1e-5, atol=1e-5)
+    assert packed_rows == [4, 16]
+    chosen[64, 96] = None
+    assert not PackedLinears([model]).enabled
 
 
 def test_whiflash_with_packed_weights_matches_plain_greedy(target, tokenizer):
