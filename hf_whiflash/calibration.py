@@ -50,7 +50,8 @@ def calibration_key(assistant) -> dict:
             "transformers": transformers.__version__, "target": fingerprint(target),
             "drafters": {route: fingerprint(d) if isinstance(d, torch.nn.Module) else d.settings()
                          for route, d in assistant.drafters.items()},
-            "packed_weights": assistant.kernels.enabled, "lengths": [list(LENGTHS), list(DRAFT_LENGTHS)],
+            "packed_weights": assistant.kernels.enabled and ("probed" if assistant.kernels.probed else "all"),
+            "lengths": [list(LENGTHS), list(DRAFT_LENGTHS)],
             "method": 11}  # method: bumped when the measurement changes
 
 

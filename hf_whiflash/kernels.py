@@ -103,6 +103,7 @@ class PackedLinears:
         else:
             from_rows = dict.fromkeys(linears if enabled else [], 1)
         self.from_rows = {m: rows for m, rows in from_rows.items() if rows is not None}  # layer -> fewest rows packed
+        self.probed = enabled is None  # from_rows come from this CPU's probes (else every row count packs)
         self.linears = list(self.from_rows)
         self.enabled = bool(self.linears)
 
