@@ -123,6 +123,7 @@ def load_prompts(source: str, per_category: int | None) -> list[dict]:
 
 SYSTEMS = ("plain", "plain-packed", "prompt-lookup", "assisted", "eagle3", "dflash", "lookup", "whiflash",
            "whiflash-entropy", "whiflash-neural", "oracle")
+ROUTED_SYSTEMS = {"whiflash", "whiflash-entropy", "whiflash-neural", "oracle"}  # a router picks each round's route
 NEEDS_DRAFTERS = {"eagle3", "dflash", "lookup", "whiflash", "whiflash-entropy", "whiflash-neural", "oracle"}
 
 
@@ -327,7 +328,7 @@ class RunLog:
     """A bench's output folder as it fills: `request.json` (the settings the runs belong to), `runs.jsonl`
     (one finished run per line, appended and flushed at once) and `trace.json`; bench.json once finished.
     Opening it checks, before any model loads, that the folder is writable and holds no unfinished runs
-    of other settings; an unfinished bench of the same settings resumes, a finished one is measured again."""
+    of other settings; a bench of the same settings resumes (a finished one is only summarized again)."""
 
     def __init__(self, out: Path, request: dict):
         self.out = Path(out)
@@ -339,16 +340,15 @@ class RunLog:
         except OSError as error:
             raise ValueError(f"cannot write bench results to {self.out} ({error.strerror}): pass a writable --out") \
                 from None
-        if (self.out / "bench.json").is_file():  # a finished bench: running it again means measuring again
-            print(f"note: {self.out} holds a finished bench; measuring again replaces it", file=sys.stderr)
-            for name in ("runs.jsonl", "trace.json", "request.json", "bench.json"):
-                (self.out / name).unlink(missing_ok=True)
         request_path = self.out / "request.json"
         if request_path.is_file() and json.loads(request_path.read_text()) != request:
             raise ValueError(f"{self.out} holds bench runs of other settings (see {request_path}): pass another --out, "
                              "or delete that folder to start over")
         write_text_atomically(request_path, json.dumps(request, indent=1))
         self.runs = {(r.mode, r.prompt_id, r.system, r.repeat): r for r in self._read_runs()}
+        if (self.out / "bench.json").is_file():  # measured runs are never thrown away by a rerun
+            print(f"note: {self.out} holds a finished bench of these settings: its summary is written again from "
+                  "its runs, nothing is measured (pass another --out to measure again)", file=sys.stderr)
 
     def _read_runs(self) -> list[Run]:
         path = self.out / "runs.jsonl"
@@ -425,8 +425,20 @@ def summarize(runs: list[Run]) -> dict:
                     "tokens_per_cost": statistics.mean(per_cost) if per_cost else None,
                     "peak_mb": statistics.median(r.peak_mb for r in chosen),
                     "identical": statistics.mean(compared) if compared else None,  # greedy: share equal to plain
+                    "over_single_routes": over_single_routes(runs, mode, system, category),
                 }
     return table
+
+
+def over_single_routes(runs: list[Run], mode: str, system: str, category: str) -> dict:
+    """A routing system's tok/s over each single-route system of the run (eagle3, dflash, lookup, with or without
+    '@'), paired by prompt: {baseline: {"ratio": median, "interval": 95% bootstrap}}; {} for other systems."""
+    if system.split("@")[0] not in ROUTED_SYSTEMS:
+        return {}
+    singles = dict.fromkeys(r.system for r in runs if r.mode == mode and r.system.split("@")[0] in ROUTES)
+    paired = {baseline: speedups(runs, mode, system, category, baseline) for baseline in singles}
+    return {baseline: {"ratio": statistics.median(ratios), "interval": median_interval(ratios)}
+            for baseline, ratios in paired.items() if ratios}
 
 
 def median_interval(values: list[float], resamples: int = 1000) -> list[float]:
@@ -465,8 +477,25 @@ def markdown(summary: dict, meta: dict) -> str:
                          + f"{interval} | {overall['tokens_per_s']:.1f} | {fmt(overall['acceptance'], '.2f')} | "
                          f"{routes} | {fmt(overall['catch_up_pct'], '.1f')} | {fmt(overall['routing_pct'], '.2f')} | "
                          f"{fmt(overall['tokens_per_cost'], '.1f')} | {overall['peak_mb']:.0f} | {identical} |")
-        lines += ["", *route_shares(systems), ""]
+        lines += ["", *route_shares(systems), "", *single_route_ratios(systems), ""]
     return "\n".join(lines)
+
+
+def single_route_ratios(systems: dict) -> list[str]:
+    """Markdown table: each routing system over each single route alone, paired by prompt, per category."""
+    rows = [(name, baseline) for name, cats in systems.items() for baseline in cats["overall"].get("over_single_routes", {})]
+    if not rows:
+        return []
+    cell = lambda paired: "–" if paired is None else "{:.2f}x ({:.2f}-{:.2f})".format(  # noqa: E731
+        paired["ratio"], *paired["interval"])
+    lines = ["Routing over each route alone (tok/s ratio paired by prompt, median and 95% interval):", "",
+             "| system | over | " + " | ".join((*CATEGORIES, "overall")) + " |", "|---" * (len(CATEGORIES) + 3) + "|"]
+    for name, baseline in rows:
+        cats = systems[name]
+        lines.append(f"| {name} | {baseline} | " + " | ".join(
+            cell(cats[c]["over_single_routes"].get(baseline)) if c in cats else "–" for c in (*CATEGORIES, "overall"))
+            + " |")
+    return lines
 
 
 def route_shares(systems: dict) -> list[str]:

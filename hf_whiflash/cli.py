@@ -338,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
                         "Qwen2.5-Coder-1.5B-Instruct (needs ~9 GB RAM)")
     b.add_argument("--out", metavar="FOLDER",
                    help="output folder (default: results/bench-<time>); rerunning a killed bench with the same --out "
-                        "resumes it")
+                        "resumes it, and a finished one only writes its summary again")
     add_generation_options(b)
     add_model_options(b)
     b.set_defaults(run=cmd_bench, usage_error=b.error)

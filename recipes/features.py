@@ -52,17 +52,55 @@ def training_features(config: dict, target, read: list[int]) -> Dataset:
     """The samples a recipe trains on, with the target's hidden_states `read`: OnlineFeatures when the config's
     `features` is "online", else a feature store at that path (built or grown first; it also keeps the config's
     `extra_feature_layers`)."""
-    from hf_whiflash.targets import resolve_dtype
-
-    dtype = resolve_dtype(config.get("feature_dtype", "float32"), target.device)
+    dtype = feature_dtype(config, target)
     print(f"target features in {dtype}")
     if config["features"] == "online":
-        return OnlineFeatures(target, config["data"], read, config["max_len"], config["max_samples"],
-                              config.get("seed", 0), dtype)
+        return OnlineFeatures.from_data(target, config["data"], read, config["max_len"], config["max_samples"],
+                                        config.get("seed", 0), dtype)
     layers = store_layers(target, read, config.get("extra_feature_layers", []))
     store_dir = build_store(config["target"], config["data"], config["features"], layers, config["max_len"],
                             dtype=dtype)
     return FeatureStore(store_dir, read, config["max_samples"], config.get("seed", 0))
+
+
+def feature_dtype(config: dict, target) -> torch.dtype:
+    from hf_whiflash.targets import resolve_dtype
+
+    return resolve_dtype(config.get("feature_dtype", "float32"), target.device)
+
+
+def evaluation_batches(config: dict, target, tokenizer, store, read: list[int]) -> dict[str, list[dict]]:
+    """The batches of the trainers' in-run evaluation (trainer.position_accuracy), computed once: with
+    `eval_prompts` (a prompt set or jsonl as `whiflash bench --prompts` takes them; null: no evaluation), those
+    prompts with the target's greedy continuation (`eval_new_tokens`, cached in `out`/eval_references.jsonl), and
+    as many training sequences (a fixed random sample), with the target's hidden_states `read`. Training-set
+    against dev-set accuracy per draft position tells under-fitting (both low) from over-fitting (dev falls)."""
+    if not config.get("eval_prompts"):
+        return {}
+    from evaluate import references
+
+    from hf_whiflash.bench import load_prompts
+
+    prompts = load_prompts(config["eval_prompts"], None)
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    refs = references(target, tokenizer, prompts, config["eval_new_tokens"], out / "eval_references.jsonl",
+                      config["target"])
+    held = [{"input_ids": refs[p["id"]]["ids"], "response_start": refs[p["id"]]["prompt_length"]} for p in prompts]
+    chosen = np.random.default_rng(config.get("seed", 0)).permutation(len(store))[:len(held)]
+    online = OnlineFeatures(target, held, read, feature_dtype(config, target))
+    chunks = lambda items: [items[i:i + config["batch_size"]] for i in range(0, len(items), config["batch_size"])]  # noqa: E731
+    name = Path(config["eval_prompts"]).stem if config["eval_prompts"].endswith(".jsonl") else config["eval_prompts"]
+    return {"train": [store.collate(chunk) for chunk in chunks([store[int(i)] for i in sorted(chosen)])],
+            name: [online.collate(chunk) for chunk in chunks([online[i] for i in range(len(online))])]}
+
+
+def frequent_tokens(store, size: int, always: int) -> torch.Tensor:
+    """The `size` most frequent response tokens of the store's samples (`always`, e.g. EOS, among them),
+    ascending: an EAGLE-3 draft vocabulary, or the vocabulary a DFlash loss normalises over."""
+    counts = np.bincount(store.response_tokens(), minlength=size)
+    counts[always] = counts.max() + 1
+    return torch.from_numpy(np.sort(np.argsort(-counts, kind="stable")[:size]))
 
 
 def subset(count: int, max_samples: int | None, seed: int, source) -> list[int] | None:
@@ -265,20 +303,26 @@ class OnlineFeatures(Dataset):
     hidden_states `layers` of the whole batch from one forward (no grad; in `dtype`, a copy of the target when
     that is not its own; packed weights where they pay), on the device accelerate gives this process."""
 
-    def __init__(self, target, data_dir, layers: list[int], max_len: int, max_samples: int | None = None,
-                 seed: int = 0, dtype: torch.dtype = torch.float32):
+    def __init__(self, target, samples: list[dict], layers: list[int], dtype: torch.dtype = torch.float32):
         from accelerate import PartialState
 
         from hf_whiflash.kernels import PackedLinears
 
-        samples = read_samples(data_dir, max_len)
-        keep = subset(len(samples), max_samples, seed, data_dir)
-        self.samples = samples if keep is None else [samples[i] for i in keep]
+        self.samples = samples  # {"input_ids", "response_start", ...}
         self.device = PartialState().device
         if dtype != next(target.parameters()).dtype:  # the recipe keeps its own target (LM head rows) as it is
             target = copy.deepcopy(target).to(dtype)
         self.target, self.layers = target.to(self.device), layers
         self.kernels = PackedLinears([self.target])  # decided (and packed) once, not per batch
+
+    @classmethod
+    def from_data(cls, target, data_dir, layers: list[int], max_len: int, max_samples: int | None = None,
+                  seed: int = 0, dtype: torch.dtype = torch.float32) -> "OnlineFeatures":
+        """The samples of a data folder (recipes/data.py), or the random subset of `max_samples` of them a store
+        with the same max_samples and seed holds."""
+        samples = read_samples(data_dir, max_len)
+        keep = subset(len(samples), max_samples, seed, data_dir)
+        return cls(target, samples if keep is None else [samples[i] for i in keep], layers, dtype)
 
     def __len__(self) -> int:
         return len(self.samples)

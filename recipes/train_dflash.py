@@ -8,7 +8,11 @@ Per sequence, `anchors_per_sequence` random anchors a in the response; each bloc
 own block, non-causally), and its position k predicts the token at a+k with loss weight
 exp(-(k-1)/gamma). With `soft_targets: true` the loss is the cross-entropy against the target's whole
 next-token distribution at a+k (its LM head over hidden_states[L], a feature like the others), not
-just its greedy token. The target's embedding and LM head are shared and frozen. Output: `out`/final
+just its greedy token. The target's embedding and LM head are shared and frozen; with `loss_vocab: N` the
+loss normalises over the N most frequent response tokens and each batch's labels instead of every token
+(the LM head over all 49152 of SmolLM2's tokens is the largest matmul of a step). With `eval_prompts`, the
+accuracy of every block position on those prompts' greedy references and on as many training sequences is
+logged every `eval_every` steps (`recipes/learning_curve.py --runs` plots it). Output: `out`/final
 in the DFlash Hub layout (DFlashDrafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
 
 `mask_token_id: auto` picks the MASK id (see mask_token): the tokenizer's own mask token, else a special token
@@ -22,52 +26,60 @@ import torch
 from torch import nn
 
 from cards import drafter_card
-from features import read_samples, training_features
+from features import evaluation_batches, frequent_tokens, read_samples, training_features
 from trainer import recipe_config, starting_drafter, train
 
 from hf_whiflash import DFlashDrafter, load_target
 
 
-class BlockObjective(nn.Module):
-    """Loss of one batch: position-weighted cross-entropy of many anchored blocks per sequence."""
+# Anchors per pass when evaluating every anchor of a sequence: one pass's attention masks grow as A^2 and its
+# logits as A x vocabulary (32 anchors of 4 sequences, block 16, SmolLM2's vocabulary: 0.4 GB of logits).
+EVAL_ANCHORS = 32
 
-    def __init__(self, drafter: DFlashDrafter, anchors: int, gamma: float, final_layer: int | None = None):
+
+class BlockObjective(nn.Module):
+    """Loss of one batch: position-weighted cross-entropy of many anchored blocks per sequence, normalised over
+    the whole vocabulary or, with `loss_vocab` ([Vl] ascending token ids), over those ids and the batch's labels
+    (the frozen LM head over Vl rows instead of all V: the largest matmul of a step, 49152 x H for SmolLM2)."""
+
+    def __init__(self, drafter: DFlashDrafter, anchors: int, gamma: float, final_layer: int | None = None,
+                 loss_vocab: torch.Tensor | None = None):
         super().__init__()
         self.drafter, self.anchors = drafter, anchors
         self.final_layer = final_layer  # hidden_states index of the LM head's input: soft targets; None: hard labels
         weights = torch.tensor([math.exp(-(k - 1) / gamma) for k in range(1, drafter.block_size)])
         self.register_buffer("weights", weights)  # [B-1]: block position k = 1..B-1
+        self.register_buffer("loss_vocab", loss_vocab)
 
-    def sample_anchors(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, A] random anchors a >= 1 (some context) whose next token is a response token, and whether
-        each is eligible (short sequences have fewer than A; the extra ones are masked out)."""
+    @staticmethod
+    def eligible(response: torch.Tensor) -> torch.Tensor:
+        """[B, T] anchors a >= 1 (some context) whose next token is a response token."""
         T = response.shape[1]
         eligible = response.roll(-1, dims=1) & (torch.arange(T, device=response.device) >= 1)[None, :]
         eligible[:, -1] = False
+        return eligible
+
+    def sample_anchors(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, A] random eligible anchors, and whether each is eligible (short sequences have fewer than A; the
+        extra ones are masked out)."""
+        eligible = self.eligible(response)
         scores = torch.rand(response.shape, device=response.device).masked_fill(~eligible, -1.0)
-        anchors = scores.topk(min(self.anchors, T), dim=1).indices.sort(dim=1).values
+        anchors = scores.topk(min(self.anchors, response.shape[1]), dim=1).indices.sort(dim=1).values
         return anchors, eligible.gather(1, anchors)
 
     def forward(self, batch: dict):
-        ids, response = batch["input_ids"], batch["response"]  # [B, T]
-        B, T = ids.shape
-        size = self.drafter.block_size
-        anchors, eligible = self.sample_anchors(response)  # [B, A]
-        A = anchors.shape[1]
-        blocks = torch.cat([ids.gather(1, anchors)[..., None],
-                            torch.full((B, A, size - 1), self.drafter.mask_token_id, device=ids.device)],
-                           dim=-1)  # [B, A, size]
-        features = torch.cat([batch["hidden"][i] for i in self.drafter.feature_layers], dim=-1)
-        hidden = self.drafter.forward_blocks(blocks.view(B, -1), anchors, features).view(B, A, size, -1)
-        logits = self.drafter.logits(hidden[:, :, 1:]).float()  # [B, A, size-1, V]
-        targets = anchors[..., None] + torch.arange(1, size, device=ids.device)  # [B, A, size-1]: a+k
-        inside = targets < T
-        labels = ids.gather(1, targets.clamp(max=T - 1).view(B, -1)).view_as(targets)
-        mask = inside & response.gather(1, targets.clamp(max=T - 1).view(B, -1)).view_as(targets) & eligible[..., None]
+        anchors, eligible = self.sample_anchors(batch["response"])  # [B, A]
+        hidden, labels, mask = self._blocks(batch, anchors, eligible)  # [B, A, size-1, H], [B, A, size-1] x2
+        vocab = self.loss_vocab
+        if vocab is not None:  # the loss vocabulary and this batch's labels; labels become indices into it
+            vocab = torch.unique(torch.cat([vocab, labels[mask]]))
+            labels = torch.searchsorted(vocab, labels).clamp(max=len(vocab) - 1)  # off-mask labels: any index
+        logits = self._logits(hidden, vocab)  # [B, A, size-1, V or Vl]
         if self.final_layer is None:
             loss = nn.functional.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none")
         else:
-            loss = self._soft_ce(logits, batch["hidden"][self.final_layer], targets - 1, mask)
+            predicted_from = anchors[..., None] + torch.arange(labels.shape[-1], device=anchors.device)  # a+k-1
+            loss = self._soft_ce(logits, batch["hidden"][self.final_layer], predicted_from, mask, vocab)
         loss = loss.view_as(labels)
         weighted = self.weights * mask
         hits = (logits.argmax(-1) == labels) & mask
@@ -77,16 +89,55 @@ class BlockObjective(nn.Module):
                    "acc_first": (hits[..., 0].float() * valid_blocks).sum() / valid_blocks.sum().clamp(min=1)}
         return (loss * weighted).sum() / weighted.sum().clamp(min=1e-6), metrics
 
-    def _soft_ce(self, logits, final_hidden, predicted_from, mask) -> torch.Tensor:
+    def position_hits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: at every eligible anchor, whether each block position's greedy draft over the whole
+        vocabulary is the data's token, and whether it counts (bool [blocks, size-1])."""
+        eligible = self.eligible(batch["response"])
+        order = (~eligible).long().argsort(dim=1, stable=True)  # eligible anchors first, in order
+        hits, counted = [], []
+        for start in range(0, int(eligible.sum(1).max()), EVAL_ANCHORS):
+            anchors = order[:, start:start + EVAL_ANCHORS]
+            hidden, labels, mask = self._blocks(batch, anchors, eligible.gather(1, anchors))
+            hits.append((self._logits(hidden, None).argmax(-1) == labels).flatten(0, 1))
+            counted.append(mask.flatten(0, 1))
+        return torch.cat(hits), torch.cat(counted)
+
+    def _blocks(self, batch: dict, anchors: torch.Tensor, eligible: torch.Tensor):
+        """The drafter's normed hidden states at block positions 1..size-1 [B, A, size-1, H], the tokens they
+        predict (the data's token at a+k) and which of them count [B, A, size-1]."""
+        ids, response = batch["input_ids"], batch["response"]  # [B, T]
+        B, T = ids.shape
+        A, size = anchors.shape[1], self.drafter.block_size
+        blocks = torch.cat([ids.gather(1, anchors)[..., None],
+                            torch.full((B, A, size - 1), self.drafter.mask_token_id, device=ids.device)],
+                           dim=-1)  # [B, A, size]
+        features = torch.cat([batch["hidden"][i] for i in self.drafter.feature_layers], dim=-1)
+        hidden = self.drafter.forward_blocks(blocks.view(B, -1), anchors, features).view(B, A, size, -1)
+        targets = anchors[..., None] + torch.arange(1, size, device=ids.device)  # [B, A, size-1]: a+k
+        at = targets.clamp(max=T - 1).view(B, -1)
+        labels = ids.gather(1, at).view_as(targets)
+        mask = (targets < T) & response.gather(1, at).view_as(targets) & eligible[..., None]
+        return hidden[:, :, 1:], labels, mask
+
+    def _logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor:
+        """Float logits of the frozen LM head over every token (vocab None) or over `vocab`'s ids only."""
+        if vocab is None:
+            return self.drafter.logits(hidden).float()
+        head = self.drafter.target_head
+        bias = head.bias[vocab] if head.bias is not None else None
+        return nn.functional.linear(hidden, head.weight[vocab], bias).float()
+
+    def _soft_ce(self, logits, final_hidden, predicted_from, mask, vocab) -> torch.Tensor:
         """Cross-entropy of the block's logits [B, A, k, V] against the target's distribution of the same
-        tokens: its LM head over final_hidden [B, T, H] at positions predicted_from [B, A, k] (a+k-1). Only
-        rows under `mask` get a distribution (the LM head over every row would double the step's cost)."""
+        tokens (over the same vocabulary): its LM head over final_hidden [B, T, H] at positions predicted_from
+        [B, A, k] (a+k-1). Only rows under `mask` get a distribution (the LM head over every row would double the
+        step's cost)."""
         B, A, k, V = logits.shape
         rows = logits.flatten(0, 2)[mask.flatten()]  # [N, V]
         with torch.no_grad():
             at = predicted_from.clamp(max=final_hidden.shape[1] - 1).view(B, -1)
             hidden = final_hidden.gather(1, at[..., None].expand(-1, -1, final_hidden.shape[-1]))  # [B, A*k, H]
-            p = self.drafter.logits(hidden.flatten(0, 1)[mask.flatten()]).float().softmax(-1)  # [N, V]
+            p = self._logits(hidden.flatten(0, 1)[mask.flatten()], vocab).softmax(-1)  # [N, V]
         loss = logits.new_zeros(B * A * k)
         loss[mask.flatten()] = -(p * rows.log_softmax(-1)).sum(-1)
         return loss
@@ -130,8 +181,14 @@ def main() -> None:
     final_layer = target.config.num_hidden_layers if config.get("soft_targets") else None  # the LM head's input
     read = sorted(set(drafter.feature_layers) | ({final_layer} if final_layer is not None else set()))
     store = training_features(config, target, read)
-    objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"], final_layer)
-    final = train(config, objective, drafter, store)
+    loss_vocab = config.get("loss_vocab")
+    if loss_vocab is not None:
+        loss_vocab = frequent_tokens(store, loss_vocab, target.config.eos_token_id)
+        covered = torch.isin(torch.from_numpy(store.response_tokens()), loss_vocab).float().mean()
+        print(f"loss over the {len(loss_vocab)} most frequent response tokens (and each batch's labels): "
+              f"{covered:.1%} of the response tokens")
+    objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"], final_layer, loss_vocab)
+    final = train(config, objective, drafter, store, evaluation_batches(config, target, tokenizer, store, read))
     print(f"saved DFlash drafter to {final}")
     if args.push_to_hub:
         card = drafter_card(Path(config["out"]), repo_id=args.push_to_hub)  # from this run's own figures

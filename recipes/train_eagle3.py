@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cards import drafter_card
-from features import training_features
+from features import evaluation_batches, frequent_tokens, training_features
 from trainer import recipe_config, starting_drafter, train
 
 from hf_whiflash import Eagle3Drafter, load_target
@@ -41,6 +41,16 @@ class TTTObjective(nn.Module):
         self.register_buffer("draft_head", target_head[draft_ids].clone())  # [Vd, H]: target logits, draft vocab
 
     def forward(self, batch: dict):
+        loss, metrics, _ = self._unroll(batch)
+        return loss, metrics
+
+    def position_hits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: whether each TTT step's greedy draft is the target's greedy token, and whether it counts
+        (bool [B*R, steps]), at every anchor (anchors_per_sequence applies to training only)."""
+        _, _, (hits, counted) = self._unroll(batch)
+        return hits, counted
+
+    def _unroll(self, batch: dict):
         ids = batch["input_ids"]  # [B, T]
         T = ids.shape[1]
         # Loss on response tokens the draft vocabulary can express (the data is the target's greedy output).
@@ -57,13 +67,15 @@ class TTTObjective(nn.Module):
         ttt = self.drafter.start_ttt(ids[:, 1:], hidden, anchors)
         hidden = hidden.gather(1, anchors[..., None].expand(-1, -1, hidden.shape[-1]))
         take = lambda x, offset: x.gather(1, (anchors + offset).clamp(max=T - 1))  # noqa: E731
-        loss, metrics = 0.0, {}
+        loss, metrics, hits, counted = 0.0, {}, [], []
         for j in range(self.steps):
             logits, hidden = self.drafter(take(ids, 1 + j), hidden, ttt=ttt)  # predicts token t+2+j
             p = target_p.gather(1, (anchors + 1 + j).clamp(max=T - 1)[..., None].expand(-1, -1, target_p.shape[-1]))
             mask = valid & (anchors + 2 + j < T) & take(learnable, 2 + j)
             loss = loss + self.decay**j * self._step_loss(logits, p, mask, metrics, j)
-        return loss, metrics
+            hits.append((logits.argmax(-1) == p.argmax(-1)).flatten())
+            counted.append(mask.flatten())
+        return loss, metrics, (torch.stack(hits, 1), torch.stack(counted, 1))
 
     def _anchors(self, learnable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, R] anchors t whose token t+2 is learnable (padded with 0), and which of them are real. With
@@ -71,7 +83,7 @@ class TTTObjective(nn.Module):
         on a small compute budget more sequences teach more than every position of a few."""
         wanted = nn.functional.pad(learnable[:, 2:], (0, 2))  # [B, T]: anchor t -> token t+2
         count = int(wanted.sum(1).max().clamp(min=1))
-        if self.anchors_per_sequence is None:
+        if self.anchors_per_sequence is None or not self.training:
             order = (~wanted).long().argsort(dim=1, stable=True)[:, :count]  # wanted anchors first, in order
         else:
             count = min(count, self.anchors_per_sequence)
@@ -89,13 +101,6 @@ class TTTObjective(nn.Module):
         metrics[f"alpha_{step}"] = mean(alpha.detach())
         w = self.acceptance_loss
         return mean((1 - w) * cross_entropy - w * alpha.clamp(min=1e-6).log())
-
-
-def draft_vocabulary(store, size: int, eos: int) -> torch.Tensor:
-    """The `size` most frequent response tokens (EOS always in), ascending."""
-    counts = np.bincount(store.response_tokens(), minlength=size)
-    counts[eos] = counts.max() + 1
-    return torch.from_numpy(np.sort(np.argsort(-counts, kind="stable")[:size]))
 
 
 def init_lm_head(drafter: Eagle3Drafter, target, how: str) -> None:
@@ -138,7 +143,7 @@ def init_midlayer(drafter: Eagle3Drafter, target, how: str) -> None:
 def main() -> None:
     args, config = recipe_config(__doc__, "recipes/configs/eagle3_smollm2.yaml")
     torch.manual_seed(config.get("seed", 0))
-    target, _ = load_target(config["target"])
+    target, tokenizer = load_target(config["target"])
     target.requires_grad_(False)
     drafter = starting_drafter(
         config, Eagle3Drafter, target,
@@ -146,19 +151,20 @@ def main() -> None:
                                          intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0)),
         lambda d: {"draft_vocab_size": d.config.draft_vocab_size, "intermediate_size": d.config.intermediate_size})
     final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
-    store = training_features(config, target, sorted(set(drafter.feature_layers) | {final_layer}))
+    read = sorted(set(drafter.feature_layers) | {final_layer})
+    store = training_features(config, target, read)
     for key in ("lm_head_init", "midlayer_init"):
         if config.get("init_from") and config.get(key, "random") != "random":
             raise ValueError(f"{key} initialises a head trained from scratch: set init_from to null, or "
                              f"{key} to random to train the init_from head further")
     if not config.get("init_from"):  # a trained drafter keeps the vocabulary its head was trained for
-        drafter.set_draft_vocab(draft_vocabulary(store, config["draft_vocab_size"], target.config.eos_token_id))
+        drafter.set_draft_vocab(frequent_tokens(store, config["draft_vocab_size"], target.config.eos_token_id))
         init_lm_head(drafter, target, config.get("lm_head_init", "random"))
         init_midlayer(drafter, target, config.get("midlayer_init", "random"))
     objective = TTTObjective(drafter, target.get_output_embeddings().weight, final_layer, config["ttt_steps"],
                              config["ttt_decay"], config.get("anchors_per_sequence"),
                              config.get("acceptance_loss", 0.0))
-    final = train(config, objective, drafter, store)
+    final = train(config, objective, drafter, store, evaluation_batches(config, target, tokenizer, store, read))
     print(f"saved EAGLE-3 head to {final}")
     if args.push_to_hub:
         card = drafter_card(Path(config["out"]), repo_id=args.push_to_hub)  # from this run's own figures

@@ -143,9 +143,33 @@ def latest_checkpoint(out: Path, report=print) -> Path | None:
     return None
 
 
-def train(config: dict, objective: torch.nn.Module, drafter, store: Dataset) -> Path:
+def position_accuracy(objective: torch.nn.Module, batches: list[dict], device) -> dict:
+    """Teacher-forced top-1 accuracy per draft position over `batches`: {"accuracy": [per position], "counted":
+    [drafts per position]}, from the objective's position_hits(batch) -> (hits, counted), bool [N, positions]."""
+    hits = counted = 0
+    was_training = objective.training
+    objective.eval()
+    with torch.no_grad():
+        for batch in batches:
+            hit, count = objective.position_hits(to_device(batch, device))
+            hits, counted = hits + (hit & count).sum(0), counted + count.sum(0)
+    objective.train(was_training)
+    return {"accuracy": [round(float(h) / max(1, int(c)), 4) for h, c in zip(hits, counted)],
+            "counted": [int(c) for c in counted]}
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+
+
+def train(config: dict, objective: torch.nn.Module, drafter, store: Dataset,
+          evaluation: dict[str, list[dict]] | None = None) -> Path:
     """Run the loop over `store` (features.FeatureStore or OnlineFeatures: its `collate` makes the batches);
-    returns the folder of the exported drafter (`out`/final)."""
+    returns the folder of the exported drafter (`out`/final). `evaluation`: named lists of batches (e.g. a fixed
+    sample of the training data and the dev set's references, features.evaluation_batches) whose accuracy
+    per draft position is logged every `eval_every` steps and at the end, as rows {"split": name, ...}."""
     from accelerate import Accelerator
 
     if config.get("threads"):  # CPU: e.g. two recipes side by side on a 2-core machine
@@ -176,6 +200,17 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: Dataset) -> 
         (out / "run.json").write_text(json.dumps({"config": config, "train_samples": len(store)}, indent=1))
     progress = tqdm(total=total, initial=step, desc=out.name, disable=not accelerator.is_local_main_process)
     epoch = step // max(1, len(loader))
+
+    def log_evaluation() -> None:  # on the main process, with the unwrapped objective (no DDP sync)
+        for split, batches in (evaluation or {}).items():
+            row = {"step": step, "epoch": round(step / max(1, len(loader)), 3), "split": split,
+                   **position_accuracy(accelerator.unwrap_model(objective), batches, accelerator.device)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+
+    eval_every = config.get("eval_every")
+    if step == 0 and eval_every and log is not None:
+        log_evaluation()  # the starting point of the curves
     while step < total:
         batches = loader
         if step % len(loader):  # resuming mid-epoch: skip what this epoch already saw
@@ -199,6 +234,8 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: Dataset) -> 
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 progress.set_postfix(loss=f"{row['loss']:.3f}")
+            if eval_every and (step % eval_every == 0 or step == total) and log is not None:
+                log_evaluation()
             if step % config.get("save_every", 500) == 0 or step == total:
                 save_checkpoint(accelerator, out, step, config.get("keep_checkpoints", 2))
             if config.get("snapshot_every") and step % config["snapshot_every"] == 0 and accelerator.is_main_process:

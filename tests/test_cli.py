@@ -202,6 +202,11 @@ def test_bench_writes_json_markdown_and_plots(tiny, tmp_path, capsys):
     assert (out / "speedup.png").stat().st_size > 1000 and (out / "trace.png").stat().st_size > 1000
     table = (out / "bench.md").read_text()
     assert "| whiflash |" in table and "Command: `whiflash bench" in table
+    # WhiFlash against each route alone, paired by prompt; single-route systems get no such comparison
+    paired = systems["whiflash"]["overall"]["over_single_routes"]
+    assert set(paired) == {"eagle3", "dflash", "lookup"} and systems["eagle3"]["overall"]["over_single_routes"] == {}
+    assert all(p["interval"][0] <= p["ratio"] <= p["interval"][1] for p in paired.values())
+    assert "| whiflash | lookup |" in table
 
 
 def test_generate_for_a_target_without_drafters_says_how_to_train_them(tiny, capsys):
@@ -342,8 +347,10 @@ def test_bench_checks_out_first_keeps_every_finished_run_and_resumes(tiny, tmp_p
     assert "holds bench runs of other settings" in capsys.readouterr().err
     ran.clear()
     assert main(command) == 0 and not ran  # not finished (no bench.json), nothing missing: nothing runs
-    assert main(command) == 0 and len(ran) == 8  # a finished bench run again is measured again
-    assert "measuring again replaces it" in capsys.readouterr().err
+    summarized = (out / "bench.json").read_text()
+    assert main(command) == 0 and not ran  # a finished bench run again: summarized again, its runs kept
+    assert "its summary is written again from its runs" in capsys.readouterr().err
+    assert json.loads((out / "bench.json").read_text())["runs"] == json.loads(summarized)["runs"]
 
 
 def test_paired_speedups_tell_a_small_gap_that_prompt_spread_hides():

@@ -156,13 +156,45 @@ def test_ttt_anchor_subsampling_keeps_learnable_positions(monkeypatch):
 
     learnable = torch.zeros(2, 40, dtype=torch.bool)
     learnable[0, 10:30], learnable[1, 5:8] = True, True
-    anchors, valid = TTTObjective._anchors(SimpleNamespace(anchors_per_sequence=8), learnable)
+    anchors, valid = TTTObjective._anchors(SimpleNamespace(anchors_per_sequence=8, training=True), learnable)
     assert anchors.shape == (2, 8) and (anchors < 38).all()
     assert valid[0].all() and learnable[0, anchors[0] + 2].all()
     assert sorted(anchors[1][valid[1]].tolist()) == [3, 4, 5] and valid[1].sum() == 3
     assert (anchors.diff(dim=1) > 0).all()
-    everything, _ = TTTObjective._anchors(SimpleNamespace(anchors_per_sequence=None), learnable)
+    everything, _ = TTTObjective._anchors(SimpleNamespace(anchors_per_sequence=None, training=True), learnable)
     assert everything[0].tolist() == list(range(8, 28))  # default: every learnable anchor, in order
+
+
+@torch.no_grad()
+def test_dflash_loss_over_part_of_the_vocabulary_and_evaluation_at_every_anchor(target, monkeypatch):
+    """loss_vocab normalises the loss over those ids and the batch's labels (all ids: the full loss exactly);
+    position_hits drafts from every eligible anchor, EVAL_ANCHORS at a time, over the whole vocabulary."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    import train_dflash
+    from train_dflash import BlockObjective
+
+    monkeypatch.setattr(train_dflash, "EVAL_ANCHORS", 4)
+    drafter = DFlashDrafter.for_target(target, num_layers=1, block_size=4, mask_token_id=16, intermediate_size=64,
+                                       seed=0)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 24))
+    response = torch.arange(24)[None, :] >= torch.tensor([[10], [16]])
+    batch = {"input_ids": ids, "response": response,
+             "hidden": {i: torch.randn(2, 24, 576) for i in drafter.feature_layers}}
+    vocab = target.config.vocab_size
+
+    def loss(loss_vocab):
+        torch.manual_seed(1)  # the same random anchors
+        return BlockObjective(drafter, 4, 7.0, loss_vocab=loss_vocab)(batch)[0]
+
+    full, everything, frequent = loss(None), loss(torch.arange(vocab)), loss(torch.arange(500))
+    torch.testing.assert_close(everything, full)
+    assert 0 < frequent < full  # fewer competing tokens: a smaller cross-entropy
+    hits, counted = BlockObjective(drafter, 4, 7.0).eval().position_hits(batch)
+    eligible = (response.roll(-1, 1) & (torch.arange(24) >= 1))[:, :-1].sum().item()  # anchors 9-22 and 15-22
+    assert hits.shape == counted.shape == (2 * 16, 3)  # 14 anchors in the longer row: 4 groups of 4, per row
+    assert counted[:, 0].sum() == eligible == 22
+    assert counted[:, 2].sum() == eligible - 2 * 2  # a+3 runs past the end for the last two anchors of each row
 
 
 def test_a_head_from_scratch_can_start_from_the_target_s_lm_head_rows(target, monkeypatch):
@@ -284,7 +316,7 @@ def test_online_features_are_the_stores_batches_without_the_store(tiny_data, tar
     tmp, _ = tiny_data
     data, layers = tmp / "runs_data_tiny", [2, 30]
     store = FeatureStore(build_store("SmolLM2-135M-Instruct", data, tmp / "online_check_store", layers, 64), layers, 3)
-    online = OnlineFeatures(target, data, layers, 64, max_samples=3)
+    online = OnlineFeatures.from_data(target, data, layers, 64, max_samples=3)
     assert len(online) == len(store) == 3
     assert [s["id"] for s in online.samples] == [s["id"] for s in store.samples]
     assert online.response_tokens().tolist() == store.response_tokens().tolist()
@@ -307,8 +339,8 @@ def test_bfloat16_features_track_float32_ones_and_a_store_keeps_its_dtype(tiny_d
 
     tmp, _ = tiny_data
     data, layers = tmp / "runs_data_tiny", [15, 30]
-    exact = OnlineFeatures(target, data, layers, 64, max_samples=3)
-    rounded = OnlineFeatures(target, data, layers, 64, max_samples=3, dtype=torch.bfloat16)
+    exact = OnlineFeatures.from_data(target, data, layers, 64, max_samples=3)
+    rounded = OnlineFeatures.from_data(target, data, layers, 64, max_samples=3, dtype=torch.bfloat16)
     assert next(target.parameters()).dtype == torch.float32
     batch = [exact[i] for i in range(3)]
     a, b = exact.collate(batch), rounded.collate(batch)
@@ -605,10 +637,20 @@ def test_templates_train_drafters_for_another_architecture(tmp_path):
                              sources={"self_synthesis": 2, "code": 2, "jsonl": {"path": str(own)}}))
     rows = [json.loads(line) for line in (tmp_path / "runs_data_my-target" / "samples.0.jsonl").open()]
     assert sorted(r["source"] for r in rows) == ["code", "code", "jsonl", "jsonl", "self", "self"]
+    held = tmp_path / "eval_prompts.jsonl"  # in-run evaluation on prompts of our own, every 2 steps
+    held.write_text("".join(json.dumps({"id": f"e{i}", "category": "chat", "messages": [
+        {"role": "user", "content": text}]}) + "\n" for i, text in enumerate(["add two numbers", "a story"])))
+    evaluation = {"eval_prompts": str(held), "eval_every": 2, "eval_new_tokens": 12}
     run("train_eagle3.py", config_in(tmp_path, "eagle3_template.yaml", target=str(folder), draft_vocab_size=32,
-                                     max_steps=4))
-    log = run("train_dflash.py", config_in(tmp_path, "dflash_template.yaml", target=str(folder), max_steps=4))
-    assert "mask_token_id: auto -> " in log
+                                     max_steps=4, **evaluation))
+    log = run("train_dflash.py", config_in(tmp_path, "dflash_template.yaml", target=str(folder), max_steps=4,
+                                          loss_vocab=16, **evaluation))
+    assert "mask_token_id: auto -> " in log and "loss over the 16 most frequent response tokens" in log
+    for run_folder, positions in (("runs_eagle3-my-target", 7), ("runs_dflash-my-target", 15)):
+        rows = [json.loads(line) for line in (tmp_path / run_folder / "log.jsonl").open()]
+        evaluated = [(r["step"], r["split"]) for r in rows if "split" in r]
+        assert evaluated == [(step, split) for step in (0, 2, 4) for split in ("train", "eval_prompts")]
+        assert all(len(r["accuracy"]) == positions and r["counted"][0] > 0 for r in rows if "split" in r)
     target = AutoModelForCausalLM.from_pretrained(folder).eval()
     eagle3 = Eagle3Drafter.from_pretrained(tmp_path / "runs_eagle3-my-target" / "final").attach(target)
     dflash = DFlashDrafter.from_pretrained(tmp_path / "runs_dflash-my-target" / "final").attach(target)
