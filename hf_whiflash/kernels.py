@@ -53,8 +53,9 @@ def packed_from_rows(in_features: int, out_features: int, dtype: torch.dtype, th
     if not packing_supported(dtype):
         return None
     # As in a model, the weights come from memory, not from a warm cache: each timing runs over enough
-    # copies of the weight to pass ~64 MB (a model's layers each run once per forward).
-    copies = max(1, 2**26 // (in_features * out_features * torch.finfo(dtype).bits // 8))
+    # copies of the weight to pass ~64 MB (a model's layers each run once per forward), at most 64 copies
+    # (smaller weights stay in cache in a model too).
+    copies = min(64, max(1, 2**26 // (in_features * out_features * torch.finfo(dtype).bits // 8)))
     weights = [torch.randn(out_features, in_features).to(dtype) for _ in range(copies)]
     packed = [_pack(weight) for weight in weights]
     calls = {"stock": lambda x: [nn.functional.linear(x, weight) for weight in weights],
