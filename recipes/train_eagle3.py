@@ -15,7 +15,6 @@ publishes it).
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -168,7 +168,8 @@ def test_ttt_anchor_subsampling_keeps_learnable_positions(monkeypatch):
 @torch.no_grad()
 def test_dflash_loss_over_part_of_the_vocabulary_and_evaluation_at_every_anchor(target, monkeypatch):
     """loss_vocab normalises the loss over those ids and the batch's labels (all ids: the full loss exactly);
-    position_hits drafts from every eligible anchor, EVAL_ANCHORS at a time, over the whole vocabulary."""
+    position_hits drafts from up to EVAL_ANCHORS eligible anchors per row, the same each time, over the whole
+    vocabulary."""
     monkeypatch.syspath_prepend(str(REPO / "recipes"))
     import train_dflash
     from train_dflash import BlockObjective
@@ -190,11 +191,15 @@ def test_dflash_loss_over_part_of_the_vocabulary_and_evaluation_at_every_anchor(
     full, everything, frequent = loss(None), loss(torch.arange(vocab)), loss(torch.arange(500))
     torch.testing.assert_close(everything, full)
     assert 0 < frequent < full  # fewer competing tokens: a smaller cross-entropy
-    hits, counted = BlockObjective(drafter, 4, 7.0).eval().position_hits(batch)
-    eligible = (response.roll(-1, 1) & (torch.arange(24) >= 1))[:, :-1].sum().item()  # anchors 9-22 and 15-22
-    assert hits.shape == counted.shape == (2 * 16, 3)  # 14 anchors in the longer row: 4 groups of 4, per row
-    assert counted[:, 0].sum() == eligible == 22
-    assert counted[:, 2].sum() == eligible - 2 * 2  # a+3 runs past the end for the last two anchors of each row
+    objective = BlockObjective(drafter, 4, 7.0).eval()
+    hits, counted = objective.position_hits(batch)
+    assert hits.shape == counted.shape == (2 * 4, 3)  # EVAL_ANCHORS (4 here) anchors per row
+    assert counted[:, 0].sum() == 8  # rows hold 14 and 8 eligible anchors (9-22, 15-22): 4 of each
+    assert torch.equal(objective.position_hits(batch)[1], counted)  # the same anchors every time
+    monkeypatch.setattr(train_dflash, "EVAL_ANCHORS", 24)
+    hits, counted = objective.position_hits(batch)
+    assert counted[:, 0].sum() == 14 + 8  # every eligible anchor
+    assert counted[:, 2].sum() == 22 - 2 * 2  # a+3 runs past the end for the last two anchors of each row
 
 
 def test_a_head_from_scratch_can_start_from_the_target_s_lm_head_rows(target, monkeypatch):
