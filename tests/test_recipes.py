@@ -656,6 +656,11 @@ def test_templates_train_drafters_for_another_architecture(tmp_path):
         evaluated = [(r["step"], r["split"]) for r in rows if "split" in r]
         assert evaluated == [(step, split) for step in (0, 2, 4) for split in ("train", "eval_prompts")]
         assert all(len(r["accuracy"]) == positions and r["counted"][0] > 0 for r in rows if "split" in r)
+    printed = run("training_curves.py", tmp_path / "runs_eagle3-my-target", str(tmp_path / "runs_dflash-my-target"),
+                  "--out", str(tmp_path / "curves"))
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert [len(c["eval_prompts"]) for c in curves.values()] == [3, 3] and "| eval_prompts | 4 |" in printed
+    assert (tmp_path / "curves.png").stat().st_size > 1000
     target = AutoModelForCausalLM.from_pretrained(folder).eval()
     eagle3 = Eagle3Drafter.from_pretrained(tmp_path / "runs_eagle3-my-target" / "final").attach(target)
     dflash = DFlashDrafter.from_pretrained(tmp_path / "runs_dflash-my-target" / "final").attach(target)
