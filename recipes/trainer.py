@@ -146,22 +146,18 @@ def latest_checkpoint(out: Path, report=print) -> Path | None:
 def position_accuracy(objective: torch.nn.Module, batches: list[dict], device) -> dict:
     """Teacher-forced top-1 accuracy per draft position over `batches`: {"accuracy": [per position], "counted":
     [drafts per position]}, from the objective's position_hits(batch) -> (hits, counted), bool [N, positions]."""
+    from accelerate.utils import send_to_device
+
     hits = counted = 0
     was_training = objective.training
     objective.eval()
     with torch.no_grad():
         for batch in batches:
-            hit, count = objective.position_hits(to_device(batch, device))
+            hit, count = objective.position_hits(send_to_device(batch, device))
             hits, counted = hits + (hit & count).sum(0), counted + count.sum(0)
     objective.train(was_training)
     return {"accuracy": [round(float(h) / max(1, int(c)), 4) for h, c in zip(hits, counted)],
             "counted": [int(c) for c in counted]}
-
-
-def to_device(batch, device):
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
 def train(config: dict, objective: torch.nn.Module, drafter, store: Dataset,
