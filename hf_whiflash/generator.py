@@ -7,7 +7,8 @@ the draft is cut to what fits before max_length and before any stop string -> tr
 candidates (exact match, or speculative rejection sampling with the draft logits) -> `update_candidate_strategy`
 records the outcome.
 The generator never looks inside a drafter: all follow the same catch_up / draft protocol, and lookup also
-answers `propose` before routing (its match is a round feature, and it is offered only where it matched).
+answers `propose` before routing (its match and where it was found are round features, and it is offered only
+where it matched).
 """
 
 import torch
@@ -28,7 +29,7 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
 
     def __init__(self, assistant, stats: GenerationStats, generation_config, logits_processor, tokenizer=None):
         self.do_sample = bool(generation_config.do_sample)
-        mode = SAMPLED if self.do_sample else GREEDY  # sampling accepts less and pays more per round: own lengths
+        self.mode = mode = SAMPLED if self.do_sample else GREEDY  # sampling accepts less, pays more: own lengths
         # Drafters with a draft length of 0 never draft here (calibration found plain decoding faster).
         self.draft_lengths = {route: k for route, k in assistant.draft_lengths[mode].items() if k > 0}
         # What the policy weighs each route's round at: its fixed length (a chain cut per round costs what it drafts).
@@ -130,14 +131,16 @@ class WhiFlashCandidateGenerator(CandidateGenerator):
         """The policy's route, weighing the candidates that fit before max_length (`fits`), and its draft length."""
         if fits <= 0 or not self.draft_lengths:
             return TARGET, 0
-        proposal = self.drafters[LOOKUP].propose(self.caches[LOOKUP]) if LOOKUP in self.drafters else None
+        lookup = self.drafters.get(LOOKUP)
+        proposal = lookup.propose(self.caches[LOOKUP]) if lookup else None
         match, proposed = (proposal.match, len(proposal.tokens)) if proposal else (0, 0)
         lengths = offered({route: min(fits, k) for route, k in self.draft_lengths.items()}, proposed)
         scored = offered({route: min(fits, k) for route, k in self.scored_lengths.items()}, proposed)
         if not lengths:
             return TARGET, 0
-        self.features = self.routing.features(self.entropy, self.top1, length_so_far - self.prompt_length,
-                                              match, lengths.get(LOOKUP, 0))
+        self.features = self.routing.features(
+            self.entropy, self.top1, length_so_far - self.prompt_length, match, lengths.get(LOOKUP, 0),
+            proposal is not None and proposal.from_corpus, lookup.expected(self.mode, proposal) if proposal else 0.0)
         route = self.policy.choose(self.features, scored)
         if route not in lengths:
             raise ValueError(f"routing policy chose {route!r}, but this assistant only has {tuple(lengths)}")

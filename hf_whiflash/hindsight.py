@@ -26,6 +26,8 @@ class Hindsight:
     top1: torch.Tensor  # [T-1-start] its top-1 probability
     lookup_match: torch.Tensor | None = None  # [T-1-start] the lookup drafter's match length (0: none)
     lookup_drafts: torch.Tensor | None = None  # [T-1-start] its proposal's length
+    lookup_corpus: torch.Tensor | None = None  # [T-1-start] bool: the match is in its corpus, not the text
+    lookup_expected: torch.Tensor | None = None  # [T-1-start] the proposal's expected accepted drafts (greedy)
 
 
 @torch.no_grad()
@@ -49,6 +51,8 @@ def acceptance_tables(target, sequence: torch.Tensor, start: int, eagle=None, df
                                                  for i, p in enumerate(proposals)])
         hindsight.lookup_match = torch.tensor([p.match for p in proposals])
         hindsight.lookup_drafts = torch.tensor([len(p.tokens) for p in proposals])
+        hindsight.lookup_corpus = torch.tensor([p.from_corpus for p in proposals])
+        hindsight.lookup_expected = torch.tensor([lookup.expected(GREEDY, p) for p in proposals])
     return hindsight
 
 
@@ -146,8 +150,7 @@ def confidence_outcomes(target, sequence: torch.Tensor, start: int, processors, 
 @torch.no_grad()
 def lookup_outcomes(target, sequence: torch.Tensor, start: int, processors, lookup) -> list[tuple]:
     """The lookup drafter's counterpart of the tables and chances: per round start m (as acceptance_tables) where
-    it matched, (match length, proposal length, greedy acceptances, sampling chances), the last two lists over its
-    drafts j = 1, 2, ...
+    it matched, (its Proposal, greedy acceptances, sampling chances), the last two lists over its drafts j = 1, 2, ...
     while the drafts before j equal the sequence (past that the teacher-forced context is not the drafted one):
     greedy 1 where draft j is the true token, else 0; sampling p(draft j), the target's probability after
     `processors`, which is the chance speculative sampling accepts a one-hot draft."""
@@ -162,7 +165,7 @@ def lookup_outcomes(target, sequence: torch.Tensor, start: int, processors, look
         reachable = min(accepted + 1, len(proposal.tokens), T - 1 - m)  # drafts whose prefix held
         greedy = [float(j < accepted) for j in range(reachable)]
         chances = [float(p[m + j, proposal.tokens[j]]) for j in range(reachable)]
-        outcomes.append((proposal.match, len(proposal.tokens), greedy, chances))
+        outcomes.append((proposal, greedy, chances))
     return outcomes
 
 
@@ -250,11 +253,13 @@ def simulate_routing(hindsight: Hindsight, policy, latency, lengths: dict[str, i
     state, records, m = RoutingState(routes), [], 0
     policy = policy.for_generation()
     while m < len(hindsight.entropy):
-        match, proposed = (int(hindsight.lookup_match[m]), int(hindsight.lookup_drafts[m])) if LOOKUP in routes \
-            else (0, 0)
+        match, proposed, corpus, expected = 0, 0, False, 0.0
+        if LOOKUP in routes:
+            match, proposed = int(hindsight.lookup_match[m]), int(hindsight.lookup_drafts[m])
+            corpus, expected = bool(hindsight.lookup_corpus[m]), float(hindsight.lookup_expected[m])
         offer = offered({r: lengths[r] for r in routes}, proposed)
         features = state.features(float(hindsight.entropy[m]), float(hindsight.top1[m]), m + 1, match,
-                                  offer.get(LOOKUP, 0))
+                                  offer.get(LOOKUP, 0), corpus, expected)
         # A shorter draft accepts min(a, k): its drafts are a prefix of the longer one's.
         accepted = {r: min(int(hindsight.tables[r][m]), offer.get(r, 0)) for r in routes}
         if not offer:  # nothing to draft: the target decodes one token

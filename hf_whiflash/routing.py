@@ -33,6 +33,8 @@ class RoundFeatures:
     rounds_since: dict[str, int] = field(default_factory=dict)  # per route: rounds since it last drafted
     lookup_match: int = 0  # length of the suffix the lookup drafter matched this round (0: no lookup this round)
     lookup_drafts: int = 0  # tokens it proposes after the match (its round's draft length)
+    lookup_corpus: bool = False  # the match is in its corpus of earlier outputs, not in this text
+    lookup_expected: float = 0.0  # its proposal's expected accepted drafts by lookup's profile (0: none)
 
 
 class Policy:
@@ -71,7 +73,8 @@ class EntropyPolicy(Policy):
     confident regime (entropy < `threshold`: structured text such as code, JSON or tool calls, where a
     parallel DFlash block tends to be accepted far) and an uncertain one (open-ended text, where the
     autoregressive EAGLE-3 chain holds up better). For lookup it is the length of this round's match
-    (1, 2, 3, 4 or more tokens): the longer the repeated suffix, the further its continuation holds.
+    in the text (1, 2, 3, 4 or more tokens: the longer the repeated suffix, the further its continuation
+    holds), or a fifth regime for a match in its corpus of earlier outputs.
     Per route and regime the policy keeps a running estimate of the accepted drafted tokens (starting
     from those priors) and scores
 
@@ -88,16 +91,19 @@ class EntropyPolicy(Policy):
     # What each setting allows: the constructor and whiflash_config.json's "policy" are checked with these.
     rules = {"threshold": number(0), "latency_weight": number(0), "explore_every": integer(1), "decay": number(0, 1),
              "priors": Rule("an object {route: [accepted drafts per regime, >= 0]} over the routes "
-                            f"{list(ROUTES)} (regimes: confident, uncertain; lookup: match length 1, 2, 3, 4+), "
-                            "or null (the defaults); a route left out keeps its defaults",
+                            f"{list(ROUTES)} (regimes: confident, uncertain; lookup: match length 1, 2, 3, 4+ in "
+                            "the text, then a corpus match), or null (the defaults); a route left out, or a "
+                            "lookup list without the corpus regime, keeps its defaults",
                             lambda v: v is None or _priors(v))}
 
     # Defaults measured by recipes/tune_entropy.py (results/entropy_tuning.json) for the shipped SmolLM2 drafters:
     # the best of the settings replayed on the dev set; priors are the mean accepted drafts per regime there.
     # Priors: (confident, uncertain) for the neural drafters; by match length (1, 2, 3, 4+) for lookup, its expected
     # accepted drafts on the dev set at 8 drafts (lookup/acceptance.json, greedy; a 1-token match, possible only with
-    # min_match=1, gets the 2-token value).
-    PRIORS = {EAGLE: (0.72, 0.62), DFLASH: (0.31, 0.27), LOOKUP: (1.39, 1.39, 1.88, 3.56)}
+    # min_match=1, gets the 2-token value), then its corpus matches' (the shipped corpus: 1523 of the dev set's 4874
+    # round starts at 64 new tokens, 1.49 accepted drafts of up to 8, hindsight.lookup_proposals).
+    PRIORS = {EAGLE: (0.72, 0.62), DFLASH: (0.31, 0.27), LOOKUP: (1.39, 1.39, 1.88, 3.56, 1.49)}
+    MATCH_REGIMES = 4  # lookup's regimes by match length in the text; the one after them is the corpus's
 
     def __init__(self, threshold: float = 1.5, latency_weight: float = 1.0, explore_every: int = 32,
                  decay: float = 0.5, priors: dict | None = None):
@@ -105,7 +111,8 @@ class EntropyPolicy(Policy):
                "decay": decay, "priors": priors}, self.rules, "EntropyPolicy")
         self.threshold, self.latency_weight = threshold, latency_weight
         self.explore_every, self.decay = explore_every, decay
-        self.priors = self.PRIORS | (priors or {})  # settings saved before lookup existed keep its defaults
+        # Settings saved before lookup (or its corpus) existed keep the defaults of what they lack.
+        self.priors = self.PRIORS | {r: (*p, *self.PRIORS[r][len(p):]) for r, p in (priors or {}).items()}
         self.accepted = {(r, regime): value for r, values in self.priors.items() for regime, value in enumerate(values)}
         self.idle = {key: 0 for key in self.accepted}
 
@@ -114,7 +121,8 @@ class EntropyPolicy(Policy):
 
     def regime(self, route: str, features: RoundFeatures) -> int:
         if route == LOOKUP:
-            return min(max(features.lookup_match, 1), len(self.priors[LOOKUP])) - 1
+            return self.MATCH_REGIMES if features.lookup_corpus else min(max(features.lookup_match, 1),
+                                                                         self.MATCH_REGIMES) - 1
         return int(features.entropy >= self.threshold)
 
     def choose(self, features: RoundFeatures, lengths: dict[str, int]) -> str:
@@ -173,11 +181,12 @@ class RoutingState:
         self.last_accepted = 0
 
     def features(self, entropy: float, top1: float, position: int, lookup_match: int = 0,
-                 lookup_drafts: int = 0) -> RoundFeatures:
+                 lookup_drafts: int = 0, lookup_corpus: bool = False, lookup_expected: float = 0.0) -> RoundFeatures:
         return RoundFeatures(entropy=entropy, top1_prob=top1, position=position, last_route=self.last_route,
                              last_accepted=self.last_accepted, accepted_ema=dict(self.accepted_ema),
                              seconds_ema=dict(self.seconds_ema), rounds_since=dict(self.rounds_since),
-                             lookup_match=lookup_match, lookup_drafts=lookup_drafts)
+                             lookup_match=lookup_match, lookup_drafts=lookup_drafts, lookup_corpus=lookup_corpus,
+                             lookup_expected=lookup_expected)
 
     def record(self, route: str, accepted: int, seconds: float) -> None:
         self.last_route, self.last_accepted = route, accepted
@@ -211,6 +220,7 @@ def ema(previous: float | None, value: float, decay: float = 0.5) -> float:
 
 
 FEATURE_NAMES = ("entropy", "top1_prob", "last_accepted", "log_position", "lookup_match", "lookup_drafts",
+                 "lookup_corpus", "lookup_expected",
                  *(f"{route}_{what}" for route in ROUTES for what in ("ema", "seen", "last", "idle")))
 
 
@@ -228,6 +238,8 @@ def feature_vector(f: RoundFeatures) -> list[float]:
         min(1.0, math.log1p(f.position) / math.log(4096)),
         min(f.lookup_match, 8) / 8,
         min(f.lookup_drafts, 16) / 16,
+        float(f.lookup_corpus),
+        min(f.lookup_expected, 8) / 8,
         *per_route,
     ]
 

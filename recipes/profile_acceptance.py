@@ -18,8 +18,9 @@ Both files also get the acceptance by confidence that dynamic lengths read the d
 (greedy) or their mean chance of acceptance (sampling), at the longest chain and the largest block.
 
 lookup/ (config.json with the lookup settings, default ones unless the folder has them, and acceptance.json)
-gets, per match length, the chance that draft j is accepted when the drafts before it were (greedy: the share
-of dev-set rounds; sampling: the target's mean probability of the draft, teacher-forced), and tokens per
+gets, per match length in the text, the chance that draft j is accepted when the drafts before it were (greedy:
+the share of dev-set rounds; sampling: the target's mean probability of the draft, teacher-forced), the same
+chance for corpus drafts per bin of their share (with a corpus.safetensors in the folder), and tokens per
 round by draft cap over the rounds where it matched. `--routes` limits what is profiled.
 """
 
@@ -139,15 +140,20 @@ def main() -> None:
     if LOOKUP in args.routes:
         lookup = LookupDrafter.from_pretrained(folder / LOOKUP) if (folder / LOOKUP).is_dir() else LookupDrafter()
         outcomes = [o for ids, start in sequences for o in lookup_outcomes(target, ids, start, processors, lookup)]
-        lookup.acceptance_by_match = {mode: by_match(outcomes, column) for mode, column in ((GREEDY, 2), (SAMPLED, 3))}
-        lookup.tokens_per_round = {mode: lookup_tokens_per_round(outcomes, lookup.acceptance_by_match[mode],
-                                                                 lookup.max_drafts)
-                                   for mode in (GREEDY, SAMPLED)}
+        in_text = [o for o in outcomes if not o[0].from_corpus]
+        in_corpus = [o for o in outcomes if o[0].from_corpus]
+        columns = ((GREEDY, 1), (SAMPLED, 2))  # lookup_outcomes' greedy acceptances and sampling chances
+        lookup.acceptance_by_match = {mode: by_match(in_text, column) for mode, column in columns}
+        lookup.acceptance_by_share = {mode: by_share(in_corpus, column) for mode, column in columns} \
+            if in_corpus else None
+        lookup.tokens_per_round = {mode: lookup_tokens_per_round(outcomes, lookup, mode) for mode in (GREEDY, SAMPLED)}
         lookup.save_pretrained(folder / LOOKUP)
-        print(f"lookup matched in {len(outcomes)} of {sum(budgets)} dev-set round starts")
+        print(f"lookup matched in {len(outcomes)} of {sum(budgets)} dev-set round starts "
+              f"({len(in_corpus)} of them in its corpus)")
         show("lookup tokens per round where it matched, by draft cap", lookup.tokens_per_round)
         for mode, chances in lookup.acceptance_by_match.items():
             show(f"lookup acceptance by draft position, {mode}, match", chances)
+        show("lookup corpus acceptance by share bin", lookup.acceptance_by_share or {})
 
 
 def compare_argmax_drafts(folder: Path, target, measured) -> None:
@@ -164,25 +170,34 @@ def compare_argmax_drafts(folder: Path, target, measured) -> None:
 
 
 def by_match(outcomes: list[tuple], column: int) -> dict[int, list[float]]:
-    """lookup_outcomes' rounds -> match length -> per draft position j, the mean of `column` (2: greedy acceptance,
-    3: sampling chance) over the rounds whose drafts before j held, pulled towards that position's mean over
+    """lookup_outcomes' rounds -> match length -> per draft position j, the mean of `column` (1: greedy acceptance,
+    2: sampling chance) over the rounds whose drafts before j held, pulled towards that position's mean over
     every match length by one pseudo-round (so a rarely reached position is not 0 or 1 by chance)."""
     longest = max(len(o[column]) for o in outcomes)
     pooled = [statistics.mean(o[column][j] for o in outcomes if len(o[column]) > j) for j in range(longest)]
     profile = {}
-    for match in sorted({o[0] for o in outcomes}):
-        rounds = [o[column] for o in outcomes if o[0] == match]
+    for match in sorted({o[0].match for o in outcomes}):
+        rounds = [o[column] for o in outcomes if o[0].match == match]
         profile[match] = [(sum(r[j] for r in rounds if len(r) > j) + pooled[j]) /
                           (sum(len(r) > j for r in rounds) + 1) for j in range(longest)]
     return profile
 
 
-def lookup_tokens_per_round(outcomes: list[tuple], chances: dict[int, list[float]], max_drafts: int) -> dict:
-    """Draft cap k -> expected tokens per round (1 + expected accepted drafts by `chances`) over the matched rounds,
-    each drafting min(k, its proposal's length)."""
-    def expected(match: int, drafts: int) -> float:
-        return 1 + sum(math.prod(chances[match][:j]) for j in range(1, drafts + 1))
-    return {k: statistics.mean(expected(o[0], min(k, o[1])) for o in outcomes) for k in range(1, max_drafts + 1)}
+def by_share(outcomes: list[tuple], column: int) -> list[float]:
+    """lookup_outcomes' corpus rounds -> per bin of a draft's share (of the corpus occurrences continuing with it),
+    the mean of `column` (1: greedy acceptance, 2: sampling chance) over the drafts whose drafts before held."""
+    return acceptance_by_confidence([(torch.tensor(o[0].shares[:len(o[column])]), torch.tensor(o[column]))
+                                     for o in outcomes])
+
+
+def lookup_tokens_per_round(outcomes: list[tuple], lookup: LookupDrafter, mode: str) -> dict:
+    """Draft cap k -> expected tokens per round (1 + expected accepted drafts by the lookup's profiled chances) over
+    the matched rounds, each drafting min(k, its proposal's length)."""
+    def expected(proposal, drafts: int) -> float:
+        chances = lookup.chances(mode, proposal)
+        return 1 + sum(math.prod(chances[:j]) for j in range(1, drafts + 1))
+    return {k: statistics.mean(expected(o[0], min(k, len(o[0].tokens))) for o in outcomes)
+            for k in range(1, lookup.max_drafts + 1)}
 
 
 def show(title: str, profile: dict) -> None:

@@ -44,11 +44,13 @@ def tokens_per_second(records) -> float:
 
 def measured_priors(hindsights: dict, threshold: float, lengths: dict) -> dict:
     """Mean accepted drafts per route in each regime: entropy (confident, uncertain) for the neural drafters,
-    match length (1, 2, 3, 4+; where it matched) for lookup. The policy's starting estimates, measured instead of
-    guessed."""
-    matches = torch.cat([h.lookup_match for h in hindsights.values()]).clamp(max=len(EntropyPolicy.PRIORS[LOOKUP]))
+    match length in the text (1, 2, 3, 4+), then a match in its corpus, for lookup (where it matched). The policy's
+    starting estimates, measured instead of guessed."""
+    corpus = torch.cat([h.lookup_corpus for h in hindsights.values()])
+    matches = torch.cat([h.lookup_match for h in hindsights.values()]).clamp(max=EntropyPolicy.MATCH_REGIMES)
+    regimes = torch.where(corpus, EntropyPolicy.MATCH_REGIMES + 1, matches)  # 1, 2, ...: as the priors, 0: no match
     table = torch.cat([h.tables[LOOKUP].clamp(max=lengths[LOOKUP]) for h in hindsights.values()]).float()
-    priors = {LOOKUP: tuple(round(float(table[matches == n].mean()), 2) if (matches == n).any() else prior
+    priors = {LOOKUP: tuple(round(float(table[regimes == n].mean()), 2) if (regimes == n).any() else prior
                             for n, prior in enumerate(EntropyPolicy.PRIORS[LOOKUP], 1))}
     for route in (EAGLE, DFLASH):
         table = torch.cat([h.tables[route].clamp(max=lengths[route]) for h in hindsights.values()]).float()

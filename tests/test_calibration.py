@@ -287,5 +287,5 @@ def test_dynamic_lengths_never_change_greedy_output(target, tokenizer, mode):
         ids = chat_ids(tokenizer, prompt)
         plain = target.generate(ids, max_new_tokens=48, do_sample=False)
         assert torch.equal(target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=assistant), plain)
-        drafted |= {r.drafted for r in assistant.stats.rounds if r.route == EAGLE}
+        drafted |= {r.drafted for r in assistant.stats.rounds if r.drafted}  # EAGLE-3's and lookup's rounds
     assert len(drafted) > 1 and max(drafted) <= 8  # lengths vary per round, within the cap

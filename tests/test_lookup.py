@@ -1,11 +1,15 @@
 """The lookup route: its index, its proposals, routing with three routes, and lossless generation with it."""
 
+import random
 import threading
+from collections import Counter
 
 import pytest
 import torch
 
 from hf_whiflash import EntropyPolicy, LookupDrafter, RoundFeatures, WhiFlashAssistant, shipped_drafters
+from hf_whiflash.checkpoint import CheckpointError
+from hf_whiflash.drafters.lookup import CORPUS_FILE, Corpus
 from hf_whiflash.hindsight import acceptance_tables, lookup_accepted, lookup_proposals, simulate_routing
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.names import DFLASH, EAGLE, GREEDY, LOOKUP, SAMPLED, SAMPLING
@@ -65,6 +69,76 @@ def test_bad_lookup_settings_name_the_setting():
         WhiFlashAssistant(None, lookup="yes")
 
 
+def test_the_corpus_proposes_the_most_frequent_continuation_of_the_longest_suffix_it_holds_twice():
+    corpus = Corpus.from_documents([[1, 2, 3, 4, 5, 6], [9, 2, 3, 4, 6], [7, 2, 3, 4, 5, 6], [2, 3, 8]], max_match=8)
+    # [2, 3, 4] ends three times (followed by 5, 6, 5); [9, 2, 3, 4] only once, so the match stays at 3 tokens
+    proposal = corpus.propose([9, 2, 3, 4], min_match=3, max_drafts=8)
+    assert proposal.match == 3 and proposal.tokens == [5, 6] and proposal.shares == [2 / 3, 1.0]
+    assert corpus.propose([9, 2, 3, 4], min_match=3, max_drafts=1).tokens == [5]
+    assert corpus.propose([5, 2, 3], min_match=3, max_drafts=8).tokens == []  # [2, 3] is too short a match
+    assert corpus.propose([4, 6], min_match=1, max_drafts=8).tokens == []  # what follows 6 is a document's end
+
+
+def brute_force(documents, text, min_match, max_match, max_drafts):
+    """Corpus.propose by counting every occurrence directly."""
+    def ends(pattern):  # (document, index after the occurrence) of each occurrence of pattern
+        return [(d, i + len(pattern)) for d, doc in enumerate(documents) for i in range(len(doc) - len(pattern) + 1)
+                if doc[i:i + len(pattern)] == pattern]
+    match = max((n for n in range(1, min(max_match, len(text)) + 1) if len(ends(text[-n:])) >= 2), default=0)
+    if match < min_match:
+        return [], []
+    follow, tokens, shares = ends(text[-match:]), [], []
+    while len(tokens) < max_drafts:
+        counts = Counter(documents[d][i] for d, i in follow if i < len(documents[d]))
+        if not counts or max(counts.values()) < 2:
+            break
+        best = min(t for t, c in counts.items() if c == max(counts.values()))  # ties: the smaller id, as np.unique
+        tokens.append(best)
+        shares.append(counts[best] / len(follow))
+        follow = [(d, i + 1) for d, i in follow if i < len(documents[d]) and documents[d][i] == best]
+    return tokens, shares
+
+
+def test_corpus_proposals_equal_counting_every_occurrence():
+    rng = random.Random(0)
+    for trial in range(200):
+        documents = [[rng.randrange(4) for _ in range(rng.randrange(1, 30))] for _ in range(rng.randrange(1, 6))]
+        text = [rng.randrange(4) for _ in range(rng.randrange(1, 12))]
+        max_match, min_match = rng.randrange(1, 7), rng.randrange(1, 4)
+        proposal = Corpus.from_documents(documents, max_match).propose(text, min_match, 5)
+        tokens, shares = brute_force(documents, text, min_match, max_match, 5)
+        assert proposal.tokens == tokens and (proposal.shares or []) == pytest.approx(shares), (documents, text)
+
+
+def test_lookup_prefers_the_texts_own_match_and_falls_back_to_its_corpus(tmp_path):
+    corpus = Corpus.from_documents([[5, 6, 7, 8, 9], [5, 6, 7, 8, 9]])
+    drafter = LookupDrafter(corpus=corpus, corpus_min_match=2)
+    index = drafter.new_cache()
+    index.enqueue(torch.tensor([[1, 6, 7, 3, 6, 7]]))  # [6, 7] occurred in the text, followed by 3
+    assert drafter.propose(index).tokens[:1] == [3] and not drafter.propose(index).from_corpus
+    index.enqueue(torch.tensor([[8]]))  # [6, 7, 8] is new to the text, and the corpus has it twice
+    proposal = drafter.propose(index)
+    assert proposal.from_corpus and proposal.match == 3 and proposal.tokens == [9]
+    assert drafter.draft(index, 4)[0].tolist() == [[9]]
+    loaded = LookupDrafter.from_pretrained(drafter.save_pretrained(tmp_path / "lookup"))
+    assert loaded.settings() == drafter.settings() and loaded.propose(index) == proposal
+    (tmp_path / "lookup" / CORPUS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="corpus.safetensors is not a lookup corpus"):
+        LookupDrafter.from_pretrained(tmp_path / "lookup")
+
+
+def test_corpus_drafts_are_cut_by_their_profiled_acceptance_by_share():
+    corpus = Corpus.from_documents([[1, 2, 3, 4]] * 3 + [[1, 2, 3, 5]] * 2)
+    drafter = LookupDrafter(corpus=corpus, corpus_min_match=2)
+    index = drafter.new_cache()
+    index.enqueue(torch.tensor([[0, 1, 2]]))
+    proposal = drafter.propose(index)
+    assert proposal.tokens == [3, 4] and proposal.shares == [1.0, 0.6]
+    assert drafter.chances(GREEDY, proposal) == [1.0, 0.6]  # no profile: the shares themselves
+    drafter.acceptance_by_share = {GREEDY: [0.1 * b for b in range(10)], SAMPLED: [0.0] * 10}
+    assert drafter.chances(GREEDY, proposal) == pytest.approx([0.9, 0.6])  # bins of width 0.1, a share of 1 in the last
+
+
 def test_hindsight_replays_the_index_as_generation_feeds_it():
     sequence = torch.tensor([[0, 4, 5, 6, 1, 4, 5, 6, 2, 4, 5, 9]])
     drafter = LookupDrafter(min_match=2, max_match=3, max_drafts=4)
@@ -117,13 +191,25 @@ def test_entropy_policy_takes_a_long_match_and_learns_a_short_one_fails():
     assert policy.choose(features(4, 1), {**lengths, LOOKUP: 1}) == EAGLE
 
 
+def test_entropy_policy_weighs_corpus_matches_in_a_regime_of_their_own():
+    policy = EntropyPolicy(priors={LOOKUP: (0.2, 0.8, 1.5, 2.5)}).for_generation()  # saved before corpora: kept
+    assert policy.priors[LOOKUP][-1] == EntropyPolicy.PRIORS[LOOKUP][-1]
+    lengths = {EAGLE: 3, LOOKUP: 8}
+    corpus_match = RoundFeatures(**{**vars(features(4, 8)), "lookup_corpus": True})
+    assert policy.choose(features(4, 8), lengths) == LOOKUP
+    for _ in range(3):  # corpus matches keep failing; the text's four-token matches keep their estimate
+        policy.observe(corpus_match, LOOKUP, 0, 0.05)
+    assert policy.choose(corpus_match, lengths) == EAGLE and policy.choose(features(4, 8), lengths) == LOOKUP
+
+
 def test_routing_features_cover_three_routes():
     state = RoutingState((EAGLE, DFLASH, LOOKUP))
     state.record(LOOKUP, 5, 0.05)
     state.record(EAGLE, 1, 0.06)
-    f = state.features(0.5, 0.9, position=20, lookup_match=3, lookup_drafts=8)
+    f = state.features(0.5, 0.9, position=20, lookup_match=3, lookup_drafts=8, lookup_corpus=True)
     vector = feature_vector(f)
     assert len(vector) == len(FEATURE_NAMES) and all(0.0 <= v <= 1.0 for v in vector)
+    assert vector[FEATURE_NAMES.index("lookup_corpus")] == 1
     assert vector[FEATURE_NAMES.index("lookup_ema")] == 5 / 16 and vector[FEATURE_NAMES.index("lookup_match")] > 0
     assert vector[FEATURE_NAMES.index("lookup_idle")] == 1 / 16 and vector[FEATURE_NAMES.index("eagle3_last")] == 1
 
@@ -150,7 +236,7 @@ def test_lookup_alone_and_all_routes_are_lossless_on_the_real_target(target, tok
     for routes in ((LOOKUP,), (EAGLE, DFLASH, LOOKUP)):
         assistant = WhiFlashAssistant.from_pretrained(target, folder, routes=routes, policy=EntropyPolicy(),
                                                       eagle_steps=3, dflash_block_size=8)
-        routed = []
+        routed, from_corpus = [], 0
         for row in PROMPTS[::13][:4]:
             ids = chat_ids(tokenizer, row["prompt"])
             torch.manual_seed(0)
@@ -158,7 +244,8 @@ def test_lookup_alone_and_all_routes_are_lossless_on_the_real_target(target, tok
             if mode == GREEDY:
                 assert torch.equal(out, target.generate(ids, max_new_tokens=48, do_sample=False)), (routes, row)
             routed += assistant.stats.routes
-        assert LOOKUP in routed, routes
+            from_corpus += sum(p.from_corpus for p in lookup_proposals(assistant.lookup, out, ids.shape[1]))
+        assert LOOKUP in routed and from_corpus, routes  # the shipped corpus proposed in some rounds
 
 
 def test_each_generation_has_its_own_lookup_index(target, tokenizer):
