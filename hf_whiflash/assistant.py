@@ -25,7 +25,7 @@ from .names import DFLASH, EAGLE, GREEDY, LOOKUP, MODE_ROUTES, NEURAL_ROUTES, SA
 from .routing import EntropyPolicy, NeuralPolicy, Policy
 from .settings import Rule, SettingsError, check, integer, json_object
 from .stats import GenerationStats
-from .targets import cache_root, shipped_drafters, text_config
+from .targets import shipped_drafters, text_config
 
 
 # The draft lengths a user or whiflash_config.json may set (None: calibrated, or the default).
@@ -113,7 +113,7 @@ class WhiFlashAssistant(nn.Module):
         else:
             self.dynamic_routes = frozenset(self.drafters if dynamic_lengths else ())
         if profiles or self.policy.needs_costs or self.dynamic_routes:  # the per-round cut weighs costs too
-            self.latency = calibrated_latency(self, cache_root() / "calibration")
+            self.latency = calibrated_latency(self)
             self.policy.use_costs(self.latency)
         self.calibrated = {mode: {route: best_length(self.latency, route, profile[mode], mode == SAMPLED)
                                   for route, profile in profiles.items()} for mode in (GREEDY, SAMPLED)}

@@ -22,7 +22,7 @@ import transformers
 from .checkpoint import write_text_atomically
 from .latency import DRAFT_LENGTHS, LENGTHS, LatencyModel
 from .names import DFLASH, EAGLE, GREEDY, LOOKUP, SAMPLED
-from .targets import cpu_info
+from .targets import cache_root, cpu_info
 
 
 def device_name(device: torch.device) -> str:
@@ -55,11 +55,17 @@ def calibration_key(assistant) -> dict:
             "method": 11}  # method: bumped when the measurement changes
 
 
-def calibrated_latency(assistant, cache_dir: Path, refresh: bool = False) -> LatencyModel:
-    """The assistant's round costs on this machine: from `cache_dir` when measured before under the same key,
+def cache_dir() -> Path:
+    """Where measured round costs are kept (the test suite points this elsewhere: costs it measures on a busy
+    machine must not be what later generations and benchmarks reuse)."""
+    return cache_root() / "calibration"
+
+
+def calibrated_latency(assistant, refresh: bool = False) -> LatencyModel:
+    """The assistant's round costs on this machine: from cache_dir() when measured before under the same key,
     else measured now and written there (atomically: a killed write leaves no half file)."""
     key = calibration_key(assistant)
-    path = Path(cache_dir) / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
+    path = cache_dir() / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
     if not refresh and path.is_file():
         try:
             saved = json.loads(path.read_text())

@@ -159,14 +159,14 @@ def cmd_calibrate(args) -> int:
 
     from .assistant import build_assistant
     from .calibration import calibrated_latency, describe, device_name, latency_table
-    from .targets import cache_root, load_target, resolve_device
+    from .targets import load_target, resolve_device
 
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     target, _ = load_target(args.target, dtype=args.dtype, device=device)
     assistant = build_assistant(target, args.target, "whiflash", args.drafters)
-    latency = calibrated_latency(assistant, cache_root() / "calibration", refresh=True)
+    latency = calibrated_latency(assistant, refresh=True)
     assistant = build_assistant(target, args.target, "whiflash", args.drafters)  # chooses from the new costs
     print(f"Round costs on {device_name(target.device)}, {torch.get_num_threads()} threads, "
           f"{next(target.parameters()).dtype} (ms):\n\n{latency_table(latency)}\n")

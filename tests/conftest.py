@@ -5,10 +5,20 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant, load_target
+from hf_whiflash import DFlashDrafter, Eagle3Drafter, WhiFlashAssistant, calibration, load_target
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.routing import NeuralPolicy
 from helpers import WORDS, word_tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_calibration_cache(tmp_path_factory):
+    """Round costs the tests measure stay with the tests: measured while the suite loads the machine, they would
+    otherwise be what later generations and benchmarks of the same target and drafters reuse."""
+    folder = tmp_path_factory.mktemp("calibration")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(calibration, "cache_dir", lambda: folder)
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_whiflash import CheckpointError, DFlashDrafter, Eagle3Drafter, WhiFlashAssistant
+from hf_whiflash import calibration
 from hf_whiflash.calibration import DraftCut, best_length, calibrated_latency, describe
 from hf_whiflash.latency import LatencyModel, _by_length, _interleaved_times
 from hf_whiflash.names import DFLASH, EAGLE, GREEDY, SAMPLED, TARGET
@@ -21,7 +22,7 @@ PROMPT = torch.tensor([[3, 8, 4, 9, 12, 5, 7]])
 def parts(tiny, tmp_path, monkeypatch):
     """The tiny target, its drafters with acceptance profiles, a fresh calibration cache, and a count of
     the measurements taken."""
-    monkeypatch.setenv("HF_WHIFLASH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibration, "cache_dir", lambda: tmp_path / "cache" / "calibration")
     measured = []
     real_measure = LatencyModel.measure.__func__
     monkeypatch.setattr(LatencyModel, "measure", classmethod(
@@ -62,7 +63,7 @@ def test_a_torn_cache_file_is_measured_again_and_a_killed_write_keeps_the_old_on
     (path,) = cache.glob("*.json")
     path.write_text(path.read_text()[:40])  # what a non-atomic writer killed midway would leave
     with pytest.warns(UserWarning, match="damaged calibration cache entry"):
-        calibrated_latency(assistant, cache)
+        calibrated_latency(assistant)
     assert len(measured) == 2 and json.loads(path.read_text())["latency"]
     good = path.read_text()
 
@@ -73,7 +74,7 @@ def test_a_torn_cache_file_is_measured_again_and_a_killed_write_keeps_the_old_on
 
     monkeypatch.setattr(type(path), "write_text", killed)
     with pytest.raises(KeyboardInterrupt):
-        calibrated_latency(assistant, cache, refresh=True)
+        calibrated_latency(assistant, refresh=True)
     monkeypatch.undo()
     assert path.read_text() == good and [p.name for p in cache.iterdir()] == [path.name]
 

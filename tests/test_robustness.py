@@ -17,7 +17,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM
 
-from hf_whiflash import DFlashDrafter, Eagle3Drafter, EntropyPolicy, WhiFlashAssistant, checkpoint
+from hf_whiflash import DFlashDrafter, Eagle3Drafter, EntropyPolicy, WhiFlashAssistant, calibration, checkpoint
 from hf_whiflash.calibration import calibrated_latency
 from hf_whiflash.cli import main
 from hf_whiflash.latency import LatencyModel
@@ -319,12 +319,13 @@ def test_a_damaged_calibration_entry_is_measured_again_with_a_note(new, tmp_path
     """Before: a cache file holding [] crashed every assistant build."""
     measured = []
     monkeypatch.setattr(LatencyModel, "measure", classmethod(lambda cls, assistant: measured.append(1) or COSTS))
-    calibrated_latency(new, tmp_path)
+    monkeypatch.setattr(calibration, "cache_dir", lambda: tmp_path)
+    calibrated_latency(new)
     (path,) = tmp_path.glob("*.json")
     key = json.loads(path.read_text())["key"]
     path.write_text(json.dumps(damage).replace('"KEY"', json.dumps(key)))
     with pytest.warns(UserWarning, match=re.escape(str(path)) + " is a damaged calibration cache entry"):
-        assert calibrated_latency(new, tmp_path) == COSTS
+        assert calibrated_latency(new) == COSTS
     assert len(measured) == 2 and json.loads(path.read_text())["key"] == key
 
 
