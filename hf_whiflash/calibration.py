@@ -21,7 +21,7 @@ import transformers
 
 from .checkpoint import write_text_atomically
 from .latency import DRAFT_LENGTHS, LENGTHS, LatencyModel
-from .names import DFLASH, EAGLE, GREEDY, LOOKUP, SAMPLED
+from .names import DFLASH, EAGLE, GREEDY, LOOKUP, SAMPLED, read_bins
 from .targets import cache_root, cpu_info
 
 
@@ -124,10 +124,7 @@ class DraftCut:
         self.by_confidence = by_confidence
 
     def _chances(self, confidences: list[float]) -> list[float]:
-        if self.by_confidence is None:
-            return confidences
-        bins = len(self.by_confidence)
-        return [self.by_confidence[min(int(c * bins), bins - 1)] for c in confidences]
+        return confidences if self.by_confidence is None else read_bins(self.by_confidence, confidences)
 
     def _cost(self, k: int, drafted: int) -> float:
         return self.verify[k] + self.draft[k if self.per_step else drafted]

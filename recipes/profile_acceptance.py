@@ -25,7 +25,6 @@ round by draft cap over the rounds where it matched. `--routes` limits what is p
 """
 
 import argparse
-import math
 import statistics
 from pathlib import Path
 
@@ -193,10 +192,7 @@ def by_share(outcomes: list[tuple], column: int) -> list[float]:
 def lookup_tokens_per_round(outcomes: list[tuple], lookup: LookupDrafter, mode: str) -> dict:
     """Draft cap k -> expected tokens per round (1 + expected accepted drafts by the lookup's profiled chances) over
     the matched rounds, each drafting min(k, its proposal's length)."""
-    def expected(proposal, drafts: int) -> float:
-        chances = lookup.chances(mode, proposal)
-        return 1 + sum(math.prod(chances[:j]) for j in range(1, drafts + 1))
-    return {k: statistics.mean(expected(o[0], min(k, len(o[0].tokens))) for o in outcomes)
+    return {k: statistics.mean(1 + lookup.expected(mode, o[0], drafts=k) for o in outcomes)
             for k in range(1, lookup.max_drafts + 1)}
 
 

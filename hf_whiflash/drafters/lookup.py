@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..checkpoint import CheckpointError, read_json_object, replace_atomically, write_text_atomically
-from ..names import ACCEPTANCE_FILE, CONFIDENCE_BINS, GREEDY, SAMPLED
+from ..names import ACCEPTANCE_FILE, CONFIDENCE_BINS, GREEDY, SAMPLED, read_bins
 from ..settings import SettingsError, check, integer
 
 CONFIG_FILE = "config.json"
@@ -241,17 +241,17 @@ class LookupDrafter:
         if proposal.from_corpus:
             if not self.acceptance_by_share:
                 return proposal.shares
-            bins = self.acceptance_by_share[mode]
-            return [bins[min(int(share * len(bins)), len(bins) - 1)] for share in proposal.shares]
+            return read_bins(self.acceptance_by_share[mode], proposal.shares)
         if not self.acceptance_by_match or not proposal.match:
             return None
         by_match = self.acceptance_by_match[mode]
         nearest = min(by_match, key=lambda n: abs(n - proposal.match))  # longer matches share the longest's
         return by_match[nearest][:len(proposal.tokens)]
 
-    def expected(self, mode: str, proposal: Proposal) -> float:
-        """The proposal's expected accepted drafts by its profiled chances (a round feature; 0 without a profile)."""
-        chances, reach, total = self.chances(mode, proposal) or [], 1.0, 0.0
+    def expected(self, mode: str, proposal: Proposal, drafts: int | None = None) -> float:
+        """The expected accepted drafts of the proposal's first `drafts` (all: None) by their profiled chances (a
+        round feature; 0 without a profile)."""
+        chances, reach, total = (self.chances(mode, proposal) or [])[:drafts], 1.0, 0.0
         for chance in chances:
             reach *= chance
             total += reach
