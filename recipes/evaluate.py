@@ -24,6 +24,7 @@ import torch
 
 from hf_whiflash import DEFAULT_TARGET, DFlashDrafter, Eagle3Drafter, load_target
 from hf_whiflash.bench import CATEGORIES, PROMPT_SETS, load_prompts
+from hf_whiflash.checkpoint import write_text_atomically
 from hf_whiflash.hindsight import acceptance_tables, walk
 
 
@@ -113,7 +114,7 @@ def main() -> None:
                        "train_steps": run.get("config", {}).get("max_steps"), "acceptance_length": result}
             rows.append(row)
             print(route, folder, {k: round(v, 2) for k, v in row["acceptance_length"].items()})
-            out.write_text(json.dumps({"settings": settings, "results": rows}, indent=1))  # resumable
+            write_text_atomically(out, json.dumps({"settings": settings, "results": rows}, indent=1))  # resumable
     steps_curve = [r for r in rows if r["step"] is not None]
     if steps_curve:
         plot_curve(steps_curve, "step", "training step", out.with_suffix(".png"))

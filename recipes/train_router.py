@@ -27,6 +27,7 @@ from features import read_samples
 
 from hf_whiflash import WhiFlashAssistant, load_target
 from hf_whiflash.assistant import write_settings
+from hf_whiflash.checkpoint import write_text_atomically
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.names import DFLASH, EAGLE, GREEDY, LOOKUP, ROUTES, SETTINGS_FILE
@@ -93,7 +94,7 @@ def main() -> None:
               "mean_accepted": {r: statistics.mean(accepted[:, i].tolist()) for i, r in enumerate(ROUTES)}}
     print(json.dumps(report, indent=1))
     policy.save_pretrained(out)
-    (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    write_text_atomically(out / "training_report.json", json.dumps(report, indent=1))
     if args.install:
         install(policy, Path(args.install))
         print(f"installed the router in {args.install}")

@@ -20,6 +20,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from hf_whiflash.checkpoint import write_text_atomically
 
 
 def recipe_config(doc: str, example: str) -> tuple[argparse.Namespace, dict]:
@@ -193,7 +194,7 @@ def train(config: dict, objective: torch.nn.Module, drafter, store: Dataset,
         accelerator.print(f"resumed from {resume} at step {step}")
     log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
     if accelerator.is_main_process:  # what this run trained on, for curves over data size (recipes/evaluate.py)
-        (out / "run.json").write_text(json.dumps({"config": config, "train_samples": len(store)}, indent=1))
+        write_text_atomically(out / "run.json", json.dumps({"config": config, "train_samples": len(store)}, indent=1))
     progress = tqdm(total=total, initial=step, desc=out.name, disable=not accelerator.is_local_main_process)
     epoch = step // max(1, len(loader))
 

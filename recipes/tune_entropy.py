@@ -22,6 +22,7 @@ from evaluate import references
 
 from hf_whiflash import DEFAULT_TARGET, WhiFlashAssistant, load_target
 from hf_whiflash.bench import CATEGORIES, load_prompts
+from hf_whiflash.checkpoint import write_text_atomically
 from hf_whiflash.hindsight import acceptance_tables, simulate_routing
 from hf_whiflash.latency import LatencyModel
 from hf_whiflash.names import DFLASH, EAGLE, GREEDY, LOOKUP, POLICY_FOLDER, ROUTES
@@ -130,8 +131,8 @@ def main() -> None:
             print(f"{name:60s} " + " ".join(f"{c} {v:6.1f}" for c, v in rows[name].items()))
     mean_best = statistics.mean(rows[best][c] for c in CATEGORIES)
     print(f"best entropy setting: {best} (mean over categories {mean_best:.1f} tokens per modelled second)")
-    out.write_text(json.dumps({"latency": latency.to_dict(), "tokens_per_modelled_second": rows, "best": best},
-                              indent=1))
+    write_text_atomically(out, json.dumps({"latency": latency.to_dict(), "tokens_per_modelled_second": rows,
+                                           "best": best}, indent=1))
 
 
 if __name__ == "__main__":
