@@ -40,7 +40,8 @@ if DRAFTERS is not None and (Path(DRAFTERS) / POLICY_FOLDER).is_dir():
     MODES = {"WhiFlash (neural router)": ("whiflash", NeuralPolicy.from_pretrained(Path(DRAFTERS) / POLICY_FOLDER))} \
         | MODES
 
-target, tokenizer = load_target(TARGET_NAME, dtype=os.environ.get("WHIFLASH_DTYPE", "float32"))  # plain runs in it too
+# plain generate() runs in the same dtype
+target, tokenizer = load_target(TARGET_NAME, dtype=os.environ.get("WHIFLASH_DTYPE", "float32"))
 # Draft lengths: chosen for this machine unless set (e.g. to show drafting where calibration turns it off).
 LENGTHS = {"eagle_steps": os.environ.get("WHIFLASH_EAGLE_STEPS"),
            "dflash_block_size": os.environ.get("WHIFLASH_BLOCK_SIZE")}
@@ -141,8 +142,8 @@ def stream(assistant, ids, settings: dict):
 
 with gr.Blocks(title="WhiFlash") as app:
     gr.Markdown("# ⚡ WhiFlash: speculative decoding that switches drafters token by token\n"
-                f"Target: **{TARGET_NAME}** ({str(target.dtype).removeprefix('torch.')}) on {target.device.type.upper()}. "
-                "Each token is coloured by the drafter that proposed it.")
+                f"Target: **{TARGET_NAME}** ({str(target.dtype).removeprefix('torch.')}) on "
+                f"{target.device.type.upper()}. Each token is coloured by the route that proposed it.")
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",

@@ -16,17 +16,17 @@ SETTINGS_FILE = "whiflash_config.json"  # draft lengths and routing policy of a 
 ACCEPTANCE_FILE = "acceptance.json"  # in a drafter folder: its mean tokens per round by mode and draft length
 CONFIDENCE_BINS = 10  # acceptance.json's acceptance by confidence: equal bins of the drafter's confidence in [0, 1]
 
-
-def read_bins(bins: list[float], values: list[float]) -> list[float]:
-    """Each value in [0, 1] -> the entry of `bins` (a profile over equal bins of [0, 1]) that holds it."""
-    return [bins[min(int(value * len(bins)), len(bins) - 1)] for value in values]
-
 # Decoding modes. Sampling accepts fewer drafts than greedy and pays per candidate for the target's processors
 # (transformers processes every verified row), so draft lengths are profiled and chosen per mode.
 GREEDY, SAMPLED = "greedy", "sampling"
 
 # Sampling mode of the command line, the benchmark and the demo.
 SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+
+
+def read_bins(bins: list[float], values: list[float]) -> list[float]:
+    """Each value in [0, 1] -> the entry of `bins` (a profile over equal bins of [0, 1]) that holds it."""
+    return [bins[min(int(value * len(bins)), len(bins) - 1)] for value in values]
 
 
 def package_version() -> str:

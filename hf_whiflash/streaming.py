@@ -6,9 +6,9 @@ from transformers.generation.streamers import BaseStreamer
 class ProvenanceStreamer(BaseStreamer):
     """Calls `on_tokens(token_ids, sources)` once per round, in order, each token once.
 
-    sources[i] is the route ("eagle3", "dflash" or "lookup") for an accepted draft, "correction" for the target's token
-    that replaced a rejected draft, and "target" for the target's own token (the prefill's first
-    token, the bonus after a fully accepted draft, or a round without drafts). `stats` is the
+    sources[i] is the route ("eagle3", "dflash" or "lookup") for an accepted draft, "correction" for the
+    target's token that replaced a rejected draft, and "target" for the target's own token (the prefill's
+    first token, the bonus after a fully accepted draft, or a round without drafts). `stats` is the
     GenerationStats of the generation being streamed, readable from any thread (the demo's UI reads
     it while another thread generates).
     """
