@@ -8,7 +8,9 @@ loss weights `ttt_decay`**step (0.8): soft cross-entropy against the target's di
 renormalised over the draft vocabulary, on response tokens only. `acceptance_loss: w` (LK-style) moves
 weight w of it onto -log alpha, alpha = sum_x min(p(x), q(x)): the chance that a draft sampled from the
 head's q is accepted, which is what speculative sampling pays for (cross-entropy only reaches it at
-q = p). The draft vocabulary is the `draft_vocab_size` most frequent response tokens (d2t/t2d). Output:
+q = p). The draft vocabulary is the `draft_vocab_size` most frequent response tokens (d2t/t2d). An
+`intermediate_size` wider than the `init_from` head's grows its MLP without changing what it computes
+(grow_mlp), so a wider head starts from the trained one's accuracy. Output:
 `out`/final in the EAGLE-3 Hub layout (Eagle3Drafter.from_pretrained loads it; `--push-to-hub REPO`
 publishes it).
 """
@@ -23,6 +25,7 @@ from features import evaluation_batches, frequent_tokens, training_features
 from trainer import recipe_config, starting_drafter, train
 
 from hf_whiflash import Eagle3Drafter, load_target
+from hf_whiflash.drafters.layers import GatedMLP, init_weights
 
 
 class TTTObjective(nn.Module):
@@ -139,6 +142,29 @@ def init_midlayer(drafter: Eagle3Drafter, target, how: str) -> None:
         mid.post_attention_layernorm.weight.copy_(top.post_attention_layernorm.weight)
 
 
+def grow_mlp(drafter: Eagle3Drafter, width: int | None, std: float = 0.02) -> None:
+    """Widen a trained head's MLP to `width` units, computing the same function: the old units keep their weights,
+    the new ones get fresh N(0, std) gate/up rows and zero down_proj columns (their output starts at exactly 0,
+    and the gradient reaches them through down_proj from the first step)."""
+    old = drafter.midlayer.mlp
+    if width is None or width == old.up_proj.out_features:
+        return
+    units, bias = old.up_proj.out_features, old.up_proj.bias is not None
+    new = GatedMLP(drafter.config.hidden_size, width, drafter.config.get("hidden_act", "silu"), bias)
+    init_weights(new, std)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj"):  # [units, H] -> [width, H]
+            getattr(new, name).weight[:units].copy_(getattr(old, name).weight)
+            if bias:
+                getattr(new, name).bias[:units].copy_(getattr(old, name).bias)
+        new.down_proj.weight.zero_()[:, :units].copy_(old.down_proj.weight)  # [H, units] -> [H, width]
+        if bias:
+            new.down_proj.bias.copy_(old.down_proj.bias)
+    drafter.midlayer.mlp = new.to(old.up_proj.weight.dtype)
+    drafter.config.intermediate_size = width
+    print(f"grew the MLP from {units} to {width} units")
+
+
 def main() -> None:
     args, config = recipe_config(__doc__, "recipes/configs/eagle3_smollm2.yaml")
     torch.manual_seed(config.get("seed", 0))
@@ -148,7 +174,9 @@ def main() -> None:
         config, Eagle3Drafter, target,
         lambda: Eagle3Drafter.for_target(target, draft_vocab_size=config["draft_vocab_size"],
                                          intermediate_size=config.get("intermediate_size"), seed=config.get("seed", 0)),
-        lambda d: {"draft_vocab_size": d.config.draft_vocab_size, "intermediate_size": d.config.intermediate_size})
+        # A wider intermediate_size than the head's fits (grow_mlp); a narrower one would drop trained units.
+        lambda d: {"draft_vocab_size": d.config.draft_vocab_size,
+                   "intermediate_size": max(d.config.intermediate_size, config.get("intermediate_size") or 0)})
     final_layer = target.config.num_hidden_layers  # hidden_states[L]: normed output, the LM head's input
     read = sorted(set(drafter.feature_layers) | {final_layer})
     store = training_features(config, target, read)
@@ -156,7 +184,9 @@ def main() -> None:
         if config.get("init_from") and config.get(key, "random") != "random":
             raise ValueError(f"{key} initialises a head trained from scratch: set init_from to null, or "
                              f"{key} to random to train the init_from head further")
-    if not config.get("init_from"):  # a trained drafter keeps the vocabulary its head was trained for
+    if config.get("init_from"):
+        grow_mlp(drafter, config.get("intermediate_size"), getattr(target.config, "initializer_range", 0.02))
+    else:  # a trained drafter keeps the vocabulary its head was trained for
         drafter.set_draft_vocab(frequent_tokens(store, config["draft_vocab_size"], target.config.eos_token_id))
         init_lm_head(drafter, target, config.get("lm_head_init", "random"))
         init_midlayer(drafter, target, config.get("midlayer_init", "random"))

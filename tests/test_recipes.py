@@ -816,6 +816,27 @@ def test_recipe_starts_from_a_trained_drafter(tiny_data, script, config_name, ki
     assert moved and changed < 1.0  # two small steps away from the shipped weights, not a fresh init
 
 
+def test_a_trained_head_grows_a_wider_mlp_computing_the_same(tmp_path, monkeypatch):
+    """intermediate_size wider than init_from's (train_eagle3.grow_mlp): the grown head drafts exactly what the
+    trained one did, its new units can learn (fresh gate/up rows), and it saves and loads at the new width."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from train_eagle3 import grow_mlp
+
+    shipped = REPO / "hf_whiflash" / "checkpoints" / "SmolLM2-135M-Instruct" / "eagle3"
+    head = Eagle3Drafter.from_pretrained(shipped, dtype=torch.float32)
+    x = torch.randn(3, 5, head.config.hidden_size)  # [batch, positions, H]
+    before = head.midlayer.mlp(x)
+    grow_mlp(head, 2 * head.config.intermediate_size)
+    wide = head.midlayer.mlp
+    assert wide.up_proj.out_features == head.config.intermediate_size == 3072
+    torch.testing.assert_close(wide(x), before, rtol=0, atol=1e-5)
+    assert wide.gate_proj.weight[1536:].abs().sum() > 0 and not wide.down_proj.weight[:, 1536:].any()
+    head.save_pretrained(tmp_path / "wide")
+    loaded = Eagle3Drafter.from_pretrained(tmp_path / "wide", dtype=torch.float32)
+    assert loaded.config.intermediate_size == 3072
+    torch.testing.assert_close(loaded.midlayer.mlp(x), before, rtol=0, atol=1e-5)
+
+
 def test_reference_continuations_are_cached_per_target(tiny, tmp_path, monkeypatch):
     """evaluate.py and profile_acceptance.py cache the target's greedy continuations of the prompts; a cache of
     another target is not read (rows without a name are the default target's, as every cache was before)."""
