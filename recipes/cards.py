@@ -204,31 +204,49 @@ on that machine (`hf_whiflash/calibration.py`). `whiflash calibrate` measures ag
 {profile_table(kind, profile)}"""
 
 
-def dflash_calibrations(results: Path) -> list[dict]:
-    """Every bench run under `results` whose recorded draft lengths cover DFlash: run, machine, dtype, drafted."""
+def dflash_calibrations(results: Path, since: str = "") -> list[dict]:
+    """Every bench run under `results` (dated `since` or later: runs of the weights shipped then) whose recorded
+    draft lengths cover DFlash: run, machine, dtype, drafted."""
     runs = []
     for path in sorted(results.glob("*/bench.json")):
         meta = json.loads(path.read_text())["meta"]
         chosen = " | ".join((meta.get("draft_lengths") or {}).values())
-        if f"{DFLASH}: no drafting" in chosen or "DFlash block" in chosen:
+        if meta["date"] >= since and (f"{DFLASH}: no drafting" in chosen or "DFlash block" in chosen):
             runs.append({"run": f"{results.name}/{path.parent.name}", "machine": meta["machine"].split(",")[0],
                          "dtype": meta.get("requested_dtype"), "drafted": "DFlash block" in chosen})
     return runs
 
 
 def dflash_switch_note(cards: dict, best: float) -> str:
-    runs = dflash_calibrations(Path(cards["benchmarks"]))
-    off = [r for r in runs if not r["drafted"]]
-    machines = ", ".join(sorted({r["machine"] for r in off}))
-    dtypes = " and ".join(sorted({r["dtype"] for r in off if r["dtype"]}))
-    exceptions = "".join(f" Outside `{cards['benchmarks']}/`, one calibration did let it draft: {e}."
+    """Where calibration let the shipped DFlash draft: the bench runs since its weights shipped, and those before."""
+    shipped = cards["drafters"][DFLASH].get("further", {}).get("shipped", "")
+    runs = dflash_calibrations(Path(cards["benchmarks"]), shipped)
+    earlier = [r for r in dflash_calibrations(Path(cards["benchmarks"])) if r not in runs]
+
+    def listed(group: list[dict]) -> str:
+        machines = ", ".join(sorted({r["machine"] for r in group}))
+        dtypes = " and ".join(sorted({r["dtype"] for r in group if r["dtype"]}))
+        names = [f"`{r['run']}`" for r in group]
+        return f"{machines}; {dtypes}: {', '.join(names)}"
+
+    on, off = [r for r in runs if r["drafted"]], [r for r in runs if not r["drafted"]]
+    counted = (f"of the {len(runs)} bench runs in `{cards['benchmarks']}/` that record the lengths calibration chose for "
+               "these weights")
+    if on:
+        verdict = f"**Calibration lets this drafter draft on some CPUs**: in {len(on)} {counted} ({listed(on)})"
+        verdict += f"; in {len(off)} it drafted nothing ({listed(off)})." if off else "."
+    elif off:
+        verdict = (f"**Calibration switches this drafter off on every CPU measured so far**: in {len(off)} {counted} "
+                   f"({listed(off)}) DFlash drafted nothing and its rounds were plain decoding steps.")
+    else:
+        verdict = f"**No bench run in `{cards['benchmarks']}/` has measured these weights yet.**"
+    if earlier:
+        verdict += (f" The weights shipped before these drafted in {sum(r['drafted'] for r in earlier)} of "
+                    f"{len(earlier)} earlier runs.")
+    exceptions = "".join(f" Outside `{cards['benchmarks']}/`, one calibration did let DFlash draft: {e}."
                          for e in cards["drafters"][DFLASH]["exceptions"])
-    listed = ", ".join(f"`{r['run']}`" for r in off)
-    return (f"**Calibration switches this drafter off on every CPU measured so far**: in {len(off)} of the {len(runs)} "
-            f"bench runs in `{cards['benchmarks']}/` that record the lengths calibration chose ({machines}; "
-            f"{dtypes}) DFlash drafted nothing and its rounds were plain decoding steps ({listed}).{exceptions} "
-            f"Its best profile, {best:.2f} tokens a round, does not pay for a block's verify on these CPUs. Whether it "
-            "pays on a GPU, where a 16-token verify costs little more than one, has not been measured.")
+    return (f"{verdict}{exceptions} This drafter's best profile is {best:.2f} tokens a round (below). Whether it pays "
+            "on a GPU, where a 16-token verify costs little more than one, has not been measured.")
 
 
 def evaluation_section(kind: str, cards: dict, folder: Path) -> tuple[str, list]:
@@ -243,19 +261,28 @@ def evaluation_section(kind: str, cards: dict, folder: Path) -> tuple[str, list]
         rows.append((f"{prompts}: {prompt_set_note(prompts)}, {settings['max_new_tokens']} new tokens, {length} "
                      f"([{Path(path).name}](../{path}))", per_category))
         results += eval_results(per_category, prompts, length)
-    dev = json.loads(Path(cards["acceptance"]["dev"]).read_text())["results"]
+    dev = json.loads(Path(cards["snapshot_acceptance"]).read_text())["results"]
     snapshots = sorted((r for r in dev if r["route"] == kind and r["folder"].startswith(runs[kind]["snapshots"] + "/")),
                        key=lambda r: r["step"])
     by_data = sorted((r for r in dev if r["route"] == kind and r.get("train_samples")), key=lambda r: r["train_samples"])
+    further = runs[kind].get("further")
     text = f"""Acceptance length (tokens per round: accepted drafts plus the target's own token), greedy, teacher-forced
 on the target's own greedy output (exactly what generation sees), at the fixed length each evaluation names
 (`recipes/evaluate.py`; generation calibrates its own, above):
 
 {category_table("prompts", rows)}
 
-Over the training run (its snapshots, dev set, same settings):
+Over the {"first" if further else "training"} run (its snapshots, dev set, same settings):
 
 {category_table("training step", [(str(r["step"]), r["acceptance_length"]) for r in snapshots])}"""
+    if further:
+        text += f"""
+
+Over the run that trained it further (the in-run evaluation: how often its draft at each position is the
+target's next token, teacher-forced, on the dev prompts' greedy references and on as many training sequences;
+[{Path(further["curves"]).name}](../{further["curves"]})):
+
+{curve_table(further["curves"], further["run"])}"""
     if len({r["train_samples"] for r in by_data}) > 1:
         steps = "/".join(sorted({str(r["train_steps"]) for r in by_data}))
         text += f"""
@@ -265,6 +292,18 @@ Over data size (separate {steps}-step runs, same config otherwise, on nested ran
 
 {category_table("training samples", [(str(r["train_samples"]), r["acceptance_length"]) for r in by_data])}"""
     return text, results
+
+
+def curve_table(path: str, run: str, positions: tuple[int, ...] = (1, 2, 4)) -> str:
+    """A run's in-run accuracy by step (recipes/training_curves.py's json): dev and training set at `positions`."""
+    splits = json.loads(Path(path).read_text())[run]
+    train = {row["step"]: row["accuracy"] for row in splits["train"]}
+    columns = [f"{split} position {p}" for split in ("dev", "train") for p in positions]
+    lines = [f"| training step | epoch | {' | '.join(columns)} |", "|---" * (len(columns) + 2) + "|"]
+    for row in splits["dev"]:
+        cells = [row["accuracy"][p - 1] for p in positions] + [train[row["step"]][p - 1] for p in positions]
+        lines.append(f"| {row['step']} | {row['epoch']:.2f} | {' | '.join(f'{c:.2f}' for c in cells)} |")
+    return "\n".join(lines)
 
 
 def further_note(kind: str, cards: dict) -> str:
@@ -292,30 +331,53 @@ def reproduce_section(kind: str, cards: dict) -> str:
     outs = {k: runs[k]["config"]["out"] for k in (EAGLE, DFLASH)}
     configs = {k: f"recipes/configs/{k}_smollm2.yaml" for k in (EAGLE, DFLASH)}
     data = runs["data"]
+    further = runs[kind].get("further")
     sources = ", ".join(f"{n} {s}" for s, n in data["by_source"].items())
     evaluate = "\n".join(
         f"python recipes/evaluate.py --prompts {prompts} --{kind} runs/whiflash-smollm2/{kind} --out runs/{prompts}.json"
         for prompts in cards["acceptance"])
-    return f"""The weights come from one run from scratch, trained and shipped at commit `{runs["commit"]}` with the
+    first = "one run from scratch, trained and shipped" if not further else "two runs. The first, from scratch, ran"
+    schedule = f"\n{further['schedule']}\n" if further else ""  # how the second run's pieces went
+    text = f"""The weights come from {first} at commit `{runs["commit"]}` with the
 recipes and configs of that commit ({runs["machine"]}; {runs[kind]["minutes"]} minutes for this drafter). Its data,
 {data["samples"]} target-generated samples ({sources}; {data["stored"]} within `max_len`), was not archived, so it is
-generated again:
+generated again{further_text(further) if further else ""}:
 
 ```bash
 git checkout {runs["commit"]}
 python recipes/data.py recipes/configs/data_smollm2.yaml
 python recipes/train_eagle3.py {configs[EAGLE]} & python recipes/train_dflash.py {configs[DFLASH]}; wait
 python recipes/ship.py --eagle3 {outs[EAGLE]}/final --dflash {outs[DFLASH]}/final --out runs/whiflash-smollm2
-git checkout -
+{further_commands(kind, further) if further else ""}git checkout -
 python recipes/profile_acceptance.py --drafters runs/whiflash-smollm2   # the profiles calibration reads
 {evaluate}
 ```
-
+{schedule}
 The configs as they were then are kept in `recipes/configs/cards_smollm2.yaml`. Training is seeded, but the
 target's greedy responses and the optimizer's sums may differ in the last bits on another CPU, so a rerun lands
 near these figures rather than on them. Today's SmolLM2 configs start from these weights instead (`init_from`):
 `make train-drafters` trains them further on the data archived in `datasets/smollm2-135m-instruct/`.
-""" + further_note(kind, cards)
+"""
+    return text + further_note(kind, cards)
+
+
+def further_text(further: dict) -> str:
+    """The sentence on a shipped drafter's second run: trained further from the first run's weights."""
+    return f""". The second trained those weights further (`init_from`) at commit `{further["commit"]}`
+({further["machine"]}; {further["hours"]} hours) on the {further["samples"]} samples (within `max_len`) archived in
+`datasets/smollm2-135m-instruct/` at that commit"""
+
+
+def further_commands(kind: str, further: dict) -> str:
+    """The shell lines of a drafter's second run, after the first run's (whose shipped folder it starts from)."""
+    out = dict(item.split("=", 1) for item in further["set"].split())["out"]
+    return f"""git checkout {further["commit"]}
+rm -r runs/data/smollm2   # the archived data replaces the first run's
+python recipes/data.py recipes/configs/data_smollm2.yaml --max-minutes 0   # restores the archive only
+python recipes/train_{kind}.py recipes/configs/{kind}_smollm2.yaml --set init_from=runs/whiflash-smollm2/{kind} \\
+    {further["set"]}
+python recipes/ship.py --update --{kind} {out}/final --out runs/whiflash-smollm2
+"""
 
 
 def layers_text(kind: str, config: dict, depth: int) -> str:
@@ -439,6 +501,8 @@ def router_card(cards: dict):
                          datasets=[BFCL], model_name=f"router-{target.lower()}", eval_results=results,
                          target_weights=weights_metadata(target))
     routes = ", ".join(NAMES[r] for r in policy["routes"])
+    per_category = bench["meta"].get("per_category")
+    prompts = f"the first {per_category} prompts of each category" if per_category else "every prompt"
     content = f"""---
 {data.to_yaml()}
 ---
@@ -491,7 +555,7 @@ different set of states (`{router["report"]}` is this run's report).
 
 - Held-out states: the predicted best route (lookup counted only where it matched) agrees with the hindsight-best
   route in {agreement:.0%} of rounds.
-- Dev set end to end, every prompt, {bench["meta"]["max_new_tokens"]} new tokens, {bench["meta"]["requested_dtype"]}, on
+- Dev set end to end, {prompts}, {bench["meta"]["max_new_tokens"]} new tokens, {bench["meta"]["requested_dtype"]}, on
   `{bench["meta"]["machine"]}` ([{router["bench"]}](../{router["bench"]}), `{bench["meta"]["command"]}`), tokens/s over plain
   `generate()`, median over prompts:
 

@@ -99,17 +99,19 @@ def test_cards_say_the_drafters_were_trained_on_the_q4_1_weights(kind):
 
 
 def test_dflash_card_reports_every_bench_run_s_calibration_of_dflash():
-    """Its "switched off" statement counts the bench runs under results/ whose recorded draft lengths cover DFlash,
-    and every run it lists recorded no DFlash drafting."""
+    """Its calibration statement counts the bench runs under results/ that measured the shipped weights (dated since
+    they shipped) and whose recorded draft lengths cover DFlash, and names every one of them."""
     text = load_card("dflash").text
+    shipped = cards_config()["drafters"]["dflash"].get("further", {}).get("shipped", "")
     runs = []
     for path in sorted((REPO / "results").glob("*/bench.json")):
-        chosen = " | ".join((json.loads(path.read_text())["meta"].get("draft_lengths") or {}).values())
-        if "dflash: no drafting" in chosen or "DFlash block" in chosen:
+        meta = json.loads(path.read_text())["meta"]
+        chosen = " | ".join((meta.get("draft_lengths") or {}).values())
+        if meta["date"] >= shipped and ("dflash: no drafting" in chosen or "DFlash block" in chosen):
             runs.append((f"results/{path.parent.name}", "DFlash block" in chosen))
-    off = [run for run, drafted in runs if not drafted]
-    assert off and f"in {len(off)} of the {len(runs)} bench runs" in text
-    assert all(f"`{run}`" in text for run in off)
+    drafted = sum(d for _, d in runs)
+    assert runs and f"in {drafted or len(runs)} of the {len(runs)} bench runs" in text
+    assert all(f"`{run}`" in text for run, _ in runs)
 
 
 @pytest.mark.parametrize("kind", ["eagle3", "dflash"])
@@ -124,6 +126,21 @@ def test_cards_config_keeps_the_configs_of_the_commit_that_shipped_the_weights(k
         if shown.returncode != 0:
             pytest.skip(f"commit {commit} is not in this checkout")
         assert yaml.safe_load(shown.stdout) == kept, files[key]
+
+
+def test_cards_config_keeps_the_config_that_trained_a_drafter_further():
+    """A drafter trained further (its `further` run): the kept config is its config file at that commit with the
+    `--set` keys the card's command line gives, so that command reproduces the run."""
+    runs = cards_config()["drafters"]
+    for kind in [kind for kind in ("eagle3", "dflash") if runs[kind].get("further")]:
+        further = runs[kind]["further"]
+        shown = subprocess.run(["git", "show", f"{further['commit']}:recipes/configs/{kind}_smollm2.yaml"], cwd=REPO,
+                               capture_output=True, text=True)
+        if shown.returncode != 0:
+            pytest.skip(f"commit {further['commit']} is not in this checkout")
+        config = yaml.safe_load(shown.stdout)
+        config.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in further["set"].split())})
+        assert config == further["config"], kind
 
 
 def test_space_requirements_never_pull_a_gguf_package_with_its_dependencies():
