@@ -230,8 +230,8 @@ def dflash_switch_note(cards: dict, best: float) -> str:
         return f"{machines}; {dtypes}: {', '.join(names)}"
 
     on, off = [r for r in runs if r["drafted"]], [r for r in runs if not r["drafted"]]
-    counted = (f"of the {len(runs)} bench runs in `{cards['benchmarks']}/` that record the lengths calibration chose for "
-               "these weights")
+    counted = (f"of the {len(runs)} bench runs in `{cards['benchmarks']}/` that record the lengths calibration "
+               "chose for these weights")
     if on:
         verdict = f"**Calibration lets this drafter draft on some CPUs**: in {len(on)} {counted} ({listed(on)})"
         verdict += f"; in {len(off)} it drafted nothing ({listed(off)})." if off else "."
