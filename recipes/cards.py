@@ -204,24 +204,24 @@ on that machine (`hf_whiflash/calibration.py`). `whiflash calibrate` measures ag
 {profile_table(kind, profile)}"""
 
 
-def dflash_calibrations(results: Path, since: str = "") -> list[dict]:
-    """Every bench run under `results` (dated `since` or later: runs of the weights shipped then) whose recorded
-    draft lengths cover DFlash: run, machine, dtype, drafted."""
+def dflash_calibrations(results: Path) -> list[dict]:
+    """Every bench run under `results` whose recorded draft lengths cover DFlash: run, date, machine, dtype, drafted."""
     runs = []
     for path in sorted(results.glob("*/bench.json")):
         meta = json.loads(path.read_text())["meta"]
         chosen = " | ".join((meta.get("draft_lengths") or {}).values())
-        if meta["date"] >= since and (f"{DFLASH}: no drafting" in chosen or "DFlash block" in chosen):
-            runs.append({"run": f"{results.name}/{path.parent.name}", "machine": meta["machine"].split(",")[0],
-                         "dtype": meta.get("requested_dtype"), "drafted": "DFlash block" in chosen})
+        if f"{DFLASH}: no drafting" in chosen or "DFlash block" in chosen:
+            runs.append({"run": f"{results.name}/{path.parent.name}", "date": meta["date"],
+                         "machine": meta["machine"].split(",")[0], "dtype": meta.get("requested_dtype"),
+                         "drafted": "DFlash block" in chosen})
     return runs
 
 
 def dflash_switch_note(cards: dict, best: float) -> str:
     """Where calibration let the shipped DFlash draft: the bench runs since its weights shipped, and those before."""
-    shipped = cards["drafters"][DFLASH].get("further", {}).get("shipped", "")
-    runs = dflash_calibrations(Path(cards["benchmarks"]), shipped)
-    earlier = [r for r in dflash_calibrations(Path(cards["benchmarks"])) if r not in runs]
+    shipped = cards["drafters"][DFLASH].get("second_run", {}).get("shipped", "")
+    every = dflash_calibrations(Path(cards["benchmarks"]))
+    runs, earlier = [r for r in every if r["date"] >= shipped], [r for r in every if r["date"] < shipped]
 
     def listed(group: list[dict]) -> str:
         machines = ", ".join(sorted({r["machine"] for r in group}))
@@ -265,24 +265,24 @@ def evaluation_section(kind: str, cards: dict, folder: Path) -> tuple[str, list]
     snapshots = sorted((r for r in dev if r["route"] == kind and r["folder"].startswith(runs[kind]["snapshots"] + "/")),
                        key=lambda r: r["step"])
     by_data = sorted((r for r in dev if r["route"] == kind and r.get("train_samples")), key=lambda r: r["train_samples"])
-    further = runs[kind].get("further")
+    second = runs[kind].get("second_run")
     text = f"""Acceptance length (tokens per round: accepted drafts plus the target's own token), greedy, teacher-forced
 on the target's own greedy output (exactly what generation sees), at the fixed length each evaluation names
 (`recipes/evaluate.py`; generation calibrates its own, above):
 
 {category_table("prompts", rows)}
 
-Over the {"first" if further else "training"} run (its snapshots, dev set, same settings):
+Over the {"first" if second else "training"} run (its snapshots, dev set, same settings):
 
 {category_table("training step", [(str(r["step"]), r["acceptance_length"]) for r in snapshots])}"""
-    if further:
+    if second:
         text += f"""
 
 Over the run that trained it further (the in-run evaluation: how often its draft at each position is the
 target's next token, teacher-forced, on the dev prompts' greedy references and on as many training sequences;
-[{Path(further["curves"]).name}](../{further["curves"]})):
+[{Path(second["curves"]).name}](../{second["curves"]})):
 
-{curve_table(further["curves"], further["run"])}"""
+{curve_table(second["curves"], second["run"])}"""
     if len({r["train_samples"] for r in by_data}) > 1:
         steps = "/".join(sorted({str(r["train_steps"]) for r in by_data}))
         text += f"""
@@ -331,24 +331,24 @@ def reproduce_section(kind: str, cards: dict) -> str:
     outs = {k: runs[k]["config"]["out"] for k in (EAGLE, DFLASH)}
     configs = {k: f"recipes/configs/{k}_smollm2.yaml" for k in (EAGLE, DFLASH)}
     data = runs["data"]
-    further = runs[kind].get("further")
+    second = runs[kind].get("second_run")
     sources = ", ".join(f"{n} {s}" for s, n in data["by_source"].items())
     evaluate = "\n".join(
         f"python recipes/evaluate.py --prompts {prompts} --{kind} runs/whiflash-smollm2/{kind} --out runs/{prompts}.json"
         for prompts in cards["acceptance"])
-    first = "one run from scratch, trained and shipped" if not further else "two runs. The first, from scratch, ran"
-    schedule = f"\n{further['schedule']}\n" if further else ""  # how the second run's pieces went
+    first = "one run from scratch, trained and shipped" if not second else "two runs. The first, from scratch, ran"
+    schedule = f"\n{second['schedule']}\n" if second else ""  # how the second run's pieces went
     text = f"""The weights come from {first} at commit `{runs["commit"]}` with the
 recipes and configs of that commit ({runs["machine"]}; {runs[kind]["minutes"]} minutes for this drafter). Its data,
 {data["samples"]} target-generated samples ({sources}; {data["stored"]} within `max_len`), was not archived, so it is
-generated again{further_text(further) if further else ""}:
+generated again{second_run_text(second) if second else ""}:
 
 ```bash
 git checkout {runs["commit"]}
 python recipes/data.py recipes/configs/data_smollm2.yaml
 python recipes/train_eagle3.py {configs[EAGLE]} & python recipes/train_dflash.py {configs[DFLASH]}; wait
 python recipes/ship.py --eagle3 {outs[EAGLE]}/final --dflash {outs[DFLASH]}/final --out runs/whiflash-smollm2
-{further_commands(kind, further) if further else ""}git checkout -
+{second_run_commands(kind, second) if second else ""}git checkout -
 python recipes/profile_acceptance.py --drafters runs/whiflash-smollm2   # the profiles calibration reads
 {evaluate}
 ```
@@ -361,21 +361,21 @@ near these figures rather than on them. Today's SmolLM2 configs start from these
     return text + further_note(kind, cards)
 
 
-def further_text(further: dict) -> str:
+def second_run_text(second: dict) -> str:
     """The sentence on a shipped drafter's second run: trained further from the first run's weights."""
-    return f""". The second trained those weights further (`init_from`) at commit `{further["commit"]}`
-({further["machine"]}; {further["hours"]} hours) on the {further["samples"]} samples (within `max_len`) archived in
+    return f""". The second trained those weights further (`init_from`) at commit `{second["commit"]}`
+({second["machine"]}; {second["hours"]} hours) on the {second["samples"]} samples (within `max_len`) archived in
 `datasets/smollm2-135m-instruct/` at that commit"""
 
 
-def further_commands(kind: str, further: dict) -> str:
+def second_run_commands(kind: str, second: dict) -> str:
     """The shell lines of a drafter's second run, after the first run's (whose shipped folder it starts from)."""
-    out = dict(item.split("=", 1) for item in further["set"].split())["out"]
-    return f"""git checkout {further["commit"]}
+    out = dict(item.split("=", 1) for item in second["set"].split())["out"]
+    return f"""git checkout {second["commit"]}
 rm -r runs/data/smollm2   # the archived data replaces the first run's
 python recipes/data.py recipes/configs/data_smollm2.yaml --max-minutes 0   # restores the archive only
 python recipes/train_{kind}.py recipes/configs/{kind}_smollm2.yaml --set init_from=runs/whiflash-smollm2/{kind} \\
-    {further["set"]}
+    {second["set"]}
 python recipes/ship.py --update --{kind} {out}/final --out runs/whiflash-smollm2
 """
 

@@ -102,7 +102,7 @@ def test_dflash_card_reports_every_bench_run_s_calibration_of_dflash():
     """Its calibration statement counts the bench runs under results/ that measured the shipped weights (dated since
     they shipped) and whose recorded draft lengths cover DFlash, and names every one of them."""
     text = load_card("dflash").text
-    shipped = cards_config()["drafters"]["dflash"].get("further", {}).get("shipped", "")
+    shipped = cards_config()["drafters"]["dflash"].get("second_run", {}).get("shipped", "")
     runs = []
     for path in sorted((REPO / "results").glob("*/bench.json")):
         meta = json.loads(path.read_text())["meta"]
@@ -114,33 +114,33 @@ def test_dflash_card_reports_every_bench_run_s_calibration_of_dflash():
     assert all(f"`{run}`" in text for run, _ in runs)
 
 
+def committed_yaml(commit: str, path: str) -> dict:
+    """The YAML file `path` as it was at `commit` (skips where the history is not there: a shallow clone lacks it)."""
+    shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, text=True)
+    if shown.returncode != 0:
+        pytest.skip(f"commit {commit} is not in this checkout")
+    return yaml.safe_load(shown.stdout)
+
+
 @pytest.mark.parametrize("kind", ["eagle3", "dflash"])
 def test_cards_config_keeps_the_configs_of_the_commit_that_shipped_the_weights(kind):
     """The reproduction the cards give runs the configs of that commit; the copies the cards config keeps are
-    those files (checked where the history is there: a shallow clone lacks it)."""
+    those files (checked where the history is there)."""
     config = cards_config()["drafters"]
-    commit = config["commit"]
     files = {kind: f"recipes/configs/{kind}_smollm2.yaml", "data": "recipes/configs/data_smollm2.yaml"}
     for key, kept in ((kind, config[kind]["config"]), ("data", config["data_config"])):
-        shown = subprocess.run(["git", "show", f"{commit}:{files[key]}"], cwd=REPO, capture_output=True, text=True)
-        if shown.returncode != 0:
-            pytest.skip(f"commit {commit} is not in this checkout")
-        assert yaml.safe_load(shown.stdout) == kept, files[key]
+        assert committed_yaml(config["commit"], files[key]) == kept, files[key]
 
 
 def test_cards_config_keeps_the_config_that_trained_a_drafter_further():
-    """A drafter trained further (its `further` run): the kept config is its config file at that commit with the
+    """A drafter trained further (its `second_run`): the kept config is its config file at that commit with the
     `--set` keys the card's command line gives, so that command reproduces the run."""
     runs = cards_config()["drafters"]
-    for kind in [kind for kind in ("eagle3", "dflash") if runs[kind].get("further")]:
-        further = runs[kind]["further"]
-        shown = subprocess.run(["git", "show", f"{further['commit']}:recipes/configs/{kind}_smollm2.yaml"], cwd=REPO,
-                               capture_output=True, text=True)
-        if shown.returncode != 0:
-            pytest.skip(f"commit {further['commit']} is not in this checkout")
-        config = yaml.safe_load(shown.stdout)
-        config.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in further["set"].split())})
-        assert config == further["config"], kind
+    for kind in [kind for kind in ("eagle3", "dflash") if runs[kind].get("second_run")]:
+        second = runs[kind]["second_run"]
+        config = committed_yaml(second["commit"], f"recipes/configs/{kind}_smollm2.yaml")
+        config.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in second["set"].split())})
+        assert config == second["config"], kind
 
 
 def test_space_requirements_never_pull_a_gguf_package_with_its_dependencies():
