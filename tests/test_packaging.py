@@ -67,6 +67,7 @@ for info in pkgutil.walk_packages(hf_whiflash.__path__, "hf_whiflash."):
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from hf_whiflash import Eagle3Drafter, WhiFlashAssistant, load_target
+torch.manual_seed(0)  # random weights: unseeded, greedy decoding ended early on EOS now and then
 target = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                                       num_attention_heads=4, num_key_value_heads=2)).eval()
 assistant = WhiFlashAssistant(target, Eagle3Drafter.for_target(target), eagle_steps=2)
