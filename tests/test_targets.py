@@ -250,6 +250,27 @@ def test_dtype_names_and_auto_resolve_and_unknown_ones_are_refused():
         resolve_dtype("float8", cpu)
 
 
+@pytest.mark.parametrize("bf16_cost, faster", [(1.0, True), (3.0, False)])
+def test_the_bf16_probe_judges_each_dtype_by_its_fastest_timing(monkeypatch, bf16_cost, faster):
+    """dtype "auto": a burst of another job's load during one of bf16's timings (here the first, 100x slower)
+    does not decide the dtype; which one is faster when neither is disturbed does."""
+    from hf_whiflash import targets
+
+    clock = {"now": 0.0, "bf16 calls": 0}
+
+    def linear(x, w):  # a fake matmul that only advances a fake clock: fp32 costs 2, bf16 `bf16_cost`
+        if x.dtype == torch.bfloat16:
+            clock["bf16 calls"] += 1
+            burst = 100.0 if 2 <= clock["bf16 calls"] <= 21 else 0.0  # the first timed pass (call 1 warms up)
+            clock["now"] += bf16_cost + burst
+        else:
+            clock["now"] += 2.0
+
+    monkeypatch.setattr(targets.torch.nn.functional, "linear", linear)
+    monkeypatch.setattr(targets.time, "perf_counter", lambda: clock["now"])
+    assert targets._bf16_matmul_is_faster() is faster
+
+
 def test_the_hub_original_of_the_default_target_gets_the_shipped_drafters_with_a_note(capsys):
     from hf_whiflash.targets import shipped_drafters
 
