@@ -6,7 +6,9 @@
 Per sequence, `anchors_per_sequence` random anchors a in the response; each block is
 [token at a, MASK x (B-1)], sees the target's features of positions strictly before a (and its
 own block, non-causally), and its position k predicts the token at a+k with loss weight
-exp(-(k-1)/gamma). With `soft_targets: true` the loss is the cross-entropy against the target's whole
+exp(-(k-1)/gamma). B is `block_size`, or with `train_block_sizes: [4, 8, 16]` one of those drawn per step:
+a drafter run at a smaller block than it was trained at sees fewer MASK positions and drafts worse, and the
+calibration picks the block size per machine, so one drafter should serve each size it may pick. With `soft_targets: true` the loss is the cross-entropy against the target's whole
 next-token distribution at a+k (its LM head over hidden_states[L], a feature like the others), not
 just its greedy token. The target's embedding and LM head are shared and frozen; with `loss_vocab: N` the
 loss normalises over the N most frequent response tokens and each batch's labels instead of every token
@@ -44,12 +46,13 @@ class BlockObjective(nn.Module):
     (the frozen LM head over Vl rows instead of all V: the largest matmul of a step, 49152 x H for SmolLM2)."""
 
     def __init__(self, drafter: DFlashDrafter, anchors: int, gamma: float, final_layer: int | None = None,
-                 loss_vocab: torch.Tensor | None = None):
+                 loss_vocab: torch.Tensor | None = None, block_sizes: list[int] | None = None):
         super().__init__()
         self.drafter, self.anchors = drafter, anchors
+        self.block_sizes = block_sizes or [drafter.block_size]  # one drawn per step
         self.final_layer = final_layer  # hidden_states index of the LM head's input: soft targets; None: hard labels
-        weights = torch.tensor([math.exp(-(k - 1) / gamma) for k in range(1, drafter.block_size)])
-        self.register_buffer("weights", weights)  # [B-1]: block position k = 1..B-1
+        weights = torch.tensor([math.exp(-(k - 1) / gamma) for k in range(1, max(self.block_sizes))])
+        self.register_buffer("weights", weights)  # [max B - 1]: block position k = 1..B-1
         self.register_buffer("loss_vocab", loss_vocab)
 
     @staticmethod
@@ -70,7 +73,8 @@ class BlockObjective(nn.Module):
 
     def forward(self, batch: dict):
         anchors, eligible = self.sample_anchors(batch["response"])  # [B, A]
-        hidden, labels, mask = self._blocks(batch, anchors, eligible)  # [B, A, size-1, H], [B, A, size-1] x2
+        size = self.block_sizes[torch.randint(len(self.block_sizes), ()).item()]
+        hidden, labels, mask = self._blocks(batch, anchors, eligible, size)  # [B, A, size-1, H], [B, A, size-1] x2
         vocab = self.loss_vocab
         if vocab is not None:  # the loss vocabulary and this batch's labels; labels become indices into it
             vocab = torch.unique(torch.cat([vocab, labels[mask]]))
@@ -82,7 +86,7 @@ class BlockObjective(nn.Module):
             predicted_from = anchors[..., None] + torch.arange(labels.shape[-1], device=anchors.device)  # a+k-1
             loss = self._soft_ce(logits, batch["hidden"][self.final_layer], predicted_from, mask, vocab)
         loss = loss.view_as(labels)
-        weighted = self.weights * mask
+        weighted = self.weights[:size - 1] * mask
         hits = (logits.argmax(-1) == labels) & mask
         accepted = hits.long().cumprod(-1).sum(-1).float()  # leading correct drafts per block (teacher-forced)
         valid_blocks = mask[..., 0].float()
@@ -97,15 +101,15 @@ class BlockObjective(nn.Module):
         eligible = self.eligible(batch["response"])
         fixed = torch.rand(eligible.shape, generator=torch.Generator().manual_seed(0)).to(eligible.device)
         anchors = (fixed + eligible).topk(min(EVAL_ANCHORS, eligible.shape[1]), dim=1).indices.sort(dim=1).values
-        hidden, labels, mask = self._blocks(batch, anchors, eligible.gather(1, anchors))
+        hidden, labels, mask = self._blocks(batch, anchors, eligible.gather(1, anchors), self.drafter.block_size)
         return (self._logits(hidden, None).argmax(-1) == labels).flatten(0, 1), mask.flatten(0, 1)
 
-    def _blocks(self, batch: dict, anchors: torch.Tensor, eligible: torch.Tensor):
+    def _blocks(self, batch: dict, anchors: torch.Tensor, eligible: torch.Tensor, size: int):
         """The drafter's normed hidden states at block positions 1..size-1 [B, A, size-1, H], the tokens they
         predict (the data's token at a+k) and which of them count [B, A, size-1]."""
         ids, response = batch["input_ids"], batch["response"]  # [B, T]
         B, T = ids.shape
-        A, size = anchors.shape[1], self.drafter.block_size
+        A = anchors.shape[1]
         blocks = torch.cat([ids.gather(1, anchors)[..., None],
                             torch.full((B, A, size - 1), self.drafter.mask_token_id, device=ids.device)],
                            dim=-1)  # [B, A, size]
@@ -185,7 +189,12 @@ def main() -> None:
         covered = torch.isin(torch.from_numpy(store.response_tokens()), loss_vocab).float().mean()
         print(f"loss over the {len(loss_vocab)} most frequent response tokens (and each batch's labels): "
               f"{covered:.1%} of the response tokens")
-    objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"], final_layer, loss_vocab)
+    block_sizes = config.get("train_block_sizes")
+    if block_sizes is not None and (not block_sizes or min(block_sizes) < 2 or max(block_sizes) > drafter.block_size):
+        raise ValueError(f"train_block_sizes {block_sizes}: expected sizes from 2 to block_size ({drafter.block_size}), "
+                         "the largest block the saved drafter announces")
+    objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"], final_layer, loss_vocab,
+                               block_sizes)
     final = train(config, objective, drafter, store, evaluation_batches(config, target, tokenizer, store, read))
     print(f"saved DFlash drafter to {final}")
     if args.push_to_hub:

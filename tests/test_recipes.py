@@ -202,6 +202,40 @@ def test_dflash_loss_over_part_of_the_vocabulary_and_evaluation_at_every_anchor(
     assert counted[:, 2].sum() == 22 - 2 * 2  # a+3 runs past the end for the last two anchors of each row
 
 
+@torch.no_grad()
+def test_dflash_trains_at_a_mix_of_block_sizes_each_step_one_of_them(target, monkeypatch):
+    """train_block_sizes: each step's loss is the loss of one of the sizes, drawn per step, computed exactly as a
+    drafter of that block size trains (a block attends only to its own positions, so a smaller block is a
+    different computation, not a cut of the larger one); evaluation stays at the drafter's own block size."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from train_dflash import BlockObjective
+
+    drafter = DFlashDrafter.for_target(target, num_layers=1, block_size=6, mask_token_id=16, intermediate_size=64,
+                                       seed=0)
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 1000, (2, 24)),
+             "response": torch.arange(24)[None, :] >= torch.tensor([[6], [12]]),
+             "hidden": {i: torch.randn(2, 24, 576) for i in drafter.feature_layers}}
+    fixed = BlockObjective(drafter, 4, 7.0).sample_anchors(batch["response"])
+
+    def objective(block_sizes=None):
+        objective = BlockObjective(drafter, 4, 7.0, block_sizes=block_sizes)
+        objective.sample_anchors = lambda response: fixed  # the same anchors every step
+        return objective
+
+    by_size = {}
+    for size in (2, 4, 6):  # a drafter announcing that block size, trained at it
+        drafter.block_size = size
+        by_size[size] = objective()(batch)[0].item()
+    drafter.block_size = 6
+    assert len({round(loss, 5) for loss in by_size.values()}) == 3
+    mixed = objective([2, 4])
+    losses = {round(mixed(batch)[0].item(), 5) for _ in range(16)}
+    assert losses == {round(by_size[2], 5), round(by_size[4], 5)}  # each step one of the sizes, both drawn
+    hits, counted = mixed.eval().position_hits(batch)
+    assert hits.shape[1] == counted.shape[1] == 5  # evaluated at the drafter's block 6: positions 1..5
+
+
 def test_a_head_from_scratch_can_start_from_the_target_s_lm_head_rows(target, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "recipes"))
     from train_eagle3 import init_lm_head
