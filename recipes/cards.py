@@ -30,6 +30,8 @@ from hf_whiflash.targets import HUB_ORIGINALS, PACKAGED_TARGETS
 NAMES = {EAGLE: "EAGLE-3", DFLASH: "DFlash", LOOKUP: "lookup"}
 ARTICLES = {EAGLE: "An", DFLASH: "A"}
 CLASSES = {EAGLE: "Eagle3Drafter", DFLASH: "DFlashDrafter"}
+ORDINALS = {1: "first", 2: "second", 3: "third", 4: "fourth", 5: "fifth"}  # a drafter's training runs
+COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
 PROMPT_NAMES = {"dev": "WhiFlash dev set", "held-out": "WhiFlash held-out set"}
 BENCHMARKS = "../BENCHMARKS.md"  # the speed page, from model_cards/
 BFCL = "gorilla-llm/Berkeley-Function-Calling-Leaderboard"  # the one public data set in the training prompts
@@ -219,7 +221,7 @@ def dflash_calibrations(results: Path) -> list[dict]:
 
 def dflash_switch_note(cards: dict, best: float) -> str:
     """Where calibration let the shipped DFlash draft: the bench runs since its weights shipped, and those before."""
-    shipped = cards["drafters"][DFLASH].get("second_run", {}).get("shipped", "")
+    shipped = max((run.get("shipped", "") for run in cards["drafters"][DFLASH].get("later_runs", [])), default="")
     every = dflash_calibrations(Path(cards["benchmarks"]))
     runs, earlier = [r for r in every if r["date"] >= shipped], [r for r in every if r["date"] < shipped]
 
@@ -265,24 +267,24 @@ def evaluation_section(kind: str, cards: dict, folder: Path) -> tuple[str, list]
     snapshots = sorted((r for r in dev if r["route"] == kind and r["folder"].startswith(runs[kind]["snapshots"] + "/")),
                        key=lambda r: r["step"])
     by_data = sorted((r for r in dev if r["route"] == kind and r.get("train_samples")), key=lambda r: r["train_samples"])
-    second = runs[kind].get("second_run")
+    later = runs[kind].get("later_runs", [])
     text = f"""Acceptance length (tokens per round: accepted drafts plus the target's own token), greedy, teacher-forced
 on the target's own greedy output (exactly what generation sees), at the fixed length each evaluation names
 (`recipes/evaluate.py`; generation calibrates its own, above):
 
 {category_table("prompts", rows)}
 
-Over the {"first" if second else "training"} run (its snapshots, dev set, same settings):
+Over the {"first" if later else "training"} run (its snapshots, dev set, same settings):
 
 {category_table("training step", [(str(r["step"]), r["acceptance_length"]) for r in snapshots])}"""
-    if second:
+    for number, run in enumerate(later, start=2):
         text += f"""
 
-Over the run that trained it further (the in-run evaluation: how often its draft at each position is the
-target's next token, teacher-forced, on the dev prompts' greedy references and on as many training sequences;
-[{Path(second["curves"]).name}](../{second["curves"]})):
+Over the {ORDINALS[number]} run, which trained the {ORDINALS[number - 1]} run's weights further (the in-run evaluation:
+how often its draft at each position is the target's next token, teacher-forced, on the dev prompts' greedy
+references and on as many training sequences; [{Path(run["curves"]).name}](../{run["curves"]})):
 
-{curve_table(second["curves"], second["run"])}"""
+{curve_table(run["curves"], run["run"])}"""
     if len({r["train_samples"] for r in by_data}) > 1:
         steps = "/".join(sorted({str(r["train_steps"]) for r in by_data}))
         text += f"""
@@ -331,28 +333,28 @@ def reproduce_section(kind: str, cards: dict) -> str:
     outs = {k: runs[k]["config"]["out"] for k in (EAGLE, DFLASH)}
     configs = {k: f"recipes/configs/{k}_smollm2.yaml" for k in (EAGLE, DFLASH)}
     data = runs["data"]
-    second = runs[kind].get("second_run")
+    later = runs[kind].get("later_runs", [])
     sources = ", ".join(f"{n} {s}" for s, n in data["by_source"].items())
     evaluate = "\n".join(
         f"python recipes/evaluate.py --prompts {prompts} --{kind} runs/whiflash-smollm2/{kind} --out runs/{prompts}.json"
         for prompts in cards["acceptance"])
-    first = "one run from scratch, trained and shipped" if not second else "two runs. The first, from scratch, ran"
-    schedule = f"\n{second['schedule']}\n" if second else ""  # how the second run's pieces went
+    first = f"{COUNTS[len(later) + 1]} runs. The first, from scratch, ran" if later else "one run from scratch, trained and shipped"
+    schedules = "".join(f"\n{run['schedule']}\n" for run in later if run.get("schedule"))  # how a run's pieces went
     text = f"""The weights come from {first} at commit `{runs["commit"]}` with the
 recipes and configs of that commit ({runs["machine"]}; {runs[kind]["minutes"]} minutes for this drafter). Its data,
 {data["samples"]} target-generated samples ({sources}; {data["stored"]} within `max_len`), was not archived, so it is
-generated again{second_run_text(second) if second else ""}:
+generated again{"".join(later_run_text(number, run) for number, run in enumerate(later, start=2))}:
 
 ```bash
 git checkout {runs["commit"]}
 python recipes/data.py recipes/configs/data_smollm2.yaml
 python recipes/train_eagle3.py {configs[EAGLE]} & python recipes/train_dflash.py {configs[DFLASH]}; wait
 python recipes/ship.py --eagle3 {outs[EAGLE]}/final --dflash {outs[DFLASH]}/final --out runs/whiflash-smollm2
-{second_run_commands(kind, second) if second else ""}git checkout -
+{"".join(later_run_commands(kind, run) for run in later)}git checkout -
 python recipes/profile_acceptance.py --drafters runs/whiflash-smollm2   # the profiles calibration reads
 {evaluate}
 ```
-{schedule}
+{schedules}
 The configs as they were then are kept in `recipes/configs/cards_smollm2.yaml`. Training is seeded, but the
 target's greedy responses and the optimizer's sums may differ in the last bits on another CPU, so a rerun lands
 near these figures rather than on them. Today's SmolLM2 configs start from these weights instead (`init_from`):
@@ -361,21 +363,21 @@ near these figures rather than on them. Today's SmolLM2 configs start from these
     return text + further_note(kind, cards)
 
 
-def second_run_text(second: dict) -> str:
-    """The sentence on a shipped drafter's second run: trained further from the first run's weights."""
-    return f""". The second trained those weights further (`init_from`) at commit `{second["commit"]}`
-({second["machine"]}; {second["hours"]} hours) on the {second["samples"]} samples (within `max_len`) archived in
+def later_run_text(number: int, run: dict) -> str:
+    """The sentence on a drafter's later run: the run before it, trained further."""
+    return f""". The {ORDINALS[number]} trained those weights further (`init_from`) at commit `{run["commit"]}`
+({run["machine"]}; {run["hours"]} hours) on the {run["samples"]} samples (within `max_len`) archived in
 `datasets/smollm2-135m-instruct/` at that commit"""
 
 
-def second_run_commands(kind: str, second: dict) -> str:
-    """The shell lines of a drafter's second run, after the first run's (whose shipped folder it starts from)."""
-    out = dict(item.split("=", 1) for item in second["set"].split())["out"]
-    return f"""git checkout {second["commit"]}
-rm -r runs/data/smollm2   # the archived data replaces the first run's
+def later_run_commands(kind: str, run: dict) -> str:
+    """The shell lines of a drafter's later run, after the run before it (whose weights it starts from)."""
+    out = dict(item.split("=", 1) for item in run["set"].split())["out"]
+    return f"""git checkout {run["commit"]}
+rm -r runs/data/smollm2   # the archive of that commit replaces the data before it
 python recipes/data.py recipes/configs/data_smollm2.yaml --max-minutes 0   # restores the archive only
 python recipes/train_{kind}.py recipes/configs/{kind}_smollm2.yaml --set init_from=runs/whiflash-smollm2/{kind} \\
-    {second["set"]}
+    {run["set"]}
 python recipes/ship.py --update --{kind} {out}/final --out runs/whiflash-smollm2
 """
 

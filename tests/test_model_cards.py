@@ -102,7 +102,8 @@ def test_dflash_card_reports_every_bench_run_s_calibration_of_dflash():
     """Its calibration statement counts the bench runs under results/ that measured the shipped weights (dated since
     they shipped) and whose recorded draft lengths cover DFlash, and names every one of them."""
     text = load_card("dflash").text
-    shipped = cards_config()["drafters"]["dflash"].get("second_run", {}).get("shipped", "")
+    shipped = max((run.get("shipped", "") for run in cards_config()["drafters"]["dflash"].get("later_runs", [])),
+                  default="")
     runs = []
     for path in sorted((REPO / "results").glob("*/bench.json")):
         meta = json.loads(path.read_text())["meta"]
@@ -133,14 +134,14 @@ def test_cards_config_keeps_the_configs_of_the_commit_that_shipped_the_weights(k
 
 
 def test_cards_config_keeps_the_config_that_trained_a_drafter_further():
-    """A drafter trained further (its `second_run`): the kept config is its config file at that commit with the
-    `--set` keys the card's command line gives, so that command reproduces the run."""
+    """A drafter trained further (each of its `later_runs`): the kept config is its config file at that commit with
+    the `--set` keys the card's command line gives, so that command reproduces the run."""
     runs = cards_config()["drafters"]
-    for kind in [kind for kind in ("eagle3", "dflash") if runs[kind].get("second_run")]:
-        second = runs[kind]["second_run"]
-        config = committed_yaml(second["commit"], f"recipes/configs/{kind}_smollm2.yaml")
-        config.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in second["set"].split())})
-        assert config == second["config"], kind
+    for kind in ("eagle3", "dflash"):
+        for run in runs[kind].get("later_runs", []):
+            config = committed_yaml(run["commit"], f"recipes/configs/{kind}_smollm2.yaml")
+            config.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in run["set"].split())})
+            assert config == run["config"], (kind, run["commit"])
 
 
 def test_space_requirements_never_pull_a_gguf_package_with_its_dependencies():
