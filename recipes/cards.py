@@ -308,26 +308,6 @@ def curve_table(path: str, run: str, positions: tuple[int, ...] = (1, 2, 4)) -> 
     return "\n".join(lines)
 
 
-def further_note(kind: str, cards: dict) -> str:
-    """What training the shipped drafter further gave (make train-drafters), where it was measured."""
-    final = f"{cards['drafters'][kind]['config']['out']}/final"
-    found = []
-    for path in dict.fromkeys([cards["further"], *[s if isinstance(s, str) else s[kind]
-                                                   for s in cards["acceptance"].values()]]):
-        evaluation = json.loads(Path(path).read_text())
-        row = next((r for r in evaluation["results"] if r["route"] == kind and r["folder"] == final
-                    and r.get("train_steps")), None)
-        if row is not None:
-            prompts = evaluation["settings"].get("prompts", "dev")
-            found.append((row, f"{row['acceptance_length']['overall']:.2f} on the {prompts} prompts (`{path}`)"))
-    if not found:
-        return ""
-    row = found[0][0]
-    return (f"\nTraining it {row['train_steps']} steps further on {row['train_samples']} samples this way gave "
-            f"{' and '.join(text for _, text in found)} overall, against the shipped weights' figures above; not "
-            "shipped.")
-
-
 def reproduce_section(kind: str, cards: dict) -> str:
     runs = cards["drafters"]
     outs = {k: runs[k]["config"]["out"] for k in (EAGLE, DFLASH)}
@@ -360,7 +340,7 @@ target's greedy responses and the optimizer's sums may differ in the last bits o
 near these figures rather than on them. Today's SmolLM2 configs start from these weights instead (`init_from`):
 `make train-drafters` trains them further on the data archived in `datasets/smollm2-135m-instruct/`.
 """
-    return text + further_note(kind, cards)
+    return text
 
 
 def later_run_text(number: int, run: dict) -> str:
