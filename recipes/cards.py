@@ -318,7 +318,8 @@ def reproduce_section(kind: str, cards: dict) -> str:
     evaluate = "\n".join(
         f"python recipes/evaluate.py --prompts {prompts} --{kind} runs/whiflash-smollm2/{kind} --out runs/{prompts}.json"
         for prompts in cards["acceptance"])
-    first = f"{COUNTS[len(later) + 1]} runs. The first, from scratch, ran" if later else "one run from scratch, trained and shipped"
+    first = (f"{COUNTS[len(later) + 1]} runs. The first, from scratch, ran" if later
+             else "one run from scratch, trained and shipped")
     schedules = "".join(f"\n{run['schedule']}\n" for run in later if run.get("schedule"))  # how a run's pieces went
     text = f"""The weights come from {first} at commit `{runs["commit"]}` with the
 recipes and configs of that commit ({runs["machine"]}; {runs[kind]["minutes"]} minutes for this drafter). Its data,
