@@ -7,13 +7,13 @@ Per sequence, `anchors_per_sequence` random anchors a in the response; each bloc
 sees the target's features of positions strictly before a (and its own block, non-causally), and its position k
 predicts the token at a+k with loss weight exp(-(k-1)/gamma). B is `block_size`, or with
 `train_block_sizes: [4, 8, 16]` one of those drawn per step: a drafter run at a smaller block than it was trained
-at sees fewer MASK positions and drafts worse, and the calibration picks the block size per machine, so one drafter should serve
-each size it may pick. With `soft_targets: true` the loss is the cross-entropy against the target's whole
-next-token distribution at a+k (its LM head over hidden_states[L], a feature like the others), not just its
-greedy token. The target's embedding and LM head are shared and frozen; with `loss_vocab: N` the loss normalises
-over the N most frequent response tokens and each batch's labels instead of every token (the LM head over all
-49152 of SmolLM2's tokens is the largest matmul of a step). With `eval_prompts`, the accuracy of every block
-position on those prompts' greedy references and on as many training sequences is logged every `eval_every`
+at sees fewer MASK positions and drafts worse, and the calibration picks the block size per machine, so one
+drafter should serve each size it may pick. With `soft_targets: true` the loss is the cross-entropy against the
+target's whole next-token distribution at a+k (its LM head over hidden_states[L], a feature like the others), not
+just its greedy token. The target's embedding and LM head are shared and frozen; with `loss_vocab: N` the loss
+normalises over the N most frequent response tokens and each batch's labels instead of every token (the LM head
+over all 49152 of SmolLM2's tokens is the largest matmul of a step). With `eval_prompts`, the accuracy of every
+block position on those prompts' greedy references and on as many training sequences is logged every `eval_every`
 steps (`recipes/training_curves.py` plots it). Output: `out`/final in the DFlash Hub layout
 (DFlashDrafter.from_pretrained loads it; `--push-to-hub REPO` publishes it).
 
