@@ -162,8 +162,20 @@ def mask_token(tokenizer, vocab_size: int, samples: list[dict]) -> int:
     return unused[-1]
 
 
+def train_block_sizes(config: dict) -> list[int] | None:
+    """The config's `train_block_sizes`, checked: block sizes from 2 to `block_size` (the largest block the saved
+    drafter announces), or None (train at `block_size` only)."""
+    sizes, largest = config.get("train_block_sizes"), config["block_size"]
+    if sizes is not None and not (isinstance(sizes, list) and sizes
+                                  and all(isinstance(n, int) and 2 <= n <= largest for n in sizes)):
+        raise ValueError(f"train_block_sizes: {sizes!r}; expected a list of block sizes from 2 to block_size "
+                         f"({largest}), e.g. [4, 8, {largest}], or null")
+    return sizes
+
+
 def main() -> None:
     args, config = recipe_config(__doc__, "recipes/configs/dflash_smollm2.yaml")
+    block_sizes = train_block_sizes(config)  # before any loading: a bad list fails at once
     target, tokenizer = load_target(config["target"])
     target.requires_grad_(False)  # embedding and LM head are shared with the drafter, frozen
     mask_token_id = config["mask_token_id"]
@@ -189,10 +201,6 @@ def main() -> None:
         covered = torch.isin(torch.from_numpy(store.response_tokens()), loss_vocab).float().mean()
         print(f"loss over the {len(loss_vocab)} most frequent response tokens (and each batch's labels): "
               f"{covered:.1%} of the response tokens")
-    block_sizes = config.get("train_block_sizes")
-    if block_sizes is not None and (not block_sizes or min(block_sizes) < 2 or max(block_sizes) > drafter.block_size):
-        raise ValueError(f"train_block_sizes {block_sizes}: expected sizes from 2 to block_size "
-                         f"({drafter.block_size}), the largest block the saved drafter announces")
     objective = BlockObjective(drafter, config["anchors_per_sequence"], config["gamma"], final_layer, loss_vocab,
                                block_sizes)
     final = train(config, objective, drafter, store, evaluation_batches(config, target, tokenizer, store, read))

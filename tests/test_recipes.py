@@ -236,6 +236,18 @@ def test_dflash_trains_at_a_mix_of_block_sizes_each_step_one_of_them(target, mon
     assert hits.shape[1] == counted.shape[1] == 5  # evaluated at the drafter's block 6: positions 1..5
 
 
+@pytest.mark.parametrize("sizes", [[], [1, 4], [4, 32], 4, ["4"]])
+def test_dflash_refuses_train_block_sizes_outside_2_to_its_block_size(monkeypatch, sizes):
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    from train_dflash import train_block_sizes
+
+    assert train_block_sizes({"block_size": 16, "train_block_sizes": [4, 8, 16]}) == [4, 8, 16]
+    assert train_block_sizes({"block_size": 16, "train_block_sizes": None}) is None
+    with pytest.raises(ValueError, match=r"train_block_sizes: .*expected a list of block sizes from 2 to block_size "
+                                         r"\(16\)"):
+        train_block_sizes({"block_size": 16, "train_block_sizes": sizes})
+
+
 def test_a_head_from_scratch_can_start_from_the_target_s_lm_head_rows(target, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "recipes"))
     from train_eagle3 import init_lm_head
