@@ -16,6 +16,7 @@ its paths are taken from the repository root, where this runs.
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import yaml
@@ -351,9 +352,14 @@ def later_run_text(number: int, run: dict) -> str:
 `datasets/smollm2-135m-instruct/` at that commit"""
 
 
+def set_keys(run: dict) -> dict:
+    """A later run's `--set` keys as the trainer reads them (shell words, each KEY=YAML value)."""
+    return {key: yaml.safe_load(value) for key, value in (word.split("=", 1) for word in shlex.split(run["set"]))}
+
+
 def later_run_commands(kind: str, run: dict) -> str:
     """The shell lines of a drafter's later run, after the run before it (whose weights it starts from)."""
-    out = dict(item.split("=", 1) for item in run["set"].split())["out"]
+    out = set_keys(run)["out"]
     return f"""git checkout {run["commit"]}
 rm -r runs/data/smollm2   # the archive of that commit replaces the data before it
 python recipes/data.py recipes/configs/data_smollm2.yaml --max-minutes 0   # restores the archive only

@@ -136,11 +136,13 @@ def test_cards_config_keeps_the_configs_of_the_commit_that_shipped_the_weights(k
 def test_cards_config_keeps_the_config_that_trained_a_drafter_further():
     """A drafter trained further (each of its `later_runs`): the kept config is its config file at that commit with
     the `--set` keys the card's command line gives, so that command reproduces the run."""
+    from cards import set_keys
+
     runs = cards_config()["drafters"]
     for kind in ("eagle3", "dflash"):
         for run in runs[kind].get("later_runs", []):
             config = committed_yaml(run["commit"], f"recipes/configs/{kind}_smollm2.yaml")
-            config.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in run["set"].split())})
+            config.update(set_keys(run))
             assert config == run["config"], (kind, run["commit"])
 
 
